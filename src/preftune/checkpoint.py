@@ -1,0 +1,127 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder ``checkpoints/step-N/`` holding the trainable weights
+(``weights.safetensors``), the optimizer and scheduler states, every RNG state and the loop's
+position in the data (``state.json``). It is written under a temporary name and renamed into
+place, so a run killed mid-save never leaves a half-written ``step-N``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.errors import TrainingError
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: enough to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    examples_seen: int = 0
+    tokens_seen: int = 0
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer changes, by name (all of them, or just LoRA adapters)."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LoopState,
+) -> Path:
+    """Write a checkpoint atomically to ``folder`` (replacing nothing until complete)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(
+        {"python": random.getstate(), "torch": torch.get_rng_state()},
+        tmp / "rng.pt",
+    )
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``run_dir/checkpoints``, if any."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        name = path.name
+        if name.startswith("step-") and name[5:].isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(name[5:]), path))
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted(
+        (int(p.name[5:]), p) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
+    )
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path)
+
+
+def load_checkpoint(
+    folder: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> LoopState:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; return the loop state."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))[:3]
+        extra = sorted(set(weights) - expected)[:3]
+        raise TrainingError(
+            f"checkpoint '{folder}' does not match this model's trainable parameters "
+            f"(missing {missing}, unexpected {extra}): was it written with another model or LoRA setting?"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = torch.load(folder / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    return LoopState(**json.loads((folder / STATE_FILE).read_text()))

@@ -1,0 +1,159 @@
+"""Where reference log-probs come from.
+
+- ``copy``: a frozen copy of the reference model (eval mode, no grads, dropout off);
+- ``adapter``: with LoRA, the policy's own weights with the adapter switched off, so there is
+  no second copy in memory;
+- ``cache``: computed once before training, stored on disk, and looked up by example index.
+  The file name is a hash of the reference weights, the tokenized data, the tokenizer and the
+  precision, so a change to any of them gives a new key: a stale cache is never read. Runs and
+  sweeps over beta or the loss reuse it;
+- ``none``: reference-free losses (SimPO, ORPO).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.errors import PreftuneError
+from preftune.losses import PairLogps, split_pair
+
+CACHE_VERSION = 1
+
+
+class Reference:
+    """Base: ``logps(batch)`` gives the reference's PairLogps for a collated batch, or None."""
+
+    def logps(self, batch: dict[str, Any]) -> PairLogps | None:
+        return None
+
+
+class FrozenCopyReference(Reference):
+    """A separate, frozen reference model (wrapped in :class:`~preftune.models.SequenceLogps`)."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        self.scorer = scorer
+
+    def logps(self, batch: dict[str, Any]) -> PairLogps:
+        with torch.no_grad():
+            logps, tokens = self.scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return split_pair(logps, tokens)
+
+
+class AdapterOffReference(Reference):
+    """The LoRA policy with its adapter disabled: the base weights, shared, not copied."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        self.scorer = scorer  # SequenceLogps around the peft model
+
+    def logps(self, batch: dict[str, Any]) -> PairLogps:
+        peft_model = self.scorer.model
+        was_training = peft_model.training
+        peft_model.eval()  # dropout off, as for a frozen copy
+        try:
+            with torch.no_grad(), peft_model.disable_adapter():
+                logps, tokens = self.scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        finally:
+            peft_model.train(was_training)
+        return split_pair(logps, tokens)
+
+
+class CachedReference(Reference):
+    """Reference log-probs read from a table computed once, by example index."""
+
+    def __init__(self, table: dict[str, torch.Tensor], path: Path | None = None) -> None:
+        self.table = table
+        self.path = path
+
+    def logps(self, batch: dict[str, Any]) -> PairLogps:
+        index = batch["index"].cpu()
+        device = batch["input_ids"].device
+        return PairLogps(*(self.table[name][index].to(device) for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
+
+
+# --------------------------------------------------------------------------- cache keys
+def hash_files(folder: str | Path, patterns: Sequence[str]) -> str:
+    """sha256 over the named files of a folder (names and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    if not files:
+        raise PreftuneError(f"nothing to hash in '{folder}' (looked for {', '.join(patterns)}).")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_pairs(pairs: Sequence[Any]) -> str:
+    """sha256 of the tokenized data: every pair's prompt, chosen and rejected ids, in order."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(*, model_hash: str, tokenizer_hash: str, data_hash: str, precision: str) -> str:
+    parts = json.dumps(
+        {"v": CACHE_VERSION, "model": model_hash, "tokenizer": tokenizer_hash, "data": data_hash, "precision": precision},
+        sort_keys=True,
+    )
+    return hashlib.sha256(parts.encode()).hexdigest()[:32]
+
+
+def load_or_compute_cache(
+    *,
+    cache_dir: str | Path,
+    key: str,
+    pairs: Sequence[Any],
+    scorer_factory: Callable[[], nn.Module],
+    collate: Callable[[list[Any]], dict[str, Any]],
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> tuple[CachedReference, bool]:
+    """The cached table for ``key``; computed (and written atomically) when absent.
+
+    Returns the reference and whether it was read from disk (a warm cache).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+    if path.is_file():
+        table = load_file(str(path))
+        if table["chosen"].shape[0] == len(pairs):
+            return CachedReference(table, path), True
+        # Same key with another size cannot happen unless the file was tampered with.
+        raise PreftuneError(f"reference cache '{path}' holds {table['chosen'].shape[0]} rows for {len(pairs)} examples; delete it.")
+    scorer = scorer_factory()
+    columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate(list(pairs[start : start + batch_size]))
+            with autocast():
+                logps, tokens = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+            pair = split_pair(logps.float().cpu(), tokens.cpu())
+            for name in columns:
+                columns[name].append(getattr(pair, name))
+    table = {name: torch.cat(values) for name, values in columns.items()}
+    # Rows are stored by dataset index, which is the order of `pairs` by construction.
+    order = torch.tensor([pair.index for pair in pairs])
+    if not torch.equal(order, torch.arange(len(pairs))):
+        raise PreftuneError("internal: tokenized pairs are not in index order; cannot cache reference log-probs.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key, "rows": str(len(pairs))})
+    os.replace(tmp, path)
+    del scorer
+    return CachedReference(table, path), False

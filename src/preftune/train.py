@@ -1,0 +1,308 @@
+"""The one training loop, shared by every stage (DPO and its family now; SFT and RM next).
+
+Read it top to bottom: batch, forward, loss, backward, accumulate, clip, step, schedule, log,
+evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise and how to score a
+batch); the loop knows nothing about preferences. ``accelerate`` places the model, runs
+autocast and wraps the model for multi-process runs; there is no communication code here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.checkpoint import LoopState, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError, TrainingError
+
+#: (model as prepared by accelerate, batch) -> (mean loss of the micro-batch, metrics).
+#: Metrics are per-example tensors of shape (B,) or scalars; the loop averages them.
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Task:
+    """What a stage gives the loop."""
+
+    model: nn.Module  # the module run on batches; its trainable parameters are optimised
+    loss_fn: LossFn
+    train_set: Sequence[Any]
+    collate: Callable[[list[Any]], dict[str, Any]]
+    lengths: list[int]  # tokens per train item, for length grouping
+    eval_set: Sequence[Any] | None = None
+    save_final: Callable[[Path], None] | None = None  # write the final model to a folder
+    group_by_length: bool = True
+
+
+class MetricWindow:
+    """Running means of metrics over a logging window (per example, or per micro-batch)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.sum())
+            self.counts[name] = self.counts.get(name, 0) + value.numel()
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums if self.counts[name]}
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant, linear decay to 0, or cosine decay to 0."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_batches(task: Task, cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    from preftune.data.collate import LengthGroupedBatchSampler
+
+    sampler = LengthGroupedBatchSampler(
+        task.lengths, cfg.batch_size, seed=cfg.seed, shuffle=True, group_by_length=task.group_by_length
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def evaluate(task: Task, model: nn.Module, cfg: TrainConfig, accelerator: Any) -> dict[str, float]:
+    """Mean metrics over the held-out set, in a fixed order, without gradients."""
+    if not task.eval_set:
+        return {}
+    size = cfg.eval_batch_size or cfg.batch_size
+    window = MetricWindow()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(task.eval_set), size):
+            batch = _to_device(task.collate(list(task.eval_set[start : start + size])), accelerator.device)
+            with accelerator.autocast():
+                loss, metrics = task.loss_fn(model, batch)
+            window.add({"loss": loss.detach().expand(_batch_size(metrics)), **metrics})
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in window.means().items()}
+
+
+def _batch_size(metrics: dict[str, torch.Tensor]) -> int:
+    return max((v.numel() for v in metrics.values()), default=1)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume_from is None:
+        return None
+    if cfg.resume_from == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint.")
+        return found
+    return Path(cfg.resume_from)
+
+
+class _DisplacementWatch:
+    """Warn once when chosen log-probs keep falling while margins grow.
+
+    This is likelihood displacement (Razin et al. 2024, arXiv:2410.08847): DPO can widen the
+    margin by pushing both completions down, which is the most common "is my run broken?"
+    question. Three falling logs in a row, with margins rising over the same logs, trigger it.
+    """
+
+    def __init__(self, patience: int = 3) -> None:
+        self.patience = patience
+        self.history: list[tuple[float, float]] = []
+        self.warned = False
+
+    def update(self, means: dict[str, float], step: int) -> None:
+        if self.warned or "logps/chosen" not in means or "rewards/margins" not in means:
+            return
+        self.history.append((means["logps/chosen"], means["rewards/margins"]))
+        recent = self.history[-(self.patience + 1) :]
+        if len(recent) <= self.patience:
+            return
+        falling = all(b[0] < a[0] for a, b in zip(recent, recent[1:]))
+        widening = all(b[1] > a[1] for a, b in zip(recent, recent[1:]))
+        if falling and widening:
+            self.warned = True
+            warnings.warn(
+                f"step {step}: logps/chosen has fallen for {self.patience} logs in a row while "
+                "rewards/margins grew: likelihood displacement (both completions pushed down). "
+                "Consider loss.nll_alpha > 0, a lower train.lr, or a larger loss.beta.",
+                stacklevel=2,
+            )
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
+    """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    if not params:
+        raise PreftuneError("the model has no trainable parameters.")
+    optimizer = make_optimizer(params, cfg)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+
+    batches_per_epoch = math.ceil(len(task.train_set) / cfg.batch_size)
+    if batches_per_epoch == 0:
+        raise PreftuneError("the training set is empty after loading and truncation: nothing to train on.")
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+
+    state = LoopState()
+    resume = _resolve_resume(cfg, run_dir)
+    if resume is not None:
+        state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, state.step)
+    writer = _tensorboard(run_dir) if cfg.tensorboard and accelerator.is_main_process else None
+    last_checkpoint = resume
+    watch = _DisplacementWatch()
+    window = MetricWindow()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress or not accelerator.is_main_process, desc="train")
+    model.train()
+    started = time.perf_counter()
+    tokens_at_start = state.tokens_seen
+
+    while state.step < total_steps:
+        batches = epoch_batches(task, cfg, state.epoch)
+        # The micro-batches of this epoch not consumed yet, in groups of grad_accum.
+        remaining = batches[state.batches_in_epoch :]
+        if not remaining:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            continue
+        group = remaining[: cfg.grad_accum]
+        for i, indices in enumerate(group):
+            batch = _to_device(task.collate([task.train_set[j] for j in indices]), accelerator.device)
+            with accelerator.autocast():
+                loss, metrics = task.loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else "no checkpoint was written yet (set train.save_every)"
+                raise TrainingError(
+                    f"step {state.step + 1}: the loss is {loss.item()} (not finite); training stopped before "
+                    f"the update, and {kept}. Lower train.lr, check the data, or use train.max_grad_norm."
+                )
+            # The group's mean loss: each micro-batch contributes its share of the group's
+            # examples, so 8 micro-batches of 1 give exactly the gradient of one batch of 8.
+            share = len(indices) / sum(len(g) for g in group)
+            with _no_sync(accelerator, model, last=i == len(group) - 1):
+                accelerator.backward(loss * share)
+            window.add({"loss": loss.detach().expand(len(indices)), **metrics})
+            state.examples_seen += len(indices)
+            state.tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batches_in_epoch += len(group)
+        if state.batches_in_epoch >= len(batches):
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        window.add({"grad_norm": torch.as_tensor(float(grad_norm))})
+
+        last = state.step == total_steps
+        if state.step % cfg.log_every == 0 or last:
+            means = window.means()
+            window = MetricWindow()
+            elapsed = time.perf_counter() - started
+            record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / len(batches), **means,
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
+            _log(record, metrics_path, writer, accelerator)
+            watch.update(means, state.step)
+            bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in means})
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+            _log({"step": state.step, **evaluate(task, model, cfg, accelerator)}, metrics_path, writer, accelerator)
+        if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
+            last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
+                                              optimizer=optimizer, scheduler=scheduler, state=state)
+            if cfg.save_total_limit:
+                prune_checkpoints(run_dir, cfg.save_total_limit)
+        bar.update(1)
+    bar.close()
+
+    final_eval = evaluate(task, model, cfg, accelerator)
+    if final_eval:
+        _log({"step": state.step, **final_eval}, metrics_path, writer, accelerator)
+    if writer is not None:
+        writer.close()
+    accelerator.wait_for_everyone()
+    if task.save_final is not None and accelerator.is_main_process:
+        task.save_final(run_dir / "final")
+    return state
+
+
+def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
+    """Skip the gradient all-reduce on all but the last micro-batch of a group (DDP)."""
+    import contextlib
+
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def _log(record: dict[str, Any], path: Path, writer: Any, accelerator: Any) -> None:
+    if not accelerator.is_main_process:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget logged lines past the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PreftuneError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
