@@ -83,7 +83,9 @@ def test_accumulating_8_micro_batches_of_1_equals_one_batch_of_8(tiny_model_dir:
               "--reference.strategy=copy", "--train.lr=1e-3"]
     one = run_dpo(make_cfg(tiny_model_dir, data, None, tmp_path / "one", "--train.batch_size=8", "--train.grad_accum=1", *common))
     acc = run_dpo(make_cfg(tiny_model_dir, data, None, tmp_path / "acc", "--train.batch_size=1", "--train.grad_accum=8", *common))
-    assert_same_weights(final_weights(one), final_weights(acc), atol=1e-6)
+    # Adam divides by sqrt(v): float rounding in tiny gradients moves a weight by up to ~0.1% of
+    # one lr-sized step, so 1e-5 (1% of a step) is the bound, not exact equality.
+    assert_same_weights(final_weights(one), final_weights(acc), atol=1e-5)
     loss_one = [m["loss"] for m in read_metrics(one)]
     loss_acc = [m["loss"] for m in read_metrics(acc)]
     assert loss_one == pytest.approx(loss_acc, abs=1e-6)

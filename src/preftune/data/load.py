@@ -1,0 +1,138 @@
+"""``load_examples``: files in, normalised examples and a DataReport out.
+
+read (readers.py) -> rename columns -> detect format -> convert (formats.py) -> check and
+count (validate.py). A malformed record stops the load with a DataError naming file, line or
+record, and field; with ``on_error="skip"`` it is left out and counted in
+``report.dropped[reason]`` instead. Ties and identical pairs are always left out and counted
+(see validate.py for what is kept and why).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from preftune.data.formats import FORMATS, Converted, convert, detect_format, rename_columns
+from preftune.data.readers import read_records
+from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
+from preftune.data.validate import ReportBuilder
+from preftune.errors import ConfigError, DataError
+
+ON_ERROR = ("error", "skip")
+_SKIP_HINT = " (with on_error: skip, or --on-error skip, such records are left out and counted)"
+
+
+@dataclass
+class LoadResult:
+    """The examples kept, in file order, and the report of what was read, found and dropped."""
+
+    examples: list[PreferenceExample | UnpairedExample]
+    report: DataReport
+
+
+def load_examples(
+    paths: str | Path | list[str | Path],
+    *,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    on_error: str = "error",
+    system: str | None = None,
+    max_records: int | None = None,
+) -> LoadResult:
+    """Read preference data from one or more files and normalise it.
+
+    ``format`` is ``"auto"`` (detected per file from its first good record) or one of
+    :data:`~preftune.data.formats.FORMATS`. ``columns`` maps our field names to the file's
+    (``{"prompt": "question"}``). ``system`` is a default system prompt for records that bring
+    none. ``max_records`` caps the records read from EACH file. Paired and unpaired files
+    cannot be mixed in one load.
+
+    ``report.records`` counts records read, ``report.kept == len(examples)``, and
+    ``report.dropped`` maps each reason to the records left out for it.
+    """
+    path_list = _check_arguments(paths, format, columns, on_error, system, max_records)
+    columns = dict(columns or {})
+    builder = ReportBuilder([str(p) for p in path_list])
+    examples: list[PreferenceExample | UnpairedExample] = []
+    file_formats: list[str] = []
+    for path in path_list:
+        fmt = None if format == "auto" else format
+        for raw in read_records(path, max_records=max_records):
+            builder.record_read()
+            data = None if raw.error else rename_columns(raw.data, columns)
+            if fmt is None and data is not None:
+                fmt = detect_format(raw, data)  # not skippable: the whole file depends on it
+                _check_mix(file_formats + [fmt], str(path))
+            try:
+                if raw.error:
+                    raise raw.error
+                converted: Converted = convert(raw, data, fmt, system=system, columns=columns)
+            except DataError as err:
+                if on_error == "error":
+                    raise _with_hint(err) from None
+                builder.drop(err.reason, raw.location)
+                continue
+            for finding in converted.notes:
+                builder.note(finding, raw.location)
+            if converted.drop:
+                builder.drop(converted.drop, raw.location)
+            elif builder.check(converted.example, raw.location):
+                examples.append(converted.example)
+        if fmt is not None:
+            file_formats.append(fmt)
+    report = builder.report
+    report.format = "+".join(dict.fromkeys(file_formats))
+    return LoadResult(examples, report)
+
+
+def _check_arguments(
+    paths: str | Path | list[str | Path],
+    format: str,
+    columns: dict[str, str] | None,
+    on_error: str,
+    system: str | None,
+    max_records: int | None,
+) -> list[str | Path]:
+    path_list = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not path_list:
+        raise ConfigError("no data files given")
+    for path in path_list:
+        if not isinstance(path, (str, Path)):
+            raise ConfigError(f"a data path must be a string, got {path!r}")
+    if format not in ("auto",) + FORMATS:
+        near = difflib.get_close_matches(str(format), ("auto",) + FORMATS, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown data format '{format}'{hint} (formats: auto, {', '.join(FORMATS)})")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    for ours, theirs in (columns or {}).items():
+        if not isinstance(ours, str) or not isinstance(theirs, str):
+            raise ConfigError(f"columns maps field names to field names; got {ours!r}: {theirs!r}")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"system must be a string, got {system!r}")
+    positive_int = isinstance(max_records, int) and not isinstance(max_records, bool) and max_records >= 1
+    if max_records is not None and not positive_int:
+        raise ConfigError(f"max_records must be a positive integer (or null), got {max_records!r}")
+    return path_list
+
+
+def _check_mix(formats: list[str], file: str) -> None:
+    """Paired and unpaired examples need different losses, so one load holds one kind."""
+    if "unpaired" in formats and any(f != "unpaired" for f in formats):
+        raise DataError(
+            f"paired and unpaired data cannot be mixed in one load (formats: {', '.join(dict.fromkeys(formats))})",
+            file=file,
+            reason="mixed_formats",
+        )
+
+
+def _with_hint(err: DataError) -> DataError:
+    return DataError(
+        err.problem + _SKIP_HINT,
+        file=err.file,
+        line=err.line,
+        record=err.record,
+        field=err.field,
+        reason=err.reason,
+    )

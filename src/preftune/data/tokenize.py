@@ -1,0 +1,407 @@
+"""Examples -> token ids: the prefix, BOS, EOS and truncation rules, checked on every record.
+
+Rendering
+    A plain-text prompt is used verbatim (formats such as HH arrive pre-formatted, so no chat
+    template is applied to them); a system prompt is joined in front as
+    ``system + "\\n\\n" + prompt``. A prompt made of chat messages is rendered with the
+    tokenizer's chat template: the prompt with ``add_generation_prompt=True``, and the whole
+    conversation (prompt + completion messages) without it; the completion's text is the
+    rendered conversation minus the rendered prompt, so a template that renders the prompt
+    differently on its own is an error, never patched. The system prompt becomes a leading
+    ``{"role": "system"}`` message unless the prompt already opens with one (a different one is
+    an error). If any of prompt or completions is a message list, the whole example is a chat:
+    a plain-text prompt becomes one user message, a plain-text completion one assistant message.
+    Messages without a chat template are a :class:`TokenizationError`.
+
+Ids
+    The prompt and each completion are tokenized SEPARATELY and concatenated, so the prompt's
+    ids are exactly what the model sees when it is prompted at inference (see
+    :func:`encode_prompt`) and no BPE merge crosses the boundary. (Tokenizing prompt +
+    completion as one text would merge e.g. ``"Hel" + "lo"`` into ``"Hello"`` and move the
+    boundary.) Special tokens written in the text (``<|im_start|>``, a pre-rendered ``<s>``) are
+    parsed as special tokens, as in every chat template. (A SentencePiece tokenizer that
+    prefixes every text with a space, ``Metaspace(prepend_scheme="first")``, gives a completion
+    written without a leading space one anyway, as TRL's tokenization does too.)
+
+BOS
+    The prompt gets the special tokens that the tokenizer's own post-processor puts before a
+    text (usually BOS; nothing for tokenizers that add none), UNLESS the text already starts
+    with them, as when a chat template writes ``{{ bos_token }}``: BOS is never doubled. A
+    prompt that still starts with BOS twice is an error.
+
+EOS
+    Each completion ends with EOS exactly once: appended unless the text already ends with it
+    (a template that closes the assistant turn with the EOS token). When the EOS token is
+    followed only by whitespace, e.g. ChatML's ``<|im_end|>\\n`` with ``eos_token =
+    "<|im_end|>"``, the whitespace is dropped so EOS is the last token. Otherwise the rendered
+    turn end is kept verbatim and EOS follows it (tiny ChatML with ``</s>``: ``...<|im_end|>\\n</s>``).
+    A completion ending with EOS twice is an error.
+
+Truncation (``max_length``, ``max_prompt_length``), in this order:
+    1. A prompt longer than ``max_prompt_length`` keeps its END (left truncation); a leading
+       BOS stays at the front and counts towards the limit. Counted as ``prompt_cut``.
+    2. ``room = max_length - len(prompt)``. A completion longer than ``room`` keeps its first
+       ``room`` tokens and so LOSES its EOS (as in TRL): appending EOS to a response cut
+       mid-sentence would teach the model to stop there. Counted as ``completion_cut`` (records),
+       and ``chosen_cut`` / ``rejected_cut`` for pairs.
+    3. A completion is never emptied: when ``room < 1`` (the prompt alone fills ``max_length``,
+       even after step 1) the record cannot fit. With ``on_overflow="drop"`` it is left out and
+       counted in ``report.truncation["dropped"]`` and ``report.dropped["too_long"]`` (and
+       ``report.kept`` goes down); with ``on_overflow="error"`` it is a
+       :class:`TokenizationError` naming the record and its lengths. Cutting is never fatal.
+    A record dropped is counted only as dropped, not also as cut. The first few of each are
+    named in ``report.examples["too_long"]`` and ``report.examples["truncated"]``.
+
+``report.tokens`` holds length percentiles (p50, p90, p99, max; nearest-rank) of the prompt,
+each completion and the full sequence (prompt + the longer completion, ``TokenizedPair.length``),
+measured BEFORE truncation over every example given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from preftune.data.records import (
+    DataReport,
+    PreferenceExample,
+    Text,
+    TokenizedPair,
+    TokenizedUnpaired,
+    UnpairedExample,
+)
+from preftune.data.validate import MAX_EXAMPLES
+from preftune.errors import ConfigError, TokenizationError
+
+ON_OVERFLOW = ("drop", "error")
+#: Nearest-rank percentiles reported in ``report.tokens``.
+PERCENTILES = (50, 90, 99)
+
+
+def tokenize_pairs(
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    on_overflow: str = "drop",
+    report: DataReport | None = None,
+) -> list[TokenizedPair]:
+    """Tokenize and truncate preference pairs (rules in the module docstring).
+
+    ``TokenizedPair.index`` is the example's position in ``examples``; preference, weight and
+    source are copied. With ``report`` (the loader's, whose ``kept`` is ``len(examples)``),
+    ``report.tokens`` and ``report.truncation`` are filled and drops are counted.
+    """
+    rows = [(ex.prompt, ex.system, (ex.chosen, ex.rejected), ex.source) for ex in examples]
+    fitted = _tokenize(rows, tokenizer, ("chosen", "rejected"), max_length, max_prompt_length, on_overflow, report)
+    return [
+        TokenizedPair(
+            prompt_ids=prompt,
+            chosen_ids=completions[0],
+            rejected_ids=completions[1],
+            index=i,
+            preference=float(examples[i].preference),
+            weight=float(examples[i].weight),
+            source=examples[i].source,
+        )
+        for i, prompt, completions in fitted
+    ]
+
+
+def tokenize_unpaired(
+    examples: list[UnpairedExample],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    on_overflow: str = "drop",
+    report: DataReport | None = None,
+) -> list[TokenizedUnpaired]:
+    """Tokenize and truncate unpaired (KTO) examples; same rules as :func:`tokenize_pairs`."""
+    rows = [(ex.prompt, ex.system, (ex.completion,), ex.source) for ex in examples]
+    fitted = _tokenize(rows, tokenizer, ("completion",), max_length, max_prompt_length, on_overflow, report)
+    return [
+        TokenizedUnpaired(
+            prompt_ids=prompt,
+            completion_ids=completions[0],
+            desirable=bool(examples[i].desirable),
+            index=i,
+            weight=float(examples[i].weight),
+            source=examples[i].source,
+        )
+        for i, prompt, completions in fitted
+    ]
+
+
+def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> list[int]:
+    """The ids of a prompt exactly as training sees them (no truncation): use it to generate."""
+    codec = _Codec.of(tokenizer)
+    text, _ = _render(tokenizer, prompt, system, (), "prompt", chat=isinstance(prompt, list))
+    return codec.prompts([text], ["prompt"])[0]
+
+
+# --------------------------------------------------------------------------- the pipeline
+_Row = tuple[Text, str | None, tuple, str]  # prompt, system, completions, source
+
+
+def _tokenize(
+    rows: list[_Row],
+    tokenizer: Any,
+    names: tuple[str, ...],
+    max_length: int,
+    max_prompt_length: int | None,
+    on_overflow: str,
+    report: DataReport | None,
+) -> list[tuple[int, list[int], list[list[int]]]]:
+    """Render, encode, check, measure and fit every row; returns (index, prompt, completions)."""
+    _check_limits(max_length, max_prompt_length, on_overflow)
+    codec = _Codec.of(tokenizer)
+    prompt_texts, completion_texts, sources = [], [], []
+    for i, (prompt, system, completions, source) in enumerate(rows):
+        where = f"record {source}" if source else f"example {i}"
+        chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
+        prompt_text, texts = _render(tokenizer, prompt, system, completions, where, chat=chat)
+        prompt_texts.append(prompt_text)
+        completion_texts.extend(codec.trim_after_eos(t) for t in texts)
+        sources.append(where)
+    prompts = codec.prompts(prompt_texts, sources)
+    flat = codec.completions(completion_texts, [w for w in sources for _ in names])
+    k = len(names)
+    completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
+
+    lengths: dict[str, list[int]] = {"prompt": [len(p) for p in prompts]}
+    for j, name in enumerate(names):
+        lengths[name] = [len(c[j]) for c in completions]
+    lengths["full"] = [len(p) + max(len(x) for x in c) for p, c in zip(prompts, completions)]
+
+    counts = {"prompt_cut": 0, "completion_cut": 0, **{f"{n}_cut": 0 for n in names if len(names) > 1}, "dropped": 0}
+    fitted, dropped_at, cut_at = [], [], []
+    for i, (prompt, comps) in enumerate(zip(prompts, completions)):
+        fit = _fit(prompt, comps, max_length, max_prompt_length, codec.bos_id)
+        if fit is None:
+            if on_overflow == "error":
+                raise TokenizationError(_overflow_message(sources[i], prompt, max_length, max_prompt_length))
+            counts["dropped"] += 1
+            dropped_at.append(rows[i][3] or str(i))
+            continue
+        new_prompt, new_comps, prompt_cut, cut = fit
+        counts["prompt_cut"] += prompt_cut
+        counts["completion_cut"] += any(cut)
+        if len(names) > 1:
+            for name, was_cut in zip(names, cut):
+                counts[f"{name}_cut"] += was_cut
+        if prompt_cut or any(cut):
+            cut_at.append(rows[i][3] or str(i))
+        fitted.append((i, new_prompt, new_comps))
+
+    if report is not None:
+        _fill_report(report, lengths, counts, dropped_at, cut_at)
+    return fitted
+
+
+def _check_limits(max_length: int, max_prompt_length: int | None, on_overflow: str) -> None:
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length must be an integer of at least 2, got {max_length!r}")
+    if max_prompt_length is not None and (not isinstance(max_prompt_length, int) or max_prompt_length < 1):
+        raise ConfigError(f"max_prompt_length must be a positive integer or None, got {max_prompt_length!r}")
+    if on_overflow not in ON_OVERFLOW:
+        raise ConfigError(f"on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {on_overflow!r}")
+
+
+def _fit(
+    prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None, bos_id: int | None
+) -> tuple[list[int], list[list[int]], bool, list[bool]] | None:
+    """Apply the truncation policy to one record; None when it cannot fit."""
+    prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if prompt_cut:
+        if bos_id is not None and prompt[0] == bos_id:
+            # Keep BOS: the model has only ever seen sequences that start with it.
+            keep = max_prompt_length - 1
+            prompt = prompt[:1] + prompt[len(prompt) - keep :] if keep else prompt[:1]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_length :]
+    room = max_length - len(prompt)
+    if room < 1:
+        return None
+    cut = [len(c) > room for c in completions]
+    return prompt, [c[:room] for c in completions], prompt_cut, cut
+
+
+def _overflow_message(where: str, prompt: list[int], max_length: int, max_prompt_length: int | None) -> str:
+    after = ""
+    if max_prompt_length:
+        after = f", {min(len(prompt), max_prompt_length)} after max_prompt_length={max_prompt_length}"
+    return (
+        f"{where}: the prompt has {len(prompt)} tokens{after}, which leaves no room for any completion token "
+        f"within max_length={max_length}. Raise max_length, set max_prompt_length below it, or set "
+        "on_overflow: drop to leave such records out (they are counted)."
+    )
+
+
+def _fill_report(
+    report: DataReport, lengths: dict[str, list[int]], counts: dict[str, int], dropped_at: list[str], cut_at: list[str]
+) -> None:
+    report.tokens = {name: percentiles(values) for name, values in lengths.items()}
+    report.truncation = dict(counts)
+    if counts["dropped"]:
+        report.dropped["too_long"] = report.dropped.get("too_long", 0) + counts["dropped"]
+        report.kept -= counts["dropped"]
+        report.examples.setdefault("too_long", []).extend(dropped_at[:MAX_EXAMPLES])
+    if cut_at:
+        report.examples.setdefault("truncated", []).extend(cut_at[:MAX_EXAMPLES])
+
+
+def percentiles(values: Sequence[int]) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99 and max: the smallest value with at least p% of values <= it."""
+    ordered = sorted(values)
+    if not ordered:
+        return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
+    n = len(ordered)
+    out = {f"p{p}": ordered[max(0, -(-p * n // 100) - 1)] for p in PERCENTILES}
+    out["max"] = ordered[-1]
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+def _render(
+    tokenizer: Any, prompt: Text, system: str | None, completions: Sequence[Text], where: str, *, chat: bool
+) -> tuple[str, list[str]]:
+    """(prompt text, completion texts) of one example, per the rules in the module docstring."""
+    for value in (prompt, *completions):
+        if not isinstance(value, (str, list)):
+            kind = type(value).__name__
+            raise TokenizationError(f"{where}: a prompt or completion must be text or messages, got {kind}")
+    if not chat:
+        return (f"{system}\n\n{prompt}" if system else prompt), list(completions)
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizationError(
+            f"{where}: the data holds chat messages, but the tokenizer has no chat template. Use a tokenizer "
+            "with one (set `chat_template` in its tokenizer_config.json), or give prompts and completions as text."
+        )
+    messages = _with_system(_as_messages(prompt, "user"), system, where)
+    prompt_text = _apply_template(tokenizer, messages, where, generation_prompt=True)
+    texts = []
+    for completion in completions:
+        conversation = messages + _as_messages(completion, "assistant")
+        full = _apply_template(tokenizer, conversation, where, generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise TokenizationError(
+                f"{where}: the chat template renders the prompt differently on its own than inside the full "
+                f"conversation, so the prompt's tokens would not be a prefix of the sequence. Prompt ends with "
+                f"{prompt_text[-60:]!r}; the conversation has {full[: len(prompt_text)][-60:]!r} there."
+            )
+        texts.append(full[len(prompt_text) :])
+    return prompt_text, texts
+
+
+def _as_messages(value: Text, role: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _with_system(messages: list[dict[str, str]], system: str | None, where: str) -> list[dict[str, str]]:
+    if not system:
+        return messages
+    if messages and messages[0].get("role") == "system":
+        if messages[0].get("content") != system:
+            raise TokenizationError(
+                f"{where}: the record has a system prompt ({system[:40]!r}) and its prompt opens with a different "
+                "system message; keep one of them."
+            )
+        return messages
+    return [{"role": "system", "content": system}] + messages
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], where: str, *, generation_prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
+        raise TokenizationError(f"{where}: the chat template cannot render this conversation: {err}") from None
+    if not isinstance(text, str):
+        raise TokenizationError(f"{where}: the chat template returned {type(text).__name__}, not text")
+    return text
+
+
+# --------------------------------------------------------------------------- encoding
+@dataclass
+class _Codec:
+    """What a tokenizer puts around a text, learned once, and batched encoding."""
+
+    tokenizer: Any
+    prefix: list[int]  # special tokens the post-processor puts before a text (usually [BOS])
+    bos_id: int | None
+    eos_id: int
+    eos_text: str
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _Codec:
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_id is None:
+            raise TokenizationError("the tokenizer has no EOS token; preftune ends every completion with EOS.")
+        probe = "preftune probe"
+        plain = _encode(tokenizer, [probe], special=False)[0]
+        full = _encode(tokenizer, [probe], special=True)[0]
+        starts = [k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain]
+        if not plain or not starts:
+            raise TokenizationError("cannot tell which special tokens this tokenizer adds around a text.")
+        return cls(tokenizer, full[: starts[0]], getattr(tokenizer, "bos_token_id", None), eos_id, tokenizer.eos_token)
+
+    def trim_after_eos(self, text: str) -> str:
+        """Drop whitespace after a final EOS (ChatML's ``<|im_end|>\\n``) so EOS is last."""
+        stripped = text.rstrip()
+        return stripped if stripped.endswith(self.eos_text) else text
+
+    def prompts(self, texts: list[str], sources: list[str]) -> list[list[int]]:
+        n = len(self.prefix)
+        out = []
+        for ids, where in zip(_encode(self.tokenizer, texts, special=False), sources):
+            if not (n and ids[:n] == self.prefix):  # the text brings its own BOS: do not double it
+                ids = self.prefix + ids
+            if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
+                raise TokenizationError(f"{where}: the prompt starts with BOS twice; its text already holds two.")
+            out.append(ids)
+        return out
+
+    def completions(self, texts: list[str], sources: list[str]) -> list[list[int]]:
+        out = []
+        for ids, where in zip(_encode(self.tokenizer, texts, special=False), sources):
+            if not ids or ids[-1] != self.eos_id:
+                ids = ids + [self.eos_id]
+            elif len(ids) >= 2 and ids[-2] == self.eos_id:
+                raise TokenizationError(f"{where}: a completion ends with EOS twice ({self.eos_text!r} in its text).")
+            out.append(ids)
+        return out
+
+
+def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+    """Batched encoding: the list is encoded in parallel, in Rust, for a fast tokenizer."""
+    if not texts:
+        return []
+    if _rust_backend_agrees(tokenizer, texts):
+        # About 1.5x faster than tokenizer(texts): no offsets, no BatchEncoding to build.
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=special)]
+    # verbose=False: lengths over model_max_length are our truncation's business, not a warning.
+    encoded = tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _rust_backend_agrees(tokenizer: Any, texts: list[str]) -> bool:
+    """Whether the Rust tokenizer alone gives what ``tokenizer(texts)`` gives.
+
+    A Python subclass may add behaviour around the backend, and a backend loaded with padding
+    or truncation switched on would pad or cut; so the shortcut is taken only when neither is
+    on and a sample of the texts encodes identically both ways.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        return False
+    if not hasattr(backend, "encode_batch_fast"):
+        return False
+    sample = texts[:4] + texts[-4:]
+    for special in (False, True):
+        slow = tokenizer(sample, add_special_tokens=special, return_attention_mask=False, verbose=False)["input_ids"]
+        fast = [e.ids for e in backend.encode_batch_fast(sample, add_special_tokens=special)]
+        if [list(ids) for ids in slow] != fast:
+            return False
+    return True

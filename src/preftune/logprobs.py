@@ -1,0 +1,153 @@
+"""Completion log-probabilities from final hidden states, in chunks (torch only).
+
+A causal LM's loss-relevant output is one number per completion token: ``log p(token | prefix)``.
+The usual route builds the whole ``rows x length x vocab`` logits tensor, upcasts it to fp32 and
+keeps it (and its softmax) for the backward pass: at a vocabulary of 32k-150k that tensor is most
+of a DPO step's memory. Here only the scored positions (labels != -100, shifted by one) are
+projected, ``chunk_size`` tokens at a time, and the backward pass recomputes each chunk's logits
+instead of storing them, so peak extra memory is one ``chunk_size x vocab`` fp32 block.
+
+Labels follow the collator's convention: aligned with ``input_ids`` (not shifted), ``-100`` where
+nothing is scored. Position ``t`` of the hidden states predicts ``labels[t + 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def completion_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row sums of completion-token log-probs (fp32) and per-row scored-token counts.
+
+    ``hidden`` (rows, length, hidden) are the final hidden states, ``weight`` (vocab, hidden) the
+    output projection (``bias`` its bias if any); ``logit_scale`` and ``final_logit_softcap``
+    reproduce models whose heads scale or soft-cap logits (Cohere, Gemma 2).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = hidden.shape[0]
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    tokens = scored.sum(dim=1)
+    row_of = torch.nonzero(scored, as_tuple=True)[0]
+    selected = hidden[:, :-1][scored]  # (N, hidden): only the positions that are scored
+    token_logps = _ChunkedTokenLogps.apply(
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, _compute_dtype(hidden)
+    )
+    sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
+    return sums, tokens
+
+
+def token_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-position log-probs (rows, length - 1) aligned with ``labels[:, 1:]``, 0 where unscored.
+
+    For metrics that need token-level values (KL estimates, perplexity); chunked like
+    :func:`completion_logps`.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][scored]
+    values = _ChunkedTokenLogps.apply(selected, weight, bias, targets[scored], chunk_size, 1.0, None, _compute_dtype(hidden))
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    out[scored] = values
+    return out
+
+
+def naive_completion_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The textbook computation on full logits (rows, length, vocab): the reference for tests."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logp, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(dim=1), scored.sum(dim=1)
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The matmul dtype: the autocast dtype when autocast is on (as the model's own head would use)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, cap: float | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """fp32 logits of one chunk, and (for the backward) d logits / d raw logits when it is not 1."""
+    raw = torch.nn.functional.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+    if scale != 1.0:
+        raw = raw * scale
+    if cap is None:
+        return raw, None
+    capped = cap * torch.tanh(raw / cap)
+    return capped, 1.0 - (capped / cap) ** 2
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) for N hidden rows, logits recomputed chunk by chunk in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, cap, dtype):  # type: ignore[override]
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            lse_all = torch.empty_like(out)
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                logits, _ = _logits(hidden[start:end], weight, bias, scale, cap, dtype)
+                lse = torch.logsumexp(logits, dim=-1)
+                out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+                lse_all[start:end] = lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.config = (chunk_size, scale, cap, dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        chunk_size, scale, cap, dtype = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                h = hidden[start:end]
+                logits, dcap = _logits(h, weight, bias, scale, cap, dtype)
+                go = grad_out[start:end].float()
+                # d logp(t) / d logits = onehot(t) - softmax(logits)
+                grad = torch.exp(logits - lse_all[start:end, None]).mul_(-go[:, None])
+                grad.scatter_add_(1, targets[start:end, None], go[:, None])
+                if dcap is not None:
+                    grad.mul_(dcap)
+                if scale != 1.0:
+                    grad.mul_(scale)
+                if need_h:
+                    grad_h[start:end] = (grad.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad.t() @ h.float()
+                if need_b:
+                    grad_b += grad.sum(dim=0)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None, None,
+        )

@@ -1,0 +1,73 @@
+"""Loading models from local folders: safetensors only, clear errors, LoRA, the chunked scorer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.config import LoraConfig, ModelConfig
+from preftune.errors import PreftuneError
+from preftune.models import SequenceLogps, apply_lora, freeze, load_causal_lm, load_policy, load_tokenizer
+
+
+def test_load_policy_and_tokenizer(tiny_model_dir: Path) -> None:
+    model = load_causal_lm(ModelConfig(path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.pad_token_id is not None
+
+
+def test_bf16_dtype(tiny_model_dir: Path) -> None:
+    model = load_causal_lm(ModelConfig(path=str(tiny_model_dir), dtype="bfloat16"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_pickled_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(PreftuneError, match=r"no \.safetensors weights .*pytorch_model\.bin"):
+        load_causal_lm(ModelConfig(path=str(folder)))
+
+
+def test_missing_folders_are_named(tmp_path: Path) -> None:
+    with pytest.raises(PreftuneError, match="is not a folder"):
+        load_causal_lm(ModelConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(PreftuneError, match="no model folder given"):
+        load_causal_lm(ModelConfig(path=""))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreftuneError, match="could not load a tokenizer"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_lora_trains_only_adapters_and_checkpointing(tiny_model_dir: Path) -> None:
+    cfg = ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=True, lora=LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
+    model = load_policy(cfg)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert model.get_base_model().model.gradient_checkpointing
+    with pytest.raises(PreftuneError, match="could not add LoRA"):
+        apply_lora(load_causal_lm(ModelConfig(path=str(tiny_model_dir))), LoraConfig(enabled=True, target_modules=["no_such_module"]))
+
+
+def test_sequence_logps_matches_the_model_logits(tiny_model_dir: Path) -> None:
+    model = freeze(load_causal_lm(ModelConfig(path=str(tiny_model_dir))))
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    labels[attention_mask == 0] = -100
+    logps, tokens = SequenceLogps(model, chunk_size=4)(input_ids, attention_mask, labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = labels[:, 1:]
+    mask = target != -100
+    expected = (lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    assert torch.allclose(logps, expected, atol=1e-5)
+    assert tokens.tolist() == mask.sum(-1).tolist()
