@@ -98,11 +98,12 @@ class TrainConfig:
 
     output_dir: str = "runs/dpo"
     seed: int = 42
+    deterministic: bool = False  # deterministic kernels (bitwise-reproducible CUDA runs; slower)
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"  # sgd: plain, no momentum
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

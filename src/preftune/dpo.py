@@ -202,7 +202,7 @@ def run_dpo(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train, held, reports = prepare_pairs(cfg, tokenizer)
     if not train:

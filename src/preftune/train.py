@@ -66,6 +66,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(
             params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -172,7 +174,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = _new_accelerator(Accelerator, cfg)
     params = [p for p in task.model.parameters() if p.requires_grad]
     if not params:
         raise PreftuneError("the model has no trainable parameters.")
@@ -295,6 +297,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
+    """An Accelerator with this run's precision, also when an earlier run in the process set another.
+
+    accelerate keeps its settings in a process-wide singleton that refuses a second, different
+    ``mixed_precision``; a process that runs several trainings (a beta sweep, iterative DPO, the
+    demo, tests) needs each run's own. The process group (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return accelerator_cls(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+
+
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -303,6 +320,18 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python and torch (all devices); ``deterministic`` also forbids nondeterministic kernels.
+
+    On CUDA, atomic-add kernels (embedding and index_add backward) make two identical runs
+    differ in the last bits; bitwise-exact resume there needs ``deterministic``.
+    """
+    import os
+
     random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.use_deterministic_algorithms(False)
