@@ -57,6 +57,8 @@ def token_logps(
     *,
     bias: Tensor | None = None,
     chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcap: float | None = None,
 ) -> Tensor:
     """Per-position log-probs (rows, length - 1) aligned with ``labels[:, 1:]``, 0 where unscored.
 
@@ -66,7 +68,9 @@ def token_logps(
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     selected = hidden[:, :-1][scored]
-    values = _ChunkedTokenLogps.apply(selected, weight, bias, targets[scored], chunk_size, 1.0, None, _compute_dtype(hidden))
+    values = _ChunkedTokenLogps.apply(
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, _compute_dtype(hidden)
+    )
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     out[scored] = values
     return out

@@ -164,8 +164,15 @@ def simpo(policy: PairLogps, reference: PairLogps | None = None, *, beta: float 
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x.
+
+    Both branches of ``where`` are evaluated (and differentiated), so each gets an input on
+    which it is finite; x = 0 (a certain completion, odds infinite) is held just below 0.
+    """
+    x = x.clamp(max=-1e-12)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=-math.log(2))))
+    far = torch.log1p(-torch.exp(x.clamp(max=-math.log(2))))
+    return torch.where(x > -math.log(2), near_zero, far)
 
 
 def orpo(policy: PairLogps, reference: PairLogps | None = None, *, beta: float = 0.1, lambda_: float = 0.1) -> LossOutput:
