@@ -94,5 +94,9 @@ def test_nullable_fields_accept_null() -> None:
 def test_shipped_configs_load() -> None:
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ should ship at least one config"
+    from preftune.config import STAGES
+
     for path in files:
-        load_config(DPOConfig, path)
+        stage = path.name.split("-")[0]  # dpo-tiny.yaml -> the dpo stage
+        assert stage in STAGES, f"{path.name} should start with a stage name ({', '.join(STAGES)})"
+        load_config(STAGES[stage], path)

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_inspect.add_arguments(inspect_parser)
 
     _add_config_verb(sub, "dpo", "train a policy with DPO or another preference loss")
+    _add_config_verb(sub, "sft", "supervised fine-tuning on completions (prompt tokens masked)")
+    _add_config_verb(sub, "rm", "train a reward model (Bradley-Terry on preference pairs)")
+    score_parser = sub.add_parser("score", help="score prompt/response records or preference pairs with a reward model")
+    from preftune import score
+
+    score.add_arguments(score_parser)
     return parser
 
 
@@ -55,6 +61,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         from preftune.data import inspect as data_inspect
 
         return data_inspect.run(args)
+    if args.verb == "score":
+        if overrides:
+            raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")
+        from preftune import score
+
+        return score.run(args)
 
     from preftune.config import STAGES, load_config, to_yaml
 
@@ -66,6 +78,16 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         from preftune.dpo import run_dpo
 
         run_dpo(cfg)
+        return 0
+    if args.verb == "sft":
+        from preftune.sft import run_sft
+
+        run_sft(cfg)
+        return 0
+    if args.verb == "rm":
+        from preftune.rm import run_rm
+
+        run_rm(cfg)
         return 0
     raise AssertionError(f"unhandled verb {args.verb}")  # pragma: no cover
 

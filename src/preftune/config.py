@@ -135,7 +135,43 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-STAGES: dict[str, type] = {"dpo": DPOConfig}
+@dataclass
+class SFTOptions:
+    """Supervised fine-tuning specifics."""
+
+    packing: bool = False  # several short examples per row, kept apart by a block attention mask
+
+
+@dataclass
+class SFTConfig:
+    """`preftune sft`: next-token loss on completions (prompt tokens masked)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTOptions = field(default_factory=SFTOptions)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/sft", lr=1e-5))
+
+
+@dataclass
+class RMLossConfig:
+    """Reward-model objective: Bradley-Terry + lm_weight * LM loss on chosen + centring."""
+
+    lm_weight: float = 1.0  # weight of the next-token loss on the chosen completion
+    center_weight: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0
+    use_margin: bool = True  # subtract the data's `margin` field inside the sigmoid
+
+
+@dataclass
+class RMConfig:
+    """`preftune rm`: a scalar reward head on a causal LM, trained on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rm", lr=1e-5))
+
+
+STAGES: dict[str, type] = {"dpo": DPOConfig, "sft": SFTConfig, "rm": RMConfig}
 
 
 # --------------------------------------------------------------------------- conversion

@@ -123,6 +123,11 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def body_of(lm: nn.Module) -> nn.Module:
+    """The transformer body of a ``*ForCausalLM`` (its final hidden states, no LM head)."""
+    return getattr(lm, lm.base_model_prefix)
+
+
 class SequenceLogps(nn.Module):
     """Summed completion log-probs of each row, from hidden states, in chunks.
 
@@ -138,11 +143,12 @@ class SequenceLogps(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lm = causal_lm_of(self.model)
-        body = getattr(lm, lm.base_model_prefix)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = body_of(lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
         head = lm.get_output_embeddings()
         config = lm.config
         return completion_logps(

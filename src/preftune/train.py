@@ -228,7 +228,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
                 accelerator.backward(loss * share)
             window.add({"loss": loss.detach().expand(len(indices)), **metrics})
             state.examples_seen += len(indices)
-            state.tokens_seen += int(batch["attention_mask"].sum())
+            # real (non-padding) tokens; packed batches carry a 4D mask and say it themselves
+            state.tokens_seen += int(batch["real_tokens"].sum() if "real_tokens" in batch else batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()

@@ -25,8 +25,8 @@ def collate_pairs(
 ) -> dict[str, torch.Tensor]:
     """One concatenated batch of B pairs: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` of shape (2B, L); ``preference`` and
-    ``weight`` (B,) float32; ``index`` (B,) int64. Chosen and rejected go through the model in
+    Returns ``input_ids``, ``attention_mask``, ``labels`` of shape (2B, L); ``preference``,
+    ``weight`` and ``margin`` (B,) float32; ``index`` (B,) int64. Chosen and rejected go through the model in
     one forward pass (DESIGN.md, "Where speed comes from").
     """
     if not pairs:
@@ -35,6 +35,7 @@ def collate_pairs(
     batch = _pad(rows, pad_token_id, pad_to_multiple_of)
     batch["preference"] = torch.tensor([p.preference for p in pairs], dtype=torch.float32)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return batch
 

@@ -35,7 +35,9 @@ from preftune.data.readers import RawRecord, parse_json_cell
 from preftune.data.records import ROLES, PreferenceExample, UnpairedExample
 from preftune.errors import DataError
 
-FORMATS = ("explicit", "conversational", "hh", "votes", "unpaired")
+FORMATS = ("explicit", "conversational", "hh", "votes", "unpaired", "completion", "messages")
+#: formats whose records are single completions (UnpairedExample), not pairs
+SINGLE_FORMATS = frozenset({"unpaired", "completion", "messages"})
 HH_ASSISTANT = "\n\nAssistant:"
 #: turn markers that should not appear inside an HH completion (the model wrote a fake turn)
 HH_TURN_MARKERS = ("Human:", "Assistant:")
@@ -79,10 +81,15 @@ def detect_format(raw: RawRecord, data: dict[str, Any]) -> str:
         return "votes"
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
+    if "prompt" in keys and ({"completion", "response"} & keys):
+        return "completion"
+    if "messages" in keys:
+        return "messages"
     raise DataError(
         f"cannot tell the format from the fields {sorted(keys)}; expected prompt/chosen/rejected "
         "(explicit), chosen/rejected messages (conversational), chosen/rejected transcripts (hh), "
-        "response1/response2/annotatorN (votes) or prompt/completion/label (unpaired). "
+        "response1/response2/annotatorN (votes), prompt/completion/label (unpaired), "
+        "prompt/completion or prompt/response (completion: SFT, scoring) or messages (a chat: SFT). "
         "Name the format, or map your fields with columns (--columns prompt=question,...)",
         file=raw.file,
         line=raw.line,
@@ -186,8 +193,24 @@ def _explicit(f: _Fields, system: str | None) -> Converted:
         rejected=f.text("rejected"),
         system=f.system(system),
         source=f.raw.location,
+        margin=_margin(f),
     )
     return Converted(example)
+
+
+def _margin(f: _Fields) -> float:
+    """The optional ``margin`` field (reward-model training: how much better chosen is)."""
+    value = f.get("margin", required=False)
+    if value is None or (f.raw.from_text and value == ""):
+        return 0.0
+    if f.raw.from_text and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise f.error("margin", f"must be a number, got {_describe(value)}", "wrong_type")
+    return float(value)
 
 
 def _conversational(f: _Fields, system: str | None) -> Converted:
@@ -364,7 +387,34 @@ def _label(f: _Fields) -> bool:
     raise f.error("label", f"must be a boolean (true = desirable), got {_describe(value)}", "wrong_type")
 
 
+def _completion(f: _Fields, system: str | None) -> Converted:
+    """prompt + completion (or response): one demonstration (SFT) or one response to score."""
+    name = "completion" if "completion" in f.data else "response"
+    prompt, completion = f.chat("prompt"), f.chat(name)
+    if isinstance(completion, list) or isinstance(prompt, list):
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else f.messages("prompt", prompt)
+        completion = f.messages(name, completion)
+    else:
+        prompt, completion = f.text("prompt"), f.text(name)
+    return Converted(UnpairedExample(prompt=prompt, completion=completion, desirable=True,
+                                     system=f.system(system), source=f.raw.location))
+
+
+def _messages(f: _Fields, system: str | None) -> Converted:
+    """A chat: the prompt is every message before the last, which must be the assistant's."""
+    messages = f.messages("messages")
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
+        raise f.error(f"messages[{last}]", f"must be the assistant's reply (the completion), got role {messages[last]['role']!r}", "wrong_type")
+    if last == 0:
+        raise f.error("messages", "holds only the assistant's reply; there is no prompt before it", "missing_field")
+    return Converted(UnpairedExample(prompt=messages[:last], completion=[messages[last]], desirable=True,
+                                     system=f.system(system), source=f.raw.location))
+
+
 _CONVERTERS = {
+    "completion": _completion,
+    "messages": _messages,
     "explicit": _explicit,
     "conversational": _conversational,
     "hh": _hh,

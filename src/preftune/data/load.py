@@ -119,7 +119,10 @@ def _check_arguments(
 
 def _check_mix(formats: list[str], file: str) -> None:
     """Paired and unpaired examples need different losses, so one load holds one kind."""
-    if "unpaired" in formats and any(f != "unpaired" for f in formats):
+    from preftune.data.formats import SINGLE_FORMATS
+
+    kinds = {f in SINGLE_FORMATS for f in formats}
+    if len(kinds) > 1:
         raise DataError(
             f"paired and unpaired data cannot be mixed in one load (formats: {', '.join(dict.fromkeys(formats))})",
             file=file,

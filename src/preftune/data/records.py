@@ -30,6 +30,7 @@ class PreferenceExample:
     weight: float = 1.0
     preference: float = 1.0
     source: str = ""
+    margin: float = 0.0  # reward models: how much better chosen is (optional data field)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TokenizedPair:
     preference: float = 1.0
     weight: float = 1.0
     source: str = ""
+    margin: float = 0.0
 
     @property
     def length(self) -> int:

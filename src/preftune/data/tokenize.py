@@ -105,6 +105,7 @@ def tokenize_pairs(
             preference=float(examples[i].preference),
             weight=float(examples[i].weight),
             source=examples[i].source,
+            margin=float(examples[i].margin),
         )
         for i, prompt, completions in fitted
     ]
