@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/preftune data inspect ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz
+	$(VENV)/bin/preftune demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q

@@ -20,7 +20,8 @@ CONFIG = REPO / "configs" / "dpo-tiny.yaml"
 
 
 def make_cfg(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str) -> DPOConfig:
-    base = [f"--model.path={model_dir}", f"--data.train={train}", f"--train.output_dir={out}", "--train.progress=false"]
+    base = [f"--model.path={model_dir}", f"--data.train={train}", f"--train.output_dir={out}", "--train.progress=false",
+            "--train.report=false"]
     base.append(f"--data.eval={held}" if held else "--data.eval=[]")
     return load_config(DPOConfig, CONFIG, base + list(overrides))
 
@@ -50,7 +51,7 @@ def test_cli_run_learns_and_writes_the_run_folder(tiny_model_dir: Path, preferen
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("config.yaml", "data_report.json", "reference.json", "metrics.jsonl"):
+    for name in ("config.yaml", "data_report.json", "reference.json", "metrics.jsonl", "report.html"):
         assert (run / name).is_file(), name
     metrics = read_metrics(run)
     train_lines = [m for m in metrics if "loss" in m]

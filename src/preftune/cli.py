@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     from preftune import score
 
     score.add_arguments(score_parser)
+    from preftune import commands
+
+    commands.add_generate(sub.add_parser("generate", help="sample completions for prompts (transformers generation)"))
+    commands.add_eval(sub.add_parser("eval", help="evaluate a policy against its reference: rewards, KL, perplexity, win rate"))
+    commands.add_report(sub.add_parser("report", help="write RUN_DIR/report.html (plots embedded) and RUN_DIR/plots/*.png"))
+    demo_parser = sub.add_parser("demo", help="the whole pipeline (SFT, reward model, DPO, evaluation) on an embedded task, in minutes on a CPU")
+    from preftune import demo
+
+    demo.add_arguments(demo_parser)
     return parser
 
 
@@ -61,6 +70,18 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         from preftune.data import inspect as data_inspect
 
         return data_inspect.run(args)
+    if args.verb in ("generate", "eval", "report"):
+        if overrides:
+            raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")
+        from preftune import commands
+
+        return {"generate": commands.run_generate, "eval": commands.run_eval, "report": commands.run_report}[args.verb](args)
+    if args.verb == "demo":
+        if overrides:
+            raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")
+        from preftune import demo
+
+        return demo.run(args)
     if args.verb == "score":
         if overrides:
             raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")

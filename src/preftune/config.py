@@ -122,6 +122,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection
+    report: bool = True  # write report.html (training curves) at the end
 
 
 @dataclass

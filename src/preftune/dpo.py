@@ -111,7 +111,7 @@ def make_loss_fn(
     return loss_fn
 
 
-def _split_eval(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+def split_eval(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     if fraction <= 0:
         return pairs, []
     order = list(range(len(pairs)))
@@ -149,7 +149,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer: Any) -> tuple[list[TokenizedPair], 
         reports[split] = dataclasses.asdict(report)
     train, held = tokenized["train"], tokenized["eval"]
     if not held and cfg.data.eval_fraction > 0:
-        train, held = _split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+        train, held = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
     return _reindex(train), _reindex(held), reports
 
 

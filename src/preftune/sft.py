@@ -45,7 +45,7 @@ def prepare_sft_data(cfg: SFTConfig, tokenizer: Any) -> tuple[list[TokenizedUnpa
     """Load, validate, tokenize; split off eval data when no eval files are given."""
     from preftune.data import load_examples
     from preftune.data.tokenize import tokenize_unpaired
-    from preftune.dpo import _split_eval
+    from preftune.dpo import split_eval
 
     if not cfg.data.train:
         raise PreftuneError("no training data: set data.train to one or more files.")
@@ -64,7 +64,7 @@ def prepare_sft_data(cfg: SFTConfig, tokenizer: Any) -> tuple[list[TokenizedUnpa
         reports[split] = dataclasses.asdict(result.report)
     train, held = tokenized["train"], tokenized["eval"]
     if not held and cfg.data.eval_fraction > 0:
-        train, held = _split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+        train, held = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
     return train, held, reports
 
 

@@ -249,7 +249,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
                       "lr": scheduler.get_last_lr()[0], "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
             _log(record, metrics_path, writer, accelerator)
             watch.update(means, state.step)
-            bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in means})
+            bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
             _log({"step": state.step, **evaluate(task, model, cfg, accelerator)}, metrics_path, writer, accelerator)
         if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
@@ -268,7 +268,19 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
     accelerator.wait_for_everyone()
     if task.save_final is not None and accelerator.is_main_process:
         task.save_final(run_dir / "final")
+    if cfg.report and accelerator.is_main_process:
+        _write_report(run_dir)
     return state
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html for the finished run; a failure here is reported, and the trained model kept."""
+    from preftune.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report did not
+        warnings.warn(f"the run finished and its model is saved, but report.html could not be written: {err}", stacklevel=2)
 
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:

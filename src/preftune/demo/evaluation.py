@@ -1,0 +1,187 @@
+"""The demo's evaluation: reference (the SFT model) against each aligned policy on held-out prompts.
+
+Every number comes from the library's own evaluation code (:mod:`preftune.evaluate`,
+:mod:`preftune.judges`, :mod:`preftune.generate`); the demo adds only the ground truth
+(:mod:`preftune.demo.task`), which no training stage sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from preftune.demo import task
+
+
+def _decode_all(tokenizer: Any, generated: Any) -> list[str]:
+    from preftune.generate import decode
+
+    return [decode(tokenizer, samples[0], generated.stop_ids) for samples in generated.completion_ids]
+
+
+def _sample(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[Any, list[str]]:
+    from preftune.generate import GenerationSettings, generate_ids
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=1.0, num_samples=1, seed=seed, batch_size=128)
+    generated = generate_ids(model, tokenizer, prompts, settings)
+    return generated, _decode_all(tokenizer, generated)
+
+
+def _text_quality(prompts: list[str], generated: Any, texts: list[str]) -> dict[str, float]:
+    n = len(texts)
+    rewards = [task.reward(p, t) for p, t in zip(prompts, texts)]
+    return {
+        "ground_truth_reward": sum(rewards) / n,
+        "positive_share": sum(task.sentiment(t) > 0 for t in texts) / n,
+        "well_formed_share": sum(task.well_formed(p, t) and generated.finished(i, 0) for i, (p, t) in enumerate(zip(prompts, texts))) / n,
+        "mean_words": sum(len(t.split()) for t in texts) / n,
+    }
+
+
+def ground_truth_judge(prompt: str, policy_response: str, reference_response: str) -> float:
+    """1 when the policy's continuation has the higher ground-truth reward, 0 when lower, 0.5 on ties."""
+    a, b = task.reward(prompt, policy_response), task.reward(prompt, reference_response)
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, Path], rm_dir: Path,
+                  prompts: list[str], eval_pairs_file: Path, heldout_file: Path) -> dict[str, Any]:
+    """The closing table's numbers for the reference and each policy; ``eval/eval.json`` too."""
+    from preftune.config import ModelConfig
+    from preftune.data import load_examples
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.evaluate import kl_from_samples, perplexity, preference_metrics
+    from preftune.judges import reward_model_judge, win_rate
+    from preftune.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(reference_dir))
+    reference = load_causal_lm(ModelConfig(path=str(reference_dir))).eval()
+    heldout = [r["prompt"] + r["completion"] for r in map(json.loads, heldout_file.read_text().splitlines())]
+    pairs_loaded = load_examples(eval_pairs_file)
+    eval_pairs = tokenize_pairs(pairs_loaded.examples, tokenizer, max_length=96, max_prompt_length=32)
+    ref_generated, ref_texts = _sample(reference, tokenizer, prompts, s.max_new_tokens, seed=s.seed + 10)
+    rm_judge = reward_model_judge(rm_dir)
+
+    results: dict[str, Any] = {"reference": {**_text_quality(prompts, ref_generated, ref_texts),
+                                             "perplexity_heldout": perplexity(reference, tokenizer, heldout, batch_size=64)}}
+    policies_out = []
+    for beta, policy_dir in policies.items():
+        policy = load_causal_lm(ModelConfig(path=str(policy_dir))).eval()
+        generated, texts = _sample(policy, tokenizer, prompts, s.max_new_tokens, seed=s.seed + 20)
+        kl = kl_from_samples(policy, reference, tokenizer, generated, batch_size=64)
+        prefs = preference_metrics(policy, reference, tokenizer, eval_pairs, beta=beta, batch_size=64)
+        gt = win_rate(prompts, texts, ref_texts, ground_truth_judge)
+        rm = win_rate(prompts, texts, ref_texts, rm_judge)
+        policies_out.append({
+            "beta": beta,
+            "path": str(policy_dir),
+            **_text_quality(prompts, generated, texts),
+            "win_rate_ground_truth": {k: gt[k] for k in ("win_rate", "wins", "losses", "ties", "n", "ci95")},
+            "win_rate_reward_model": {k: rm[k] for k in ("win_rate", "wins", "losses", "ties", "n", "ci95")},
+            "kl_to_reference": {"mean": kl["mean"], "stderr": kl["stderr"], "n": kl["n"]},
+            "preference_accuracy_heldout": prefs["rewards/accuracies"],
+            "alignment_improved": prefs["alignment/improved"],
+            "perplexity_heldout": perplexity(policy, tokenizer, heldout, batch_size=64),
+            "samples": [{"prompt": p, "policy": t, "reference": r} for p, t, r in list(zip(prompts, texts, ref_texts))[:5]],
+        })
+    results["policies"] = policies_out
+    results["reward_model_heldout_accuracy"] = _rm_accuracy(rm_dir, eval_pairs_file)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "eval.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return results
+
+
+def _rm_accuracy(rm_dir: Path, pairs_file: Path) -> float:
+    from preftune.score import score_file
+
+    _, summary = score_file(rm_dir, [str(pairs_file)], batch_size=64)
+    return summary["accuracy"]
+
+
+def closing_table(summary: dict[str, Any]) -> str:
+    """The reference vs each aligned policy, one metric per line."""
+    ref = summary["reference"]
+    cols = [("reference (SFT)", None)] + [(f"DPO beta={p['beta']:g}", p) for p in summary["policies"]]
+    rows: list[tuple[str, list[str]]] = [
+        ("ground-truth reward", [f"{ref['ground_truth_reward']:+.2f}"] + [f"{p['ground_truth_reward']:+.2f}" for _, p in cols[1:]]),
+        ("positive continuations", [f"{ref['positive_share']:.1%}"] + [f"{p['positive_share']:.1%}" for _, p in cols[1:]]),
+        ("well-formed, ended", [f"{ref['well_formed_share']:.1%}"] + [f"{p['well_formed_share']:.1%}" for _, p in cols[1:]]),
+        ("mean words", [f"{ref['mean_words']:.1f}"] + [f"{p['mean_words']:.1f}" for _, p in cols[1:]]),
+        ("win rate, ground truth", ["-"] + [_win(p["win_rate_ground_truth"]) for _, p in cols[1:]]),
+        ("win rate, reward model", ["-"] + [_win(p["win_rate_reward_model"]) for _, p in cols[1:]]),
+        ("KL to reference (nats)", ["0"] + [f"{p['kl_to_reference']['mean']:.2f} ± {p['kl_to_reference']['stderr']:.2f}" for _, p in cols[1:]]),
+        ("pref. accuracy, held-out", ["-"] + [f"{p['preference_accuracy_heldout']:.1%}" for _, p in cols[1:]]),
+        ("perplexity, held-out", [f"{ref['perplexity_heldout']:.3f}"] + [f"{p['perplexity_heldout']:.3f}" for _, p in cols[1:]]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    widths = [max(len(c[0]), *(len(r[1][i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = [" " * width + "  " + "  ".join(c[0].rjust(w) for c, w in zip(cols, widths))]
+    for name, values in rows:
+        lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(values, widths)))
+    lines.append(f"reward model accuracy on held-out pairs: {summary['reward_model_heldout_accuracy']:.1%}")
+    return "\n".join(lines)
+
+
+def _win(w: dict[str, Any]) -> str:
+    low, high = w["ci95"]
+    return f"{w['win_rate']:.1%} [{low:.0%}, {high:.0%}]"
+
+
+def frontier_plot(results: dict[str, Any], path: Path) -> Path:
+    """Ground-truth reward against KL for each beta (the paper's figure 2, left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    points = sorted((p["kl_to_reference"]["mean"], p["ground_truth_reward"], p["beta"]) for p in results["policies"])
+    ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color="tab:blue", label="DPO")
+    for x, y, beta in points:
+        ax.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([0.0], [results["reference"]["ground_truth_reward"]], color="tab:gray", label="reference (SFT)")
+    ax.set_xlabel("KL(policy || reference), nats per continuation")
+    ax.set_ylabel("ground-truth reward")
+    ax.set_title("reward against KL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_demo_report(out: Path, summary: dict[str, Any], table: str) -> Path:
+    """``out/report.html``: the closing table, the reward-KL frontier (with a sweep), sample
+    continuations, and each stage's training curves, images embedded; readable without Python."""
+    import base64
+    import html
+
+    def image(path: Path, alt: str) -> str:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>preftune demo</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:48%;margin:0.5%}"
+             "td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}</style></head><body>",
+             "<h1>preftune demo: steering a tiny model towards positive reviews</h1>",
+             f"<p>Wall time {summary['wall_time_s']:.0f} s. Stages (s): {html.escape(json.dumps(summary['stage_seconds']))}. "
+             f"Pairs: {html.escape(json.dumps(summary['pairs']))}.</p>",
+             "<h2>Reference (SFT) against the aligned policy</h2>", f"<pre>{html.escape(table)}</pre>"]
+    if (out / "frontier.png").is_file():
+        parts += ["<h2>Reward against KL</h2>", image(out / "frontier.png", "reward against KL")]
+    parts.append("<h2>Samples (held-out prompts)</h2><table><tr><th>prompt</th><th>policy</th><th>reference</th></tr>")
+    for row in summary["policies"][0]["samples"]:
+        parts.append("<tr>" + "".join(f"<td>{html.escape(row[k])}</td>" for k in ("prompt", "policy", "reference")) + "</tr>")
+    parts.append("</table>")
+    for stage in sorted(p for p in out.iterdir() if p.is_dir() and (p / "plots").is_dir()):
+        pngs = sorted((stage / "plots").glob("*.png"))
+        if pngs:
+            parts.append(f"<h2>Training curves: {html.escape(stage.name)}</h2>")
+            parts += [image(png, f"{stage.name} {png.stem}") for png in pngs]
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

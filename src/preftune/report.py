@@ -1,0 +1,386 @@
+"""How results are shown: the terminal table of an evaluation, and a run's HTML report.
+
+``write_report(RUN_DIR)`` writes ``RUN_DIR/report.html``, one self-contained file (plots
+embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN_DIR/plots/*.png``:
+
+- training curves from ``metrics.jsonl`` (loss; rewards of chosen and rejected; margins;
+  accuracy; log-probs), with the ``eval/...`` points drawn over them;
+- the run's config and ``data_report.json`` summaries;
+- evaluation results: every ``eval.json`` / ``eval-LABEL.json`` in the run folder (written by
+  :func:`preftune.eval_run.run_eval`, one per evaluated checkpoint, each labelled by its
+  ``checkpoint`` and ``step``). The main one (``eval.json``, else the latest step) gets full
+  tables, the histogram of per-pair log-ratio gains and the win rates with their intervals;
+  with two or more, a table of all of them and reward against KL, one point per checkpoint.
+
+Whatever is missing (no eval yet, no data report, an SFT run without rewards) is left out;
+the report always renders. Plots use matplotlib's Agg canvas directly (no pyplot, no global
+backend switch).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+#: (file stem, title, metric names): a plot is drawn when any of its names was logged.
+CURVES = (
+    ("loss", "Loss", ("loss",)),
+    ("rewards", "Rewards of chosen and rejected", ("rewards/chosen", "rewards/rejected")),
+    ("margins", "Reward margin", ("rewards/margins", "margin")),
+    ("accuracies", "Reward accuracy", ("rewards/accuracies", "accuracy")),
+    ("logps", "Log-probs of chosen and rejected (policy)", ("logps/chosen", "logps/rejected")),
+)
+#: every PNG the report writes into plots/
+PLOT_NAMES = tuple(stem for stem, _, _ in CURVES) + ("alignment", "win_rate", "reward_kl")
+
+
+# --------------------------------------------------------------------------- tables
+def result_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """An evaluation's results as titled sections of (name, formatted value) rows."""
+    sections = []
+    pref = results.get("preference")
+    if pref:
+        q = pref.get("alignment/quantiles", {})
+        sections.append((f"Preference ({pref['pairs']} held-out pairs, beta {pref['beta']:g})", [
+            ("reward accuracy", _f(pref["rewards/accuracies"])),
+            ("reward margin (mean)", _f(pref["rewards/margins"])),
+            ("reward chosen / rejected", f"{_f(pref['rewards/chosen'])} / {_f(pref['rewards/rejected'])}"),
+            ("log-ratio gained over reference", f"{_pct(pref['alignment/improved'])} of pairs ({_pct(pref['alignment/unchanged'])} unchanged)"),
+            ("log-ratio gain p5 / p50 / p95 (nats)", " / ".join(_f(q.get(k)) for k in ("p5", "p50", "p95"))),
+            ("prefers chosen: policy / reference", f"{_f(pref['logratio/policy_accuracy'])} / {_f(pref['logratio/reference_accuracy'])}"),
+            ("perplexity of chosen: policy / reference", f"{_f(pref['perplexity/chosen'])} / {_f(pref['reference/perplexity/chosen'])}"),
+        ]))
+    ppl = results.get("perplexity")
+    if ppl:
+        sections.append((f"Perplexity ({ppl['policy']['texts']} held-out texts, {ppl['policy']['tokens']} tokens)", [
+            ("policy", _f(ppl["policy"]["perplexity"])), ("reference", _f(ppl["reference"]["perplexity"]))]))
+    kl = results.get("kl")
+    if kl:
+        sections.append(("KL(policy || reference)", [
+            ("KL per completion (nats)", f"{_f(kl['mean'])} ± {_f(kl['stderr'])} (standard error)"),
+            ("samples", f"{kl['n']} ({kl.get('prompts', '?')} prompts), {_f(kl['mean_tokens'])} tokens on average, {_pct(kl['finished'])} ended with EOS"),
+        ]))
+    for wr in results.get("win_rate") or []:
+        rows = [
+            ("win rate (ties count half)", f"{_f(wr['win_rate'])}  95% CI [{_f(wr['ci95'][0])}, {_f(wr['ci95'][1])}] ({wr['interval']})"),
+            ("wins / losses / ties (n)", f"{wr['wins']} / {wr['losses']} / {wr['ties']} ({wr['n']})"),
+            ("mean length policy / reference (chars)", f"{_f(wr['mean_len_policy'])} / {_f(wr['mean_len_reference'])}"),
+            ("longer response won", _f(wr.get("longer_wins"))),
+        ]
+        if "reward_policy" in wr:
+            rows.append(("mean reward policy / reference", f"{_f(wr['reward_policy'])} / {_f(wr['reward_reference'])}"))
+        sections.append((f"Win rate, judged by {wr['judge']}", rows))
+    return sections
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """An evaluation's results as aligned text for a terminal."""
+    step = f", step {results['step']}" if results.get("step") is not None else ""
+    lines = [f"policy {results.get('policy')} ({results.get('checkpoint')}{step}) vs reference {results.get('reference')}"]
+    sections = result_rows(results)
+    width = max((len(name) for _, rows in sections for name, _ in rows), default=0)
+    for title, rows in sections:
+        lines.append("")
+        lines.append(title)
+        lines.extend(f"  {name:<{width}}  {value}" for name, value in rows)
+    if not sections:
+        lines.append("(nothing evaluated: give held-out pairs, prompts or texts)")
+    if results.get("path"):
+        lines.append("")
+        lines.append(f"saved to {results['path']}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _f(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- reading a run
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl`` (empty when there is none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise PreftuneError(f"{path}, line {number}: not JSON ({err.msg}).") from None
+    return records
+
+
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    """``eval.json`` and every ``eval-LABEL.json`` in the run folder, ordered by step (unknown steps last)."""
+    evals = []
+    for path in sorted([*run_dir.glob("eval.json"), *run_dir.glob("eval-*.json")]):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PreftuneError(f"{path}: not JSON ({err.msg}).") from None
+        if isinstance(result, dict):
+            result.setdefault("checkpoint", path.stem.removeprefix("eval-") if path.stem != "eval" else "final")
+            result["file"] = path.name
+            evals.append(result)
+    return sorted(evals, key=lambda r: (r.get("step") is None, r.get("step") or 0, r["file"]))
+
+
+# --------------------------------------------------------------------------- plots
+def _figure(width: float = 6.4, height: float = 3.6) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Any, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_curves(metrics: list[dict[str, Any]], plots: Path) -> list[tuple[str, Path]]:
+    """One PNG per group of :data:`CURVES` that was logged: train lines, eval points over them."""
+    out = []
+    for stem, title, names in CURVES:
+        present = [n for n in names if any(n in m for m in metrics) or any(f"eval/{n}" in m for m in metrics)]
+        if not present:
+            continue
+        figure, ax = _figure()
+        for name in present:
+            train = [(m["step"], m[name]) for m in metrics if name in m and _number(m[name])]
+            evals = [(m["step"], m[f"eval/{name}"]) for m in metrics if f"eval/{name}" in m and _number(m[f"eval/{name}"])]
+            if train:
+                line, = ax.plot(*zip(*train), label=f"train {name}")
+                color = line.get_color()
+            else:
+                color = None
+            if evals:
+                ax.plot(*zip(*evals), "o--", color=color, label=f"eval {name}", markersize=5)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        out.append((title, _save(figure, plots / f"{stem}.png")))
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_alignment(result: dict[str, Any], path: Path) -> Path:
+    """Histogram of per-pair (policy log-ratio - reference log-ratio)."""
+    differences = result["preference"]["alignment/differences"]
+    figure, ax = _figure()
+    ax.hist(differences, bins=min(40, max(5, len(differences) // 3)), color="#4c72b0")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel("log-ratio gain over the reference (nats): > 0 means the policy moved towards chosen")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"Alignment check: {result['preference']['alignment/improved']:.1%} of pairs improved")
+    return _save(figure, path)
+
+
+def plot_win_rates(result: dict[str, Any], path: Path) -> Path:
+    """Win rate of each judge with its 95% interval; 0.5 is a draw."""
+    rates = result["win_rate"]
+    figure, ax = _figure(height=1.2 + 0.6 * len(rates))
+    for k, wr in enumerate(rates):
+        low, high = wr["ci95"]
+        ax.errorbar([wr["win_rate"]], [k], xerr=[[wr["win_rate"] - low], [high - wr["win_rate"]]], fmt="o", capsize=6)
+    ax.set_yticks(range(len(rates)), [wr["judge"][:40] for wr in rates])
+    ax.axvline(0.5, color="grey", linestyle=":")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("policy win rate against the reference (95% interval)")
+    return _save(figure, path)
+
+
+def reward_axis(evals: list[dict[str, Any]]) -> tuple[str, list[float]] | None:
+    """The y values of the reward-KL plot: the first measure every result has, in this order:
+    reward-model reward of the policy's samples, win rate, held-out implicit reward margin."""
+    measures = (
+        ("reward of policy samples (reward model)", lambda r: next(w["reward_policy"] for w in r["win_rate"] if "reward_policy" in w)),
+        ("win rate against the reference", lambda r: r["win_rate"][0]["win_rate"]),
+        ("implicit reward margin on held-out pairs", lambda r: r["preference"]["rewards/margins"]),
+    )
+    for label, get in measures:
+        try:
+            return label, [float(get(r)) for r in evals]
+        except (KeyError, IndexError, StopIteration, TypeError):
+            continue
+    return None
+
+
+def plot_reward_kl(evals: list[dict[str, Any]], label: str, rewards: list[float], path: Path) -> Path:
+    """One point per evaluated checkpoint: KL to the reference (with its standard error) against reward."""
+    figure, ax = _figure()
+    kls = [r["kl"]["mean"] for r in evals]
+    errors = [r["kl"]["stderr"] or 0.0 for r in evals]
+    ax.errorbar(kls, rewards, xerr=errors, fmt="o-", capsize=4)
+    for r, x, y in zip(evals, kls, rewards):
+        ax.annotate(str(r["checkpoint"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("KL(policy || reference), nats per completion")
+    ax.set_ylabel(label)
+    ax.set_title("Reward against KL, per evaluated checkpoint")
+    ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- the report
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` and ``run_dir/plots/*.png``; return the HTML's path."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PreftuneError(f"'{run_dir}' is not a run folder.")
+    metrics = read_metrics(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").is_file() else {}
+    data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")) if (run_dir / "data_report.json").is_file() else {}
+    evals = read_evals(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    for stem in PLOT_NAMES:  # a plot of ours that no longer applies must not linger
+        (plots / f"{stem}.png").unlink(missing_ok=True)
+
+    body = [f"<h1>preftune run: {_e(run_dir.resolve().name)}</h1>", _run_summary(config, metrics)]
+    body.append("<h2>Training</h2>")
+    curves = plot_curves(metrics, plots)
+    body.extend(_image(path, title) for title, path in curves)
+    if not curves:
+        body.append("<p>No training metrics (metrics.jsonl) yet.</p>")
+    body.append(_last_metrics(metrics))
+    if data_report:
+        body.append(_data_table(data_report))
+    body.append("<h2>Evaluation</h2>")
+    if not evals:
+        body.append("<p>Not evaluated yet: run <code>preftune eval</code> on this run folder.</p>")
+    else:
+        main = next((r for r in evals if r["file"] == "eval.json"), evals[-1])
+        body.append(f"<p>Main result: <code>{_e(main['file'])}</code> (checkpoint {_e(main['checkpoint'])}"
+                    f"{'' if main.get('step') is None else ', step ' + _e(main['step'])}).</p>")
+        for title, rows in result_rows(main):
+            body.append(_table(title, rows))
+        if (main.get("preference") or {}).get("alignment/differences"):
+            body.append(_image(plot_alignment(main, plots / "alignment.png"), "alignment histogram"))
+        if main.get("win_rate"):
+            body.append(_image(plot_win_rates(main, plots / "win_rate.png"), "win rates"))
+        body.append(_samples(main))
+        with_kl = [r for r in evals if (r.get("kl") or {}).get("mean") is not None]
+        if len(evals) > 1:
+            body.append(_checkpoint_table(evals))
+        axis = reward_axis(with_kl) if len(with_kl) > 1 else None
+        if axis is not None:
+            body.append(_image(plot_reward_kl(with_kl, axis[0], axis[1], plots / "reward_kl.png"), "reward against KL"))
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>preftune report: {_e(run_dir.resolve().name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+    path = run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:0.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;text-align:left;vertical-align:top}"
+    "th{background:#f3f3f3}caption{text-align:left;font-weight:600;padding:0.3rem 0}img{max-width:100%;display:block;margin:0.5rem 0 1rem}"
+    "pre{white-space:pre-wrap;margin:0;font-size:0.85rem}code{background:#f3f3f3;padding:0 0.2rem}"
+)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _image(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+
+
+def _table(title: str, rows: list[tuple[str, str]], header: tuple[str, ...] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
+    cells = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><caption>{_e(title)}</caption>{head}{cells}</table>"
+
+
+def _run_summary(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
+    rows = []
+    for section, key in (("model", "path"), ("reference", "strategy"), ("reference", "path"), ("loss", "name"), ("loss", "beta"),
+                         ("train", "lr"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"), ("train", "seed")):
+        value = (config.get(section) or {}).get(key) if isinstance(config.get(section), dict) else None
+        if value is not None:
+            rows.append((f"{section}.{key}", _f(value)))
+    steps = [m["step"] for m in metrics if _number(m.get("step"))]
+    if steps:
+        rows.append(("optimizer steps done", str(max(steps))))
+    return _table("Run", rows) if rows else "<p>No config.yaml in this folder.</p>"
+
+
+def _last_metrics(metrics: list[dict[str, Any]]) -> str:
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
+    out = []
+    for title, line in (("Last logged training step", train[-1] if train else None), ("Last evaluation during training", evals[-1] if evals else None)):
+        if line:
+            out.append(_table(f"{title} (step {line.get('step')})", [(k, _f(v)) for k, v in line.items() if k != "step"]))
+    return "\n".join(out)
+
+
+def _data_table(report: dict[str, Any]) -> str:
+    rows = []
+    for split, r in report.items():
+        if not isinstance(r, dict):
+            continue
+        dropped = ", ".join(f"{k}: {v}" for k, v in (r.get("dropped") or {}).items()) or "none"
+        cut = ", ".join(f"{k}: {v}" for k, v in (r.get("truncation") or {}).items() if v) or "none"
+        full = (r.get("tokens") or {}).get("full") or {}
+        lengths = " / ".join(str(full.get(k, "?")) for k in ("p50", "p90", "max")) if full else "n/a"
+        rows.append((split, ", ".join(map(str, r.get("files") or [])), r.get("format", ""), r.get("records", ""), r.get("kept", ""),
+                     dropped, cut, lengths))
+    return _table("Data (data_report.json)", rows, ("split", "files", "format", "records", "kept", "dropped", "cut", "tokens p50/p90/max"))
+
+
+def _checkpoint_table(evals: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in evals:
+        kl, pref, wins = r.get("kl") or {}, r.get("preference") or {}, r.get("win_rate") or []
+        rows.append((r["checkpoint"], _f(r.get("step")), f"{_f(kl.get('mean'))} ± {_f(kl.get('stderr'))}" if kl else "n/a",
+                     _f(pref.get("rewards/accuracies")), _f(pref.get("alignment/improved")),
+                     _f(wins[0]["win_rate"]) if wins else "n/a", r["file"]))
+    return _table("Evaluated checkpoints", rows, ("checkpoint", "step", "KL ± se", "reward accuracy", "log-ratio improved", "win rate", "file"))
+
+
+def _samples(result: dict[str, Any]) -> str:
+    samples = result.get("samples") or []
+    if not samples:
+        return ""
+    rows = "".join(
+        "<tr>" + "".join(f"<td><pre>{_e(json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ('' if v is None else v))}</pre></td>"
+                         for v in (s.get("prompt"), s.get("policy"), s.get("reference"))) + "</tr>"
+        for s in samples
+    )
+    return f"<table><caption>Samples (temperature 1)</caption><tr><th>prompt</th><th>policy</th><th>reference</th></tr>{rows}</table>"

@@ -1,0 +1,61 @@
+"""The demo: its embedded task, and a reduced run of the whole pipeline from the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune.demo import task
+
+
+def test_corpus_is_grammatical_and_seeded() -> None:
+    reviews = task.corpus(500, seed=3)
+    assert reviews == task.corpus(500, seed=3) and reviews != task.corpus(500, seed=4)
+    assert all(task.well_formed("", " " + r) for r in reviews)
+    rng = random.Random(0)
+    for text in reviews[:50]:
+        prompt, continuation = task.split_opening(text, rng)
+        assert prompt + continuation == text and continuation.startswith(" ")
+        assert task.well_formed(prompt, continuation)
+
+
+def test_ground_truth_reward_counts_words_and_penalises_broken_text() -> None:
+    assert task.sentiment(" was great and the plot was dull . i loved it .") == 1 + 1 - 1
+    assert task.reward("the movie", " was great . i loved it .") == 2
+    assert task.reward("the movie", " was great . i loved") == -2  # not ended: no credit, 2 off
+    assert task.reward("the movie", " was bad bad . i hated it .") == -3 - 2  # ungrammatical: min(-3, 0) - 2
+    assert not task.well_formed("the movie", " was great . i loved it . the")
+
+
+def test_pairs_are_best_against_worst_and_ties_are_counted() -> None:
+    from preftune.demo.pipeline import label_pairs
+
+    pairs, ties = label_pairs(
+        ["the plot", "the film"],
+        [[" was dull . i hated it .", " was great . i loved it .", " was fun . i liked it ."],
+         [" was long . i liked it .", " was long . i liked it ."]],
+    )
+    assert ties == 1
+    assert pairs == [{"prompt": "the plot", "chosen": " was great . i loved it .", "rejected": " was dull . i hated it ."}]
+
+
+@pytest.mark.slow
+def test_reduced_demo_aligns_the_policy(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "preftune.cli", "demo", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    policy, reference = summary["policies"][0], summary["reference"]
+    assert policy["ground_truth_reward"] > reference["ground_truth_reward"] + 0.5, summary
+    assert policy["win_rate_ground_truth"]["win_rate"] > 0.5
+    assert policy["kl_to_reference"]["mean"] > 0
+    for folder in ("base", "sft", "rm", "dpo"):
+        assert (out / folder).is_dir(), folder
+    assert (out / "dpo" / "final" / "model.safetensors").is_file()
+    assert "win rate, ground truth" in result.stdout and "demo wall time" in result.stdout
