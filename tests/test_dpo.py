@@ -225,3 +225,24 @@ def test_bf16_autocast_run_then_fp32_run_in_one_process(tiny_model_dir: Path, pr
     first = [read_metrics(run)[0]["loss"] for run in (low, full)]
     assert first == pytest.approx([0.693147, 0.693147], abs=2e-2)
     assert all(torch.isfinite(torch.tensor(first)))
+
+
+def test_prefix_sharing_trains_like_the_concatenated_layout(
+    tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Same batches, same order: the shared layout's losses and final weights are the plain layout's.
+
+    Also the cache strategy with no eval set (nothing to cache for it) and the layout in reference.json.
+    """
+    train, _ = preference_files
+    common = ["--reference.strategy=cache", f"--reference.cache_dir={tmp_path / 'cache'}", "--data.group_by_length=false",
+              "--train.max_steps=4", "--train.lr=1e-3", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null"]
+    runs, losses = {}, {}
+    for shared in ("true", "false"):
+        runs[shared] = run_dpo(make_cfg(tiny_model_dir, train, None, tmp_path / shared, f"--data.prefix_sharing={shared}", *common))
+        losses[shared] = [m["loss"] for m in read_metrics(runs[shared]) if "loss" in m]
+    assert len(losses["true"]) == 4
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    assert_same_weights(final_weights(runs["true"]), final_weights(runs["false"]), atol=1e-5)
+    layouts = [json.loads((runs[s] / "reference.json").read_text())["layout"] for s in ("true", "false")]
+    assert layouts == ["prefix_shared", "concatenated"]

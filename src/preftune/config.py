@@ -36,6 +36,9 @@ class DataConfig:
     eval_fraction: float = 0.0  # held out from train (seeded) when `eval` is empty
     max_records: int | None = None  # read at most this many records per file
     group_by_length: bool = True  # batches of similar length: less padding
+    # DPO: one `prompt | chosen | rejected` row per pair, the prompt encoded once (needs an
+    # attention that takes a 4D mask, sdpa or eager; otherwise the plain layout is used, said in the log)
+    prefix_sharing: bool = True
 
 
 @dataclass
@@ -103,7 +106,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"  # sgd: plain, no momentum
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"  # adamw is fused where torch has the kernel; sgd: plain
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

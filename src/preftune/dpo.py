@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -154,15 +155,20 @@ def prepare_pairs(cfg: DPOConfig, tokenizer: Any) -> tuple[list[TokenizedPair], 
 
 
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: list[TokenizedPair],
-                    held: list[TokenizedPair], collate: Callable, device: torch.device) -> tuple[Reference, Reference, dict[str, Any]]:
-    """The reference for the train and eval sets (the same object unless cached)."""
+                    held: list[TokenizedPair], collate: Callable, device: torch.device,
+                    scorer_cls: type[nn.Module] | None = None) -> tuple[Reference, Reference, dict[str, Any]]:
+    """The reference for the train and eval sets (the same object unless cached).
+
+    ``scorer_cls`` scores ``collate``'s batches (``SequenceLogps`` or ``SharedPrefixLogps``).
+    """
     from preftune.models import SequenceLogps, freeze, load_causal_lm
 
+    scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
     info: dict[str, Any] = {"strategy": strategy, "path": ref_path if strategy in ("copy", "cache") else None}
 
     def copy_scorer() -> nn.Module:
-        return SequenceLogps(freeze(load_causal_lm(cfg.model, ref_path)), chunk_size=cfg.train.logprob_chunk_size).to(device)
+        return scorer_cls(freeze(load_causal_lm(cfg.model, ref_path)), chunk_size=cfg.train.logprob_chunk_size).to(device)
 
     if strategy == "none":
         return Reference(), Reference(), info
@@ -181,6 +187,9 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.bf16 else nullcontext
     refs = []
     for split, pairs in (("train", train), ("eval", held)):
+        if not pairs:  # no eval set: nothing to compute or cache
+            refs.append(Reference())
+            continue
         key = cache_key(model_hash=model_hash, tokenizer_hash=tokenizer_hash, data_hash=hash_pairs(pairs), precision=precision)
         ref, warm = load_or_compute_cache(cache_dir=cfg.reference.cache_dir, key=key, pairs=pairs, scorer_factory=copy_scorer,
                                           collate=collate, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
@@ -190,10 +199,27 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     return refs[0], refs[1], info
 
 
+def use_prefix_sharing(cfg: DPOConfig, policy: nn.Module, pairs: Sequence[TokenizedPair]) -> tuple[bool, str | None]:
+    """``data.prefix_sharing``, unless the attention or the data cannot take it: (on, why off)."""
+    from preftune.models import causal_lm_of
+    from preftune.prefix import MASKED_ATTENTION
+
+    if not cfg.data.prefix_sharing:
+        return False, None
+    implementation = getattr(causal_lm_of(policy).config, "_attn_implementation", None) or "eager"
+    if implementation not in MASKED_ATTENTION:
+        return False, f"attention '{implementation}' takes no 4D mask (set model.attn_implementation=sdpa or eager)"
+    empty = sum(1 for p in pairs if not p.prompt_ids)
+    if empty:
+        return False, f"{empty} pair(s) have an empty prompt"
+    return True, None
+
+
 def run_dpo(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""
     from preftune.data.collate import collate_pairs
     from preftune.models import SequenceLogps, load_policy, load_tokenizer
+    from preftune.prefix import SharedPrefixLogps, collate_prefix_shared
     from preftune.train import Task, fit, seed_everything
 
     _loss_config_checked(cfg)
@@ -210,10 +236,17 @@ def run_dpo(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
 
     policy = load_policy(cfg.model)
-    scorer = SequenceLogps(policy, chunk_size=cfg.train.logprob_chunk_size)
+    shared, why_not = use_prefix_sharing(cfg, policy, train + held)
+    if why_not:
+        print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
+    scorer_cls = SharedPrefixLogps if shared else SequenceLogps
+    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
-    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train, held, collate, device)
+    collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train, held, collate, device, scorer_cls)
+    ref_info["layout"] = "prefix_shared" if shared else "concatenated"
+    if why_not:
+        ref_info["prefix_sharing_off"] = why_not
     (run_dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
 
     train_fn = make_loss_fn(cfg, train_ref, extra_terms)
@@ -226,7 +259,9 @@ def run_dpo(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
         save_policy(policy, tokenizer, folder, merge=cfg.model.lora.merge_on_save)
         (folder / "preftune_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
-    task = Task(model=scorer, loss_fn=loss_fn, train_set=train, collate=collate, lengths=[p.length for p in train],
+    # Length grouping sorts by what one row holds: P+C+R shared, P+max(C, R) concatenated.
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in train] if shared else [p.length for p in train]
+    task = Task(model=scorer, loss_fn=loss_fn, train_set=train, collate=collate, lengths=lengths,
                 eval_set=held, save_final=save_final, group_by_length=cfg.data.group_by_length)
     fit(task, cfg.train, run_dir)
     return run_dir

@@ -64,11 +64,25 @@ class MetricWindow:
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            fused=_can_fuse(params) or None,
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _can_fuse(params: list[nn.Parameter]) -> bool:
+    """The fused AdamW kernel (one kernel per step, not ~10 per tensor): torch >= 2.4 on CPU, CUDA.
+
+    It is what TRL uses by default (``adamw_torch_fused``). On a busy or small machine the
+    per-tensor kernel launches of the plain AdamW cost more than the arithmetic.
+    """
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 4) or not params:
+        return False
+    devices = {p.device.type for p in params}
+    return devices <= {"cpu", "cuda"} and len({p.device for p in params}) == 1 and all(p.is_floating_point() for p in params)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

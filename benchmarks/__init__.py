@@ -1,0 +1,1 @@
+"""preftune against TRL on the same model, data and settings: `python -m benchmarks.bench --help`."""

@@ -1,0 +1,180 @@
+"""Prefix sharing: one row per pair gives the plain concatenated batch's log-probs, gradients and losses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from preftune.data.collate import IGNORE_INDEX, collate_pairs
+from preftune.data.records import TokenizedPair
+from preftune.errors import PreftuneError
+from preftune.models import SequenceLogps, freeze
+from preftune.prefix import SharedPrefixLogps, collate_prefix_shared, shared_position_ids
+
+VOCAB = 61
+PAD = 0
+
+
+def tiny_lm(attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, tie_word_embeddings=False)
+    config._attn_implementation = attn
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def random_pairs(n: int, seed: int) -> list[TokenizedPair]:
+    """Varied prompt and completion lengths, so every batch is padded differently."""
+    rng = random.Random(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    return [TokenizedPair(prompt_ids=ids(1, 9), chosen_ids=ids(1, 7), rejected_ids=ids(1, 7), index=i) for i in range(n)]
+
+
+def test_layout_mask_positions_and_labels() -> None:
+    pair = TokenizedPair(prompt_ids=[5, 6], chosen_ids=[7, 8, 9], rejected_ids=[10, 11], index=3)
+    short = TokenizedPair(prompt_ids=[12], chosen_ids=[13], rejected_ids=[14], index=4)
+    batch = collate_prefix_shared([pair, short], pad_token_id=PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 0, 0, 0, 0]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2, 3]  # rejected restarts after the prompt
+    assert batch["position_ids"][1, :3].tolist() == [0, 1, 1]
+    ign = IGNORE_INDEX
+    assert batch["labels"].tolist() == [
+        [ign, ign, 7, 8, 9, ign, ign],
+        [ign, 13, ign, ign, ign, ign, ign],
+        [ign, ign, ign, ign, ign, 10, 11],
+        [ign, ign, 14, ign, ign, ign, ign],
+    ]
+    mask = batch["attention_mask"][0, 0].int().tolist()
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0]  # last chosen: prompt and chosen
+    assert mask[5] == [1, 1, 0, 0, 0, 1, 0]  # first rejected: the prompt and itself, no chosen
+    assert mask[6] == [1, 1, 0, 0, 0, 1, 1]
+    padding = batch["attention_mask"][1, 0].int()
+    assert padding[3].tolist() == [0, 0, 0, 1, 0, 0, 0]  # padding sees only itself
+    assert batch["real_tokens"].tolist() == [2 * 2 + 3 + 2, 2 * 1 + 1 + 1]
+    assert batch["index"].tolist() == [3, 4]
+    assert torch.equal(shared_position_ids(batch["labels"])[0], batch["position_ids"][0])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logps_and_gradients_equal_the_plain_path(attn: str) -> None:
+    pairs = random_pairs(6, seed=1)
+    lm = tiny_lm(attn)
+    weights = torch.randn(12, generator=torch.Generator().manual_seed(0))
+
+    def run(scorer: torch.nn.Module, batch: dict, with_positions: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        lm.zero_grad(set_to_none=True)
+        extra = (batch["position_ids"],) if with_positions else ()
+        logps, tokens = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"], *extra)
+        (logps * weights).sum().backward()
+        return logps.detach(), tokens, {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    plain = run(SequenceLogps(lm, chunk_size=7), collate_pairs(pairs, PAD), False)
+    shared_batch = collate_prefix_shared(pairs, PAD)
+    for with_positions in (True, False):  # the loss and the references call it without positions
+        shared = run(SharedPrefixLogps(lm, chunk_size=7), shared_batch, with_positions)
+        assert torch.equal(shared[1], plain[1])
+        torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+        for name, grad in plain[2].items():
+            torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    # the shared row really is shorter than the two plain rows together
+    assert shared_batch["input_ids"].numel() < collate_pairs(pairs, PAD)["input_ids"].numel()
+
+
+def test_the_first_rejected_token_is_predicted_from_the_prompt() -> None:
+    # One pair whose only rejected token follows a long chosen part: predicting it from the last
+    # chosen position (the naive shift) would give a different number.
+    pair = TokenizedPair(prompt_ids=[3, 4], chosen_ids=[5, 6, 7, 8], rejected_ids=[9], index=0)
+    lm = tiny_lm()
+    with torch.no_grad():
+        plain, _ = SequenceLogps(lm)(**_args(collate_pairs([pair], PAD)))
+        shared, _ = SharedPrefixLogps(lm)(**_args(collate_prefix_shared([pair], PAD)))
+        logits = lm(input_ids=torch.tensor([[3, 4, 9]])).logits
+    by_hand = torch.log_softmax(logits[0, 1], dim=-1)[9]
+    torch.testing.assert_close(shared[1], by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+
+
+def _args(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_dpo_training_gives_the_plain_paths_losses() -> None:
+    from preftune.config import DPOConfig
+    from preftune.dpo import make_loss_fn
+    from preftune.reference import FrozenCopyReference
+
+    pairs = random_pairs(16, seed=2)
+    batches = [pairs[i : i + 4] for i in range(0, 16, 4)]
+
+    def train(scorer_cls: type, collate) -> list[float]:
+        policy = tiny_lm(seed=3)
+        reference = FrozenCopyReference(scorer_cls(freeze(tiny_lm(seed=3))))
+        scorer = scorer_cls(policy, chunk_size=16)
+        loss_fn = make_loss_fn(DPOConfig(), reference)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        losses = []
+        for step in range(6):
+            loss, metrics = loss_fn(scorer, collate(batches[step % len(batches)], PAD))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    plain = train(SequenceLogps, collate_pairs)
+    shared = train(SharedPrefixLogps, collate_prefix_shared)
+    assert plain[0] == pytest.approx(0.693147, abs=1e-6)
+    assert abs(plain[-1] - plain[0]) > 1e-2  # the policy moved, so the later steps test the gradients
+    assert shared == pytest.approx(plain, abs=1e-5)
+
+
+def test_adapter_off_and_cached_references_take_shared_batches(tmp_path) -> None:
+    from functools import partial
+
+    from preftune.config import LoraConfig
+    from preftune.models import apply_lora
+    from preftune.reference import AdapterOffReference, FrozenCopyReference, load_or_compute_cache
+
+    pairs = random_pairs(5, seed=4)
+    batch = collate_prefix_shared(pairs, PAD)
+    peft_model = apply_lora(tiny_lm(), LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # LoRA's B starts at zero: the adapter-off model is the base model
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    adapter_off = AdapterOffReference(SharedPrefixLogps(peft_model)).logps(batch)
+    base = FrozenCopyReference(SequenceLogps(freeze(tiny_lm()))).logps(collate_pairs(pairs, PAD))
+    for got, want in zip(adapter_off, base):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    cached, warm = load_or_compute_cache(
+        cache_dir=tmp_path, key="k", pairs=pairs, scorer_factory=lambda: SequenceLogps(freeze(tiny_lm())),
+        collate=partial(collate_pairs, pad_token_id=PAD), batch_size=2, device=torch.device("cpu"), autocast=torch.no_grad,
+    )
+    for got, want in zip(cached.logps({**batch, "index": batch["index"].flip(0)}), base):
+        torch.testing.assert_close(got, want.flip(0), atol=1e-5, rtol=0)
+
+
+def test_wrong_batches_fail_loudly() -> None:
+    lm = tiny_lm()
+    pairs = random_pairs(3, seed=5)
+    plain = collate_pairs(pairs, PAD)
+    with pytest.raises(ValueError, match="collate_prefix_shared"):
+        SharedPrefixLogps(lm)(plain["input_ids"], plain["attention_mask"], plain["labels"])
+    shared = collate_prefix_shared(pairs, PAD)
+    with pytest.raises(Exception):
+        SequenceLogps(lm)(shared["input_ids"], shared["attention_mask"], shared["labels"])
+    with pytest.raises(PreftuneError, match="non-empty prompt"):
+        collate_prefix_shared([TokenizedPair(prompt_ids=[], chosen_ids=[1], rejected_ids=[2], index=0)], PAD)
+    flash = tiny_lm()
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(PreftuneError, match="4D mask"):
+        SharedPrefixLogps(flash)(shared["input_ids"], shared["attention_mask"], shared["labels"])
