@@ -60,6 +60,8 @@ VARIANTS = {
                             note="prefix, but the single-tensor AdamW instead of preftune's fused one (patched in)"),
     "checkpointing": Variant("grouped", "chunked", "shared", "copy", checkpointing=True,
                              note="+ gradient checkpointing (model.gradient_checkpointing=true): memory for compute"),
+    "lean": Variant("grouped", "chunked", "shared", "cache-warm", checkpointing=True,
+                    note="cache-warm + gradient checkpointing: no reference model in memory, activations recomputed"),
     "lora": Variant("grouped", "chunked", "shared", "adapter", lora=True, note="LoRA r16, reference = adapter off"),
     "parity": Variant("random", "chunked", "shared", "copy", note="prefix sharing in TRL's batch order: the equivalence run"),
 }

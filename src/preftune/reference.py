@@ -136,21 +136,26 @@ def load_or_compute_cache(
             return CachedReference(table, path), True
         # Same key with another size cannot happen unless the file was tampered with.
         raise PreftuneError(f"reference cache '{path}' holds {table['chosen'].shape[0]} rows for {len(pairs)} examples; delete it.")
+    # Rows are stored by dataset index, which is the order of `pairs` by construction.
+    if [pair.index for pair in pairs] != list(range(len(pairs))):
+        raise PreftuneError("internal: tokenized pairs are not in index order; cannot cache reference log-probs.")
     scorer = scorer_factory()
+    # Scored in order of length, so each batch holds similar lengths and little padding is computed.
+    order = sorted(range(len(pairs)), key=lambda i: sum(map(len, (pairs[i].prompt_ids, pairs[i].chosen_ids, pairs[i].rejected_ids))))
     columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            batch = collate(list(pairs[start : start + batch_size]))
+            batch = collate([pairs[i] for i in order[start : start + batch_size]])
             with autocast():
                 logps, tokens = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
             pair = split_pair(logps.float().cpu(), tokens.cpu())
             for name in columns:
                 columns[name].append(getattr(pair, name))
-    table = {name: torch.cat(values) for name, values in columns.items()}
-    # Rows are stored by dataset index, which is the order of `pairs` by construction.
-    order = torch.tensor([pair.index for pair in pairs])
-    if not torch.equal(order, torch.arange(len(pairs))):
-        raise PreftuneError("internal: tokenized pairs are not in index order; cannot cache reference log-probs.")
+    where = torch.tensor(order)
+    table = {}
+    for name, values in columns.items():
+        scored = torch.cat(values)
+        table[name] = torch.empty_like(scored).index_copy_(0, where, scored)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key, "rows": str(len(pairs))})
