@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from preftune.data import LoadResult, PreferenceExample, UnpairedExample, load_examples
-from preftune.data.formats import detect_format, hh_prompt, split_hh, tally_votes
+from preftune.data.formats import detect_format, tally_votes
+from preftune.data.hh import hh_prompt, split_hh
 from preftune.data.readers import RawRecord
 from preftune.data.validate import FINDINGS
 from preftune.errors import ConfigError, DataError

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from preftune.errors import ConfigError, DataError
-from preftune.generate import GenerationSettings, generate, generate_ids, read_prompts, write_generations
+from preftune.generate import GenerationSettings, generate, generate_ids, write_generations
+from preftune.prompts import read_prompts
 
 from conftest import write_jsonl
 
@@ -220,7 +221,8 @@ def test_read_prompts_from_prompt_files_and_preference_data(tmp_path: Path) -> N
 
 
 def test_write_generations_round_trip(model, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
-    from preftune.generate import PromptRecord, generation_records
+    from preftune.generate import generation_records
+    from preftune.prompts import PromptRecord
 
     prompts = [PromptRecord("the a of", None, "p:1"), PromptRecord([{"role": "user", "content": "hi"}], "s", "p:2")]
     settings = GenerationSettings(max_new_tokens=4, num_samples=2, seed=3)

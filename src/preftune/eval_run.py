@@ -20,7 +20,8 @@ from torch import nn
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.evaluate import kl_from_samples, perplexity_details, preference_metrics
-from preftune.generate import Generated, GenerationSettings, PromptRecord, decode, generate_ids, read_prompts
+from preftune.generate import Generated, GenerationSettings, decode, generate_ids
+from preftune.prompts import PromptRecord, read_prompts
 
 
 @dataclass

@@ -26,7 +26,8 @@ from torch import nn
 
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.generate import Generated, GenerationSettings, Prompt, generate_ids
+from preftune.generate import Generated, GenerationSettings, generate_ids
+from preftune.prompts import Prompt
 
 #: quantiles of the per-pair log-ratio differences reported by :func:`preference_metrics`
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -13,7 +13,7 @@ Five formats, named as ``data.format`` takes them:
     message.
 ``hh``
     Anthropic HH-RLHF transcripts: ``chosen`` / ``rejected`` strings of ``"\\n\\nHuman: ..."`` and
-    ``"\\n\\nAssistant: ..."`` turns. See :func:`hh_prompt` and :func:`split_hh`.
+    ``"\\n\\nAssistant: ..."`` turns. See :mod:`preftune.data.hh`.
 ``votes``
     PandaLM-style annotator votes: ``instruction``, ``input``, ``response1``, ``response2``,
     ``annotator1..N`` (0 tie, 1 response1 better, 2 response2 better). See :func:`tally_votes`.
@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from preftune.data.hh import HH_ASSISTANT, HH_TURN_MARKERS, split_hh
 from preftune.data.readers import RawRecord, parse_json_cell
 from preftune.data.records import ROLES, PreferenceExample, UnpairedExample
 from preftune.errors import DataError
@@ -38,9 +39,6 @@ from preftune.errors import DataError
 FORMATS = ("explicit", "conversational", "hh", "votes", "unpaired", "completion", "messages")
 #: formats whose records are single completions (UnpairedExample), not pairs
 SINGLE_FORMATS = frozenset({"unpaired", "completion", "messages"})
-HH_ASSISTANT = "\n\nAssistant:"
-#: turn markers that should not appear inside an HH completion (the model wrote a fake turn)
-HH_TURN_MARKERS = ("Human:", "Assistant:")
 _ANNOTATOR = re.compile(r"annotator(\d+)$")
 
 
@@ -268,32 +266,6 @@ def _split_shared_prefix(f: _Fields, chosen: list, rejected: list) -> tuple[list
             "prompt_diverges",
         )
     return chosen[:k], chosen[k:], rejected[k:]
-
-
-def hh_prompt(text: str) -> str:
-    """HH's prompt of one transcript: up to and including its LAST ``"\\n\\nAssistant:"``.
-
-    ``P(s) = s[: s.rfind("\\n\\nAssistant:") + len("\\n\\nAssistant:")]``, as in the data's
-    ``edge_cases.json``; the caller checks the marker is present.
-    """
-    return text[: text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)]
-
-
-def split_hh(chosen: str, rejected: str) -> tuple[str, bool]:
-    """The shared prompt of an HH pair, and whether the two sides disagreed about it.
-
-    Normally ``hh_prompt(chosen) == hh_prompt(rejected)``. When a response contains a fake
-    ``"\\n\\nAssistant:"`` turn written by the model, that side's last marker lies inside its
-    response, so its ``hh_prompt`` is longer. The rule: the prompt is the SHORTER of the two,
-    provided both transcripts start with it; the fake turn then stays inside that side's
-    completion (and is reported as ``fake_turn_in_completion``). The record is kept and
-    counted as ``prompt_mismatch``. If the longer transcript does not start with the shorter
-    prompt, the two sides are different conversations: a ``prompt_diverges`` error.
-    """
-    chosen_prompt, rejected_prompt = hh_prompt(chosen), hh_prompt(rejected)
-    if chosen_prompt == rejected_prompt:
-        return chosen_prompt, False
-    return min(chosen_prompt, rejected_prompt, key=len), True
 
 
 def _hh(f: _Fields, system: str | None) -> Converted:

@@ -60,7 +60,6 @@ measured BEFORE truncation over every example given.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from preftune.data.records import (
@@ -71,6 +70,7 @@ from preftune.data.records import (
     TokenizedUnpaired,
     UnpairedExample,
 )
+from preftune.data.codec import Codec
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.errors import ConfigError, TokenizationError
 
@@ -138,7 +138,7 @@ def tokenize_unpaired(
 
 def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> list[int]:
     """The ids of a prompt exactly as training sees them (no truncation): use it to generate."""
-    codec = _Codec.of(tokenizer)
+    codec = Codec.of(tokenizer)
     text, _ = _render(tokenizer, prompt, system, (), "prompt", chat=isinstance(prompt, list))
     return codec.prompts([text], ["prompt"])[0]
 
@@ -158,7 +158,7 @@ def _tokenize(
 ) -> list[tuple[int, list[int], list[list[int]]]]:
     """Render, encode, check, measure and fit every row; returns (index, prompt, completions)."""
     _check_limits(max_length, max_prompt_length, on_overflow)
-    codec = _Codec.of(tokenizer)
+    codec = Codec.of(tokenizer)
     prompt_texts, completion_texts, sources = [], [], []
     for i, (prompt, system, completions, source) in enumerate(rows):
         where = f"record {source}" if source else f"example {i}"
@@ -322,87 +322,3 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], where: str, 
     if not isinstance(text, str):
         raise TokenizationError(f"{where}: the chat template returned {type(text).__name__}, not text")
     return text
-
-
-# --------------------------------------------------------------------------- encoding
-@dataclass
-class _Codec:
-    """What a tokenizer puts around a text, learned once, and batched encoding."""
-
-    tokenizer: Any
-    prefix: list[int]  # special tokens the post-processor puts before a text (usually [BOS])
-    bos_id: int | None
-    eos_id: int
-    eos_text: str
-
-    @classmethod
-    def of(cls, tokenizer: Any) -> _Codec:
-        eos_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_id is None:
-            raise TokenizationError("the tokenizer has no EOS token; preftune ends every completion with EOS.")
-        probe = "preftune probe"
-        plain = _encode(tokenizer, [probe], special=False)[0]
-        full = _encode(tokenizer, [probe], special=True)[0]
-        starts = [k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain]
-        if not plain or not starts:
-            raise TokenizationError("cannot tell which special tokens this tokenizer adds around a text.")
-        return cls(tokenizer, full[: starts[0]], getattr(tokenizer, "bos_token_id", None), eos_id, tokenizer.eos_token)
-
-    def trim_after_eos(self, text: str) -> str:
-        """Drop whitespace after a final EOS (ChatML's ``<|im_end|>\\n``) so EOS is last."""
-        stripped = text.rstrip()
-        return stripped if stripped.endswith(self.eos_text) else text
-
-    def prompts(self, texts: list[str], sources: list[str]) -> list[list[int]]:
-        n = len(self.prefix)
-        out = []
-        for ids, where in zip(_encode(self.tokenizer, texts, special=False), sources):
-            if not (n and ids[:n] == self.prefix):  # the text brings its own BOS: do not double it
-                ids = self.prefix + ids
-            if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
-                raise TokenizationError(f"{where}: the prompt starts with BOS twice; its text already holds two.")
-            out.append(ids)
-        return out
-
-    def completions(self, texts: list[str], sources: list[str]) -> list[list[int]]:
-        out = []
-        for ids, where in zip(_encode(self.tokenizer, texts, special=False), sources):
-            if not ids or ids[-1] != self.eos_id:
-                ids = ids + [self.eos_id]
-            elif len(ids) >= 2 and ids[-2] == self.eos_id:
-                raise TokenizationError(f"{where}: a completion ends with EOS twice ({self.eos_text!r} in its text).")
-            out.append(ids)
-        return out
-
-
-def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
-    """Batched encoding: the list is encoded in parallel, in Rust, for a fast tokenizer."""
-    if not texts:
-        return []
-    if _rust_backend_agrees(tokenizer, texts):
-        # About 1.5x faster than tokenizer(texts): no offsets, no BatchEncoding to build.
-        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=special)]
-    # verbose=False: lengths over model_max_length are our truncation's business, not a warning.
-    encoded = tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)
-    return [list(ids) for ids in encoded["input_ids"]]
-
-
-def _rust_backend_agrees(tokenizer: Any, texts: list[str]) -> bool:
-    """Whether the Rust tokenizer alone gives what ``tokenizer(texts)`` gives.
-
-    A Python subclass may add behaviour around the backend, and a backend loaded with padding
-    or truncation switched on would pad or cut; so the shortcut is taken only when neither is
-    on and a sample of the texts encodes identically both ways.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.padding is not None or backend.truncation is not None:
-        return False
-    if not hasattr(backend, "encode_batch_fast"):
-        return False
-    sample = texts[:4] + texts[-4:]
-    for special in (False, True):
-        slow = tokenizer(sample, add_special_tokens=special, return_attention_mask=False, verbose=False)["input_ids"]
-        fast = [e.ids for e in backend.encode_batch_fast(sample, add_special_tokens=special)]
-        if [list(ids) for ids in slow] != fast:
-            return False
-    return True

@@ -17,7 +17,7 @@ findings are always present in ``report.findings``, zero or not:
     preference; the count tells the user it is there.
 ``prompt_mismatch``
     HH only: the two transcripts disagree on where the prompt ends (a fake turn inside one
-    response). KEPT with the shorter prompt, see :func:`preftune.data.formats.split_hh`.
+    response). KEPT with the shorter prompt, see :func:`preftune.data.hh.split_hh`.
 ``duplicate_prompts``
     examples whose (system, prompt) equals that of an EARLIER example of the same load,
     across all its files; the first occurrence is not counted, so N records sharing one prompt
