@@ -98,6 +98,17 @@ def add_child_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", required=True, help="comma-separated run names")
 
 
+def child_main(run: Any, description: str | None) -> None:
+    """A runner process: parse the arguments bench.py passes, then ``run(name, settings, fixtures, workdir)`` per run."""
+    parser = argparse.ArgumentParser(description=description)
+    add_child_arguments(parser)
+    args = parser.parse_args()
+    settings = settings_from(args.settings)
+    limit_threads(settings.threads)
+    for name in args.runs.split(","):
+        append_json(args.out, run(name, settings, args.fixtures, args.workdir))
+
+
 def settings_from(text: str) -> Settings:
     return Settings(**json.loads(text))
 

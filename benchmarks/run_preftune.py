@@ -7,7 +7,6 @@ name picks which speed and memory work is on (``VARIANTS``), so each is measured
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -20,10 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import (
-    VARIANTS, Settings, StepClock, Variant, add_child_arguments, append_json, batch_order, limit_threads, real_tokens, result,
-    settings_from,
-)
+from benchmarks.common import VARIANTS, Settings, StepClock, Variant, batch_order, child_main, real_tokens, result
 from preftune.logprobs import naive_completion_logps
 
 
@@ -197,13 +193,7 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_child_arguments(parser)
-    args = parser.parse_args()
-    settings = settings_from(args.settings)
-    limit_threads(settings.threads)
-    for name in args.runs.split(","):
-        append_json(args.out, run_one(name, settings, args.fixtures, args.workdir))
+    child_main(run_one, __doc__)
 
 
 if __name__ == "__main__":

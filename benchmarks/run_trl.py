@@ -10,16 +10,12 @@ in the same order, and TRL's tokenization is checked to give exactly preftune's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    TRL_RUNS, VARIANTS, Settings, StepClock, add_child_arguments, append_json, batch_order, limit_threads, real_tokens, result,
-    settings_from,
-)
+from benchmarks.common import TRL_RUNS, VARIANTS, Settings, StepClock, batch_order, child_main, real_tokens, result
 
 
 def _preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir: Path) -> list:
@@ -133,13 +129,7 @@ def _check_same_ids(dataset: Any, pairs: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_child_arguments(parser)
-    args = parser.parse_args()
-    settings = settings_from(args.settings)
-    limit_threads(settings.threads)
-    for name in args.runs.split(","):
-        append_json(args.out, run(name, settings, args.fixtures, args.workdir))
+    child_main(run, __doc__)
 
 
 if __name__ == "__main__":

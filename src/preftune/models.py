@@ -149,6 +149,10 @@ class SequenceLogps(nn.Module):
         lm = causal_lm_of(self.model)
         hidden = body_of(lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
+        return self.head_logps(lm, hidden, labels)
+
+    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any)."""
         head = lm.get_output_embeddings()
         config = lm.config
         return completion_logps(

@@ -36,7 +36,6 @@ from torch import nn
 from preftune.data.collate import IGNORE_INDEX
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError, TokenizationError
-from preftune.logprobs import completion_logps
 from preftune.models import SequenceLogps, body_of, causal_lm_of
 
 #: Attention implementations that take an arbitrary 4D mask tensor.
@@ -182,17 +181,7 @@ class SharedPrefixLogps(SequenceLogps):
         # a two-position row (its predecessor's state, its target) and the chunked projection,
         # with its memory-light backward, is reused as is.
         targets = torch.stack([torch.full_like(labels[rows, cols], IGNORE_INDEX), labels[rows, cols]], dim=1)
-        head = lm.get_output_embeddings()
-        config = lm.config
-        token_logps, _ = completion_logps(
-            selected.unsqueeze(1).expand(-1, 2, -1),
-            head.weight,
-            targets,
-            bias=getattr(head, "bias", None),
-            chunk_size=self.chunk_size,
-            logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
-            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        )
+        token_logps, _ = self.head_logps(lm, selected.unsqueeze(1).expand(-1, 2, -1), targets)
         sums = torch.zeros(2 * pairs, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
         return sums, scored.sum(dim=1)
 
