@@ -114,7 +114,7 @@ def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path
     collate = collate_prefix_shared if variant.layout == "shared" else collate_pairs
     # The shared row is prompt + chosen + rejected long: group by that length.
     if variant.layout == "shared":
-        lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in train]
+        lengths = [p.shared_length for p in train]
     else:
         lengths = [p.length for p in train]
     return {"cfg": cfg, "train": train, "scorer": scorer, "loss_fn": make_loss_fn(cfg, reference),

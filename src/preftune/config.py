@@ -37,7 +37,8 @@ class DataConfig:
     max_records: int | None = None  # read at most this many records per file
     group_by_length: bool = True  # batches of similar length: less padding
     # DPO: one `prompt | chosen | rejected` row per pair, the prompt encoded once (needs an
-    # attention that takes a 4D mask, sdpa or eager; otherwise the plain layout is used, said in the log)
+    # attention that takes a 4D mask, sdpa or eager; otherwise the plain layout is used, said on
+    # stderr and in reference.json)
     prefix_sharing: bool = True
 
 

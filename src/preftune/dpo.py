@@ -260,7 +260,7 @@ def run_dpo(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
         (folder / "preftune_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
     # Length grouping sorts by what one row holds: P+C+R shared, P+max(C, R) concatenated.
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in train] if shared else [p.length for p in train]
+    lengths = [p.shared_length if shared else p.length for p in train]
     task = Task(model=scorer, loss_fn=loss_fn, train_set=train, collate=collate, lengths=lengths,
                 eval_set=held, save_final=save_final, group_by_length=cfg.data.group_by_length)
     fit(task, cfg.train, run_dir)

@@ -63,7 +63,7 @@ def collate_prefix_shared(
         if not pair.chosen_ids or not pair.rejected_ids:
             raise PreftuneError(f"pair {pair.index} has an empty completion; tokenization never produces one.")
     rows = len(pairs)
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    width = max(p.shared_length for p in pairs)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
@@ -93,7 +93,7 @@ def collate_prefix_shared(
         "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
         "real_tokens": torch.tensor(
-            [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs], dtype=torch.long
+            [p.shared_length + len(p.prompt_ids) for p in pairs], dtype=torch.long
         ),
     }
 

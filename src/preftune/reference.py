@@ -141,7 +141,7 @@ def load_or_compute_cache(
         raise PreftuneError("internal: tokenized pairs are not in index order; cannot cache reference log-probs.")
     scorer = scorer_factory()
     # Scored in order of length, so each batch holds similar lengths and little padding is computed.
-    order = sorted(range(len(pairs)), key=lambda i: sum(map(len, (pairs[i].prompt_ids, pairs[i].chosen_ids, pairs[i].rejected_ids))))
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].shared_length)
     columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):

@@ -69,6 +69,11 @@ class TokenizedPair:
         """Tokens of the longer of the two full sequences (what the batch must hold)."""
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
+    @property
+    def shared_length(self) -> int:
+        """Tokens of the prefix-shared row ``prompt | chosen | rejected`` (:mod:`preftune.prefix`)."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 @dataclass
 class TokenizedUnpaired:
