@@ -1,6 +1,7 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each creates .venv when missing,
 # installs torch first (so pip never pulls a multi-gigabyte CUDA build for a CPU machine),
-# then preftune with its dev extras; both are quick once everything is installed.
+# then preftune with its dev extras; both are quick once everything is installed. `make test`
+# lints (ruff, configured in pyproject.toml) before it tests.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -24,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/preftune demo --out runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -x -q
 
 clean:

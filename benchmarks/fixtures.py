@@ -164,7 +164,7 @@ def _manifest_ok(fx: Fixtures, models: list[str]) -> bool:
 
 def build_fixtures(root: str | Path, models: list[str]) -> tuple[Fixtures, dict]:
     """Build (or reuse) the fixtures for ``models``; return the paths and the manifest."""
-    from preftune.tiny import tiny_llama, train_tokenizer
+    from preftune.models.tiny import tiny_llama, train_tokenizer
 
     fx = Fixtures(Path(root))
     if _manifest_ok(fx, models):

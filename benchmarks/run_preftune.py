@@ -1,32 +1,42 @@
 """One process, one or more preftune runs (``python -m benchmarks.run_preftune ...``; bench.py calls it).
 
-Each run trains with preftune's own pieces and its one loop, ``preftune.train.fit``: the data
-path (``prepare_pairs``), the collators, the scorers, the references, ``make_loss_fn``. A run
-name picks which speed and memory work is on (``VARIANTS``), so each is measured on its own.
+Each run builds its task exactly as ``preftune dpo`` does (``preftune.stages.dpo.build_task``)
+and trains it with the one loop, ``preftune.train.fit``; the benchmark only wraps the collator to
+time each step. A run name picks which speed and memory work is on (``VARIANTS``, through the
+config: prefix sharing, the reference strategy, gradient checkpointing, LoRA), so each is
+measured on its own; the full-logits baseline passes its scorer class to ``build_task``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.common import VARIANTS, Settings, StepClock, Variant, batch_order, child_main, real_tokens, result
+from benchmarks.common import (
+    VARIANTS,
+    Settings,
+    StepClock,
+    Variant,
+    batch_order,
+    child_main,
+    real_tokens,
+    result,
+)
 from preftune.logprobs import naive_completion_logps
 
 
 class FullLogitsLogps(nn.Module):
     """The textbook scorer: the model's full logits, log_softmax in fp32, then gather (the baseline)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int = 0) -> None:  # chunk_size: the scorers' signature; unused
         super().__init__()
         self.model = model
 
@@ -36,89 +46,53 @@ class FullLogitsLogps(nn.Module):
         return naive_completion_logps(logits, labels)
 
 
-def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path) -> Any:
-    from preftune.config import DataConfig, DPOConfig, LoraConfig, LossConfig, ModelConfig, ReferenceConfig, TrainConfig
+def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> Any:
+    from preftune.config import (
+        DataConfig,
+        DPOConfig,
+        LoraConfig,
+        LossConfig,
+        ModelConfig,
+        ReferenceConfig,
+        TrainConfig,
+    )
 
     lora = LoraConfig(enabled=variant.lora, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=list(settings.lora_targets))
     return DPOConfig(
         model=ModelConfig(path=str(model_dir), dtype="float32", lora=lora, gradient_checkpointing=variant.checkpointing),
         data=DataConfig(train=[str(records)], max_length=settings.max_length, max_prompt_length=settings.max_length,
-                        group_by_length=variant.order == "grouped"),
+                        group_by_length=variant.order == "grouped", prefix_sharing=variant.layout == "shared"),
         loss=LossConfig(name="dpo", beta=settings.beta),
-        reference=ReferenceConfig(strategy="adapter" if variant.reference == "adapter" else "copy"),
+        reference=ReferenceConfig(strategy="cache" if variant.reference.startswith("cache") else variant.reference,
+                                  cache_dir=str(cache_dir)),
         train=TrainConfig(output_dir=str(run_dir), seed=settings.seed, max_steps=settings.total_steps, batch_size=settings.batch_size,
                           lr=settings.lr, scheduler="constant", warmup_steps=0, max_grad_norm=1.0, log_every=1, progress=False),
     )
 
 
-def build_reference(cfg: Any, variant: Variant, scorer: Any, train: list, cache_dir: Path, pad_id: int) -> tuple[Any, dict]:
-    """The reference for this variant, and what building it cost (the cache pass when cold)."""
-    from preftune.data.collate import collate_pairs
-    from preftune.dpo import TOKENIZER_FILES, WEIGHT_FILES
-    from preftune.models import SequenceLogps, freeze, load_causal_lm
-    from preftune.prefix import SharedPrefixLogps, collate_prefix_shared
-    from preftune.reference import (
-        AdapterOffReference, FrozenCopyReference, cache_key, hash_files, hash_pairs, load_or_compute_cache,
-    )
+def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> tuple[Any, Any, dict]:
+    """The config, the task as ``preftune dpo`` builds it (``stages.dpo.build_task``), and what the
+    reference cost (the cache pass, when cold)."""
+    from preftune.stages.dpo import build_task
 
-    if variant.reference == "adapter":
-        return AdapterOffReference(scorer), {}
-    frozen = freeze(load_causal_lm(cfg.model)) if variant.reference == "copy" else None
-    if variant.reference == "copy":
-        if variant.logps == "full":
-            return FrozenCopyReference(FullLogitsLogps(frozen)), {}
-        cls = SharedPrefixLogps if variant.layout == "shared" else SequenceLogps
-        return FrozenCopyReference(cls(frozen, chunk_size=cfg.train.logprob_chunk_size)), {}
-    key = cache_key(model_hash=hash_files(cfg.model.path, WEIGHT_FILES), tokenizer_hash=hash_files(cfg.model.path, TOKENIZER_FILES),
-                    data_hash=hash_pairs(train), precision=cfg.model.dtype)
-    path = cache_dir / f"{key}.safetensors"
-    if variant.reference == "cache-cold" and path.exists():
-        path.unlink()  # cold means cold: this run pays for the reference pass
-    # The cache pass is a reference forward over the whole set: prefix sharing speeds it up too.
-    shared = variant.layout == "shared"
-    cls = SharedPrefixLogps if shared else SequenceLogps
-    started = time.perf_counter()
-    reference, warm = load_or_compute_cache(
-        cache_dir=cache_dir, key=key, pairs=train,
-        scorer_factory=lambda: cls(freeze(load_causal_lm(cfg.model)), chunk_size=cfg.train.logprob_chunk_size),
-        collate=partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=pad_id),
-        batch_size=cfg.train.batch_size, device=torch.device("cpu"), autocast=nullcontext,
-    )
-    seconds = time.perf_counter() - started
-    if warm != (variant.reference == "cache-warm"):
-        raise RuntimeError(f"{variant.reference}: the cache was {'warm' if warm else 'cold'}; run cache-cold before cache-warm")
-    return reference, {"cache_seconds": seconds, "cache_warm": warm, "cache_pairs": len(train),
-                       "cache_tokens": sum(real_tokens(p) for p in train)}
-
-
-def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Everything ``fit`` needs, built as preftune builds it; plus what the measurement needs."""
-    from preftune.data.collate import collate_pairs
-    from preftune.dpo import make_loss_fn, prepare_pairs
-    from preftune.models import SequenceLogps, load_policy, load_tokenizer
-    from preftune.prefix import SharedPrefixLogps, collate_prefix_shared
-    from preftune.train import seed_everything
-
-    cfg = dpo_config(settings, variant, model_dir, records, run_dir)
-    seed_everything(settings.seed)
-    tokenizer = load_tokenizer(str(model_dir))
-    train, _, reports = prepare_pairs(cfg, tokenizer)
-    if reports["train"]["kept"] != reports["train"]["records"] or any(reports["train"]["truncation"].values()):
-        raise RuntimeError(f"the fixture lost records in tokenization: {reports['train']}")
-    policy = load_policy(cfg.model)
-    if variant.logps == "full":
-        scorer = FullLogitsLogps(policy)
-    else:
-        scorer = (SharedPrefixLogps if variant.layout == "shared" else SequenceLogps)(policy, chunk_size=cfg.train.logprob_chunk_size)
-    reference, reference_cost = build_reference(cfg, variant, scorer, train, cache_dir, tokenizer.pad_token_id)
-    collate = collate_prefix_shared if variant.layout == "shared" else collate_pairs
-    # The shared row is prompt + chosen + rejected long: group by that length.
-    if variant.layout == "shared":
-        lengths = [p.shared_length for p in train]
-    else:
-        lengths = [p.length for p in train]
-    return {"cfg": cfg, "train": train, "scorer": scorer, "loss_fn": make_loss_fn(cfg, reference),
-            "collate": partial(collate, pad_token_id=tokenizer.pad_token_id), "lengths": lengths, "reference_cost": reference_cost}
+    cfg = dpo_config(settings, variant, model_dir, records, run_dir, cache_dir)
+    if variant.reference == "cache-cold":
+        shutil.rmtree(cache_dir, ignore_errors=True)  # cold means cold: this run pays for the reference pass
+    task = build_task(cfg, scorer_cls=FullLogitsLogps if variant.logps == "full" else None)
+    report = json.loads((run_dir / "data_report.json").read_text())["train"]
+    if report["kept"] != report["records"] or any(report["truncation"].values()):
+        raise RuntimeError(f"the fixture lost records in tokenization: {report}")
+    reference = json.loads((run_dir / "reference.json").read_text())
+    layout = "prefix_shared" if variant.layout == "shared" else "concatenated"
+    if reference["layout"] != layout:
+        raise RuntimeError(f"{variant}: the stage chose the {reference['layout']} layout ({reference.get('prefix_sharing_off')})")
+    if not variant.reference.startswith("cache"):
+        return cfg, task, {}
+    cache = reference["train_cache"]
+    if cache["warm"] != (variant.reference == "cache-warm"):
+        raise RuntimeError(f"{variant.reference}: the cache was {'warm' if cache['warm'] else 'cold'}; run cache-cold before cache-warm")
+    return cfg, task, {"cache_seconds": cache["seconds"], "cache_warm": cache["warm"], "cache_pairs": len(task.train_set),
+                       "cache_tokens": sum(real_tokens(p) for p in task.train_set)}
 
 
 @contextmanager
@@ -142,17 +116,16 @@ def unfused_adamw(enabled: bool) -> Iterator[None]:
 
 def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train one variant for warm-up + timed steps; return its JSON record."""
-    from preftune.train import Task, fit
-
     from benchmarks.fixtures import Fixtures
+    from preftune.train import fit
 
     variant = VARIANTS[name]
     fx = Fixtures(fixtures)
     model_dir, records = fx.model(settings.model), fx.records(settings.smoke)
     run_dir = workdir / f"preftune-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    parts = prepare(settings, variant, model_dir, records, run_dir, workdir / "reference-cache")
-    train = parts["train"]
+    cfg, task, cost = prepare(settings, variant, model_dir, records, run_dir, workdir / "reference-cache")
+    train, collate = task.train_set, task.collate
     clock = StepClock()
     consumed: list[list[int]] = []
 
@@ -162,21 +135,18 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
         if on_step is not None:
             on_step(len(consumed))
         consumed.append([p.index for p in items])
-        return parts["collate"](items)
+        return collate(items)
 
-    task = Task(model=parts["scorer"], loss_fn=parts["loss_fn"], train_set=train, collate=timed_collate,
-                lengths=parts["lengths"], group_by_length=variant.order == "grouped")
     with unfused_adamw(variant.unfused_adam):
-        fit(task, parts["cfg"].train, run_dir)
+        fit(dataclasses.replace(task, collate=timed_collate), cfg.train, run_dir)
     clock.mark(len(consumed))
 
-    expected = batch_order(len(train), parts["lengths"], settings, grouped=variant.order == "grouped")[: settings.total_steps]
+    expected = batch_order(len(train), task.lengths, settings, grouped=variant.order == "grouped")[: settings.total_steps]
     if consumed != expected:
         raise RuntimeError(f"{name}: fit ran other batches than the benchmark's order")
     timed = [train[i] for batch in consumed[settings.warmup_steps :] for i in batch]
     tokens = sum(real_tokens(p) for p in timed)
     seconds = clock.timed_seconds(settings)
-    cost = parts["reference_cost"]
     reference_tokens = 0 if variant.reference.startswith("cache") else tokens
     extra: dict[str, Any] = {"variant": variant.__dict__, **cost}
     if variant.reference == "cache-cold":

@@ -15,19 +15,26 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRL_RUNS, VARIANTS, Settings, StepClock, batch_order, child_main, real_tokens, result
+from benchmarks.common import (
+    TRL_RUNS,
+    VARIANTS,
+    Settings,
+    StepClock,
+    batch_order,
+    child_main,
+    real_tokens,
+    result,
+)
 
 
 def _preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir: Path) -> list:
     """preftune's tokenization of the same records: the ids TRL must reproduce."""
-    from preftune.dpo import prepare_pairs
-    from preftune.models import load_tokenizer
-
     from benchmarks.run_preftune import dpo_config
+    from preftune.data.prepare import prepare
+    from preftune.models.load import load_tokenizer
 
-    cfg = dpo_config(settings, VARIANTS["plain"], model_dir, records, workdir)
-    train, _, _ = prepare_pairs(cfg, load_tokenizer(str(model_dir)))
-    return train
+    cfg = dpo_config(settings, VARIANTS["plain"], model_dir, records, workdir, workdir / "reference-cache")
+    return prepare(cfg.data, load_tokenizer(str(model_dir)), records="pairs", seed=cfg.train.seed).train
 
 
 def trl_config(settings: Settings, output_dir: Path) -> Any:

@@ -22,7 +22,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (safetensors) and its tokenizer, saved with save_pretrained."""
-    from preftune.tiny import synthetic_corpus, tiny_llama, train_tokenizer
+    from preftune.models.tiny import synthetic_corpus, tiny_llama, train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-model")
     tokenizer = train_tokenizer(synthetic_corpus(), vocab_size=300, out_dir=folder)
@@ -33,9 +33,109 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def preference_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Train and held-out JSONL files whose preference follows a learnable rule."""
-    from preftune.tiny import synthetic_preferences
+    from preftune.models.tiny import synthetic_preferences
 
     folder = tmp_path_factory.mktemp("prefs")
     train = write_jsonl(folder / "train.jsonl", synthetic_preferences(64, seed=1))
     held = write_jsonl(folder / "eval.jsonl", synthetic_preferences(32, seed=2))
     return train, held
+
+
+# --------------------------------------------------------------------------- plain helpers
+#: The DPO config the stage and loop tests start from.
+DPO_TINY = REPO / "configs" / "dpo-tiny.yaml"
+
+
+def dpo_config(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str):  # noqa: ANN201
+    """configs/dpo-tiny.yaml on the tiny model and the given data, quiet, with ``overrides`` on top."""
+    from preftune.config import DPOConfig, load_config
+
+    base = [f"--model.path={model_dir}", f"--data.train={train}", f"--train.output_dir={out}", "--train.progress=false",
+            "--train.report=false", f"--data.eval={held}" if held else "--data.eval=[]"]
+    return load_config(DPOConfig, DPO_TINY, base + list(overrides))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict a line."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    """Every tensor of a folder's safetensors files, keyed by file name and tensor name."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
+    return found
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    """The same (non-empty) set of tensors, none further apart than ``atol``."""
+    assert a.keys() == b.keys() and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+#: Vocabulary and padding id of :func:`tiny_lm`.
+TINY_VOCAB = 61
+TINY_PAD = 0
+
+
+def tiny_lm(attn: str = "sdpa", seed: int = 0):  # noqa: ANN201
+    """A small random float32 Llama built in memory (no tokenizer), seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=TINY_PAD, tie_word_embeddings=False)
+    config._attn_implementation = attn
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def random_pairs(n: int, seed: int) -> list:
+    """Tokenized pairs of varied prompt and completion lengths, so every batch is padded differently."""
+    import random
+
+    from preftune.data.records import TokenizedPair
+
+    rng = random.Random(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(1, TINY_VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    return [TokenizedPair(prompt_ids=ids(1, 9), chosen_ids=ids(1, 7), rejected_ids=ids(1, 7), index=i) for i in range(n)]
+
+
+#: Win-rate judges for the judge and evaluation tests, written as the module ``my_judges``.
+JUDGES = '''
+def always_policy(prompt, policy, reference):
+    return 1
+
+def tie(prompt, policy, reference):
+    return 0.5
+
+def longer(prompt, policy, reference):
+    return len(policy) > len(reference)
+
+def two(prompt, policy, reference):
+    return 2
+
+def boom(prompt, policy, reference):
+    raise RuntimeError("judge broke")
+
+def one_arg(prompt):
+    return 1
+
+NOT_A_FUNCTION = 3
+'''
+
+
+def write_judges_module(folder: Path) -> Path:
+    """``folder/my_judges.py`` holding :data:`JUDGES`; put ``folder`` on sys.path to import it."""
+    path = folder / "my_judges.py"
+    path.write_text(JUDGES, encoding="utf-8")
+    return path

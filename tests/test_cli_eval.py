@@ -19,7 +19,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def dpo_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     from preftune.config import DPOConfig, load_config
-    from preftune.dpo import run_dpo
+    from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files
     out = tmp_path_factory.mktemp("eval-cli") / "run"

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune.config import DPOConfig, from_dict, load_config, parse_overrides, to_dict, to_yaml
+from preftune.config import (
+    DPOConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_yaml,
+)
 from preftune.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

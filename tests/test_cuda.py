@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import DPOConfig, load_config
-from preftune.dpo import run_dpo
-from preftune.logprobs import completion_logps, naive_completion_logps
-
 from conftest import REPO
+from preftune.config import DPOConfig, load_config
+from preftune.logprobs import completion_logps, naive_completion_logps
+from preftune.stages.dpo import run as run_dpo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from preftune.data.collate import (
-    IGNORE_INDEX,
     LengthGroupedBatchSampler,
     collate_pairs,
     collate_unpaired,
@@ -18,6 +17,7 @@ from preftune.data.collate import (
 from preftune.data.records import PreferenceExample, TokenizedPair, TokenizedUnpaired
 from preftune.data.tokenize import tokenize_pairs
 from preftune.errors import TokenizationError
+from preftune.logprobs import IGNORE_INDEX
 
 PAD = 0
 
@@ -70,7 +70,11 @@ def test_unpaired_batch() -> None:
 
 
 def test_labels_are_exactly_the_tokenized_completions() -> None:
-    from preftune.tiny import synthetic_corpus, synthetic_preferences, train_tokenizer
+    from preftune.models.tiny import (
+        synthetic_corpus,
+        synthetic_preferences,
+        train_tokenizer,
+    )
 
     tok = train_tokenizer(synthetic_corpus(), vocab_size=300)
     records = synthetic_preferences(12, seed=4)

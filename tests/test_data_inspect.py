@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,10 +22,11 @@ RECORDS = [
 ]
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    data_inspect.add_arguments(parser)
-    return parser.parse_args(list(argv))
+def inspect(*argv: str) -> int:
+    """`preftune data inspect ARGV` through the CLI (``--debug``: errors raise, as the library's do)."""
+    from preftune.cli import main
+
+    return main(["--debug", "data", "inspect", *argv])
 
 
 @pytest.fixture()
@@ -37,7 +37,7 @@ def small(tmp_path: Path) -> Path:
 
 
 def test_json_output_is_one_object_with_the_report(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert data_inspect.run(_args(str(small), "--on-error", "skip", "--json")) == 0
+    assert inspect(str(small), "--on-error", "skip", "--json") == 0
     out = capsys.readouterr().out
     summary = json.loads(out)  # the whole of stdout is one JSON value
     assert isinstance(summary, dict)
@@ -50,7 +50,7 @@ def test_json_output_is_one_object_with_the_report(small: Path, capsys: pytest.C
 
 
 def test_text_output_lists_counts_and_locations(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert data_inspect.run(_args(str(small), "--on-error", "skip")) == 0
+    assert inspect(str(small), "--on-error", "skip") == 0
     lines = capsys.readouterr().out.splitlines()
     assert "records   4" in lines and "kept      2" in lines and "dropped   2" in lines
     assert any(line.split()[:2] == ["invalid_json", "1"] and f"{small}:4" in line for line in lines)
@@ -62,13 +62,13 @@ def test_text_output_lists_counts_and_locations(small: Path, capsys: pytest.Capt
 
 def test_default_on_error_stops_like_training_does(small: Path) -> None:
     with pytest.raises(DataError, match="line 4: invalid JSON"):
-        data_inspect.run(_args(str(small)))
+        inspect(str(small))
 
 
 def test_columns_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"q": "p", "good": "a", "bad": "b"}) + "\n", encoding="utf-8")
-    assert data_inspect.run(_args(str(path), "--columns", "prompt=q, chosen=good,rejected=bad", "--json")) == 0
+    assert inspect(str(path), "--columns", "prompt=q, chosen=good,rejected=bad", "--json") == 0
     assert json.loads(capsys.readouterr().out)["kept"] == 1
     assert data_inspect.parse_columns("") == {}
     with pytest.raises(ConfigError, match="OURS=THEIRS"):
@@ -90,22 +90,22 @@ def test_not_a_tokenizer_folder_is_a_clear_error(small: Path, tmp_path: Path) ->
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     with pytest.raises(PreftuneError, match="is not a tokenizer folder"):
-        data_inspect.run(_args(str(small), "--on-error", "skip", "--tokenizer", str(empty)))
+        inspect(str(small), "--on-error", "skip", "--tokenizer", str(empty))
     with pytest.raises(PreftuneError, match="is not a folder"):
-        data_inspect.run(_args(str(small), "--on-error", "skip", "--tokenizer", str(tmp_path / "nope")))
+        inspect(str(small), "--on-error", "skip", "--tokenizer", str(tmp_path / "nope"))
 
 
 def test_token_statistics_with_a_tokenizer(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from preftune.data.tokenize import tokenize_pairs  # noqa: F401  (written alongside; see report)
-    from preftune.tiny import synthetic_corpus, train_tokenizer
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
 
     folder = tmp_path / "tok"
     train_tokenizer(synthetic_corpus(), vocab_size=300, out_dir=folder)
     argv = [str(small), "--on-error", "skip", "--tokenizer", str(folder), "--max-length", "8", "--max-prompt-length", "4"]
-    assert data_inspect.run(_args(*argv, "--json")) == 0
+    assert inspect(*argv, "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["tokens"] and isinstance(summary["truncation"], dict)
     assert summary["kept"] == 2
-    assert data_inspect.run(_args(*argv)) == 0
+    assert inspect(*argv) == 0
     text = capsys.readouterr().out
     assert "\ntokens\n" in text and "\ntruncation\n" in text

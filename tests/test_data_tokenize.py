@@ -9,12 +9,23 @@ from typing import Any
 
 import pytest
 
-from preftune.data.records import DataReport, PreferenceExample, Text, TokenizedPair, UnpairedExample
-from preftune.data.tokenize import encode_prompt, percentiles, tokenize_pairs, tokenize_unpaired
+from preftune.data.records import (
+    DataReport,
+    PreferenceExample,
+    Text,
+    TokenizedPair,
+    UnpairedExample,
+)
+from preftune.data.tokenize import (
+    encode_prompt,
+    percentiles,
+    tokenize_pairs,
+    tokenize_unpaired,
+)
 from preftune.errors import ConfigError, TokenizationError
-from preftune.tiny import CHAT_TEMPLATE, synthetic_corpus, train_tokenizer
+from preftune.models.tiny import CHAT_TEMPLATE, synthetic_corpus, train_tokenizer
 
-Tokenizer = Any  # a transformers fast tokenizer from preftune.tiny
+Tokenizer = Any  # a transformers fast tokenizer from preftune.models.tiny
 
 # Words the tokenizer learns whole, so that cutting them at the prompt/completion boundary
 # ("Hel" + "lo") would merge back into one token if the two were tokenized as one text.

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.errors import ConfigError, DataError
-from preftune.generate import GenerationSettings, generate, generate_ids, write_generations
-from preftune.prompts import read_prompts
-
 from conftest import write_jsonl
+from preftune.data.prompts import read_prompts
+from preftune.errors import ConfigError, DataError
+from preftune.generate import (
+    GenerationSettings,
+    generate,
+    generate_ids,
+    write_generations,
+)
 
 PROMPTS = ["the a of", "to and in is it that for on with", "be an", "this was by at from or an be the of"]
 
@@ -24,7 +28,7 @@ def sharpened(tokenizer, seed: int = 0):  # noqa: ANN001, ANN201 - test helper
     Random weights give near-uniform distributions, under which 'sampling at low temperature
     looks like greedy' would be a matter of luck; a scaled head makes the differences real.
     """
-    from preftune.tiny import tiny_llama
+    from preftune.models.tiny import tiny_llama
 
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=seed)
     with torch.no_grad():
@@ -43,7 +47,7 @@ def one_thread():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def tokenizer():  # noqa: ANN201
-    from preftune.tiny import synthetic_corpus, train_tokenizer
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
 
     return train_tokenizer(synthetic_corpus(), vocab_size=300)
 
@@ -199,7 +203,7 @@ def test_bad_settings_are_named(model, tokenizer) -> None:  # noqa: ANN001
 
 
 def test_read_prompts_from_prompt_files_and_preference_data(tmp_path: Path) -> None:
-    from preftune.tiny import synthetic_preferences
+    from preftune.models.tiny import synthetic_preferences
 
     messages = [{"role": "user", "content": "hi"}]
     prompt_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "one"}, {"prompt": messages, "system": "s"}, {"prompt": "one"}])
@@ -221,8 +225,8 @@ def test_read_prompts_from_prompt_files_and_preference_data(tmp_path: Path) -> N
 
 
 def test_write_generations_round_trip(model, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    from preftune.data.prompts import PromptRecord
     from preftune.generate import generation_records
-    from preftune.prompts import PromptRecord
 
     prompts = [PromptRecord("the a of", None, "p:1"), PromptRecord([{"role": "user", "content": "hi"}], "s", "p:2")]
     settings = GenerationSettings(max_new_tokens=4, num_samples=2, seed=3)

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from preftune.logprobs import IGNORE_INDEX, completion_logps, naive_completion_logps, token_logps
+from preftune.logprobs import (
+    IGNORE_INDEX,
+    completion_logps,
+    naive_completion_logps,
+    token_logps,
+)
 
 ROWS, LENGTH, HIDDEN, VOCAB = 4, 9, 8, 13
 
@@ -27,7 +32,9 @@ def make_batch(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
     return hidden, weight, bias, labels
 
 
-def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0, cap: float | None = None) -> torch.Tensor:
+def reference_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0, cap: float | None = None
+) -> torch.Tensor:
     """The full logits tensor as a model head builds it: scale, then Gemma-2 style soft-capping."""
     logits = hidden @ weight.t() + (0 if bias is None else bias)
     logits = logits * scale
@@ -172,8 +179,13 @@ def test_chunk_size_must_be_positive() -> None:
 
 
 def test_sequence_logps_on_a_real_tiny_llama() -> None:
-    from preftune.models import SequenceLogps
-    from preftune.tiny import synthetic_corpus, synthetic_preferences, tiny_llama, train_tokenizer
+    from preftune.models.scorers import SequenceLogps
+    from preftune.models.tiny import (
+        synthetic_corpus,
+        synthetic_preferences,
+        tiny_llama,
+        train_tokenizer,
+    )
 
     tokenizer = train_tokenizer(synthetic_corpus(), vocab_size=300)
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4)

@@ -10,7 +10,14 @@ import torch
 
 from preftune.config import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
-from preftune.models import SequenceLogps, apply_lora, freeze, load_causal_lm, load_policy, load_tokenizer
+from preftune.models.load import (
+    apply_lora,
+    freeze,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+)
+from preftune.models.scorers import SequenceLogps
 
 
 def test_load_policy_and_tokenizer(tiny_model_dir: Path) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO
 from preftune.errors import PreftuneError
 from preftune.report import format_table, reward_axis, write_report
-
-from conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -79,7 +78,7 @@ def one_thread():  # noqa: ANN201
 
 def short_run(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str) -> Path:
     from preftune.config import DPOConfig, load_config
-    from preftune.dpo import run_dpo
+    from preftune.stages.dpo import run as run_dpo
 
     cfg = load_config(DPOConfig, REPO / "configs" / "dpo-tiny.yaml", [
         f"--model.path={model_dir}", f"--data.train={train}", f"--data.eval={held}" if held else "--data.eval=[]",
@@ -88,7 +87,7 @@ def short_run(model_dir: Path, train: Path, held: Path | None, out: Path, *overr
 
 
 def test_report_of_an_evaluated_run_embeds_every_plot(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
-    from preftune.eval_run import EvalSettings, run_eval
+    from preftune.eval.run import EvalSettings, run_eval
 
     train, held = preference_files
     run = short_run(tiny_model_dir, train, held, tmp_path / "run", "--train.eval_every=3", "--train.save_every=3")

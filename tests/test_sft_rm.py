@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO, write_jsonl
 from preftune.config import RMConfig, SFTConfig, load_config
 from preftune.errors import PreftuneError
-
-from conftest import REPO, write_jsonl
 
 CONFIGS = REPO / "configs"
 
@@ -38,7 +37,7 @@ def rm_cfg(model: Path, train: Path, held: Path | None, out: Path, *overrides: s
 
 @pytest.fixture(scope="module")
 def trained_rm(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from preftune.rm import run_rm
+    from preftune.stages.rm import run as run_rm
 
     train, held = preference_files
     return run_rm(rm_cfg(tiny_model_dir, train, held, tmp_path_factory.mktemp("rm") / "run"))
@@ -48,7 +47,7 @@ def trained_rm(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_pa
 def test_sft_learns_the_completions_and_saves_a_loadable_model(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from preftune.sft import run_sft
+    from preftune.stages.sft import run as run_sft
 
     train, held = preference_files
     run = run_sft(sft_cfg(tiny_model_dir, train, held, tmp_path / "sft"))
@@ -61,7 +60,7 @@ def test_sft_learns_the_completions_and_saves_a_loadable_model(tiny_model_dir: P
 
 
 def test_sft_on_chat_messages_and_prompt_completion_records(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from preftune.sft import run_sft
+    from preftune.stages.sft import run as run_sft
 
     chats = [{"messages": [{"role": "user", "content": f"say good {i}"}, {"role": "assistant", "content": "good good"}]}
              for i in range(8)]
@@ -78,12 +77,14 @@ def test_sft_on_chat_messages_and_prompt_completion_records(tiny_model_dir: Path
 
 
 def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> None:
-    from preftune.data import load_examples
-    from preftune.data.collate import collate_unpaired
-    from preftune.data.tokenize import tokenize_unpaired
-    from preftune.models import SequenceLogps, load_causal_lm, load_tokenizer
     from preftune.config import ModelConfig
-    from preftune.sft import as_demonstrations, collate_packed, pack, sft_loss
+    from preftune.data import load_examples
+    from preftune.data.collate import collate_packed, collate_unpaired, pack
+    from preftune.data.prepare import as_demonstrations
+    from preftune.data.tokenize import tokenize_unpaired
+    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.scorers import SequenceLogps
+    from preftune.stages.sft import count_tokens, sft_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     result = load_examples(preference_files[0], max_records=12)
@@ -92,13 +93,14 @@ def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preferenc
     assert len(packs) < len(items)  # something was packed
     assert sorted(x.index for row in packs for x in row) == sorted(x.index for x in items)  # nothing lost
     scorer = SequenceLogps(load_causal_lm(ModelConfig(path=str(tiny_model_dir))), chunk_size=5)
-    plain, _ = sft_loss(scorer, collate_unpaired(items, tokenizer.pad_token_id))
-    packed, _ = sft_loss(scorer, collate_packed(packs, tokenizer.pad_token_id))
+    plain_batch, packed_batch = collate_unpaired(items, tokenizer.pad_token_id), collate_packed(packs, tokenizer.pad_token_id)
+    plain, _ = sft_loss(scorer, plain_batch, count_tokens(plain_batch))
+    packed, _ = sft_loss(scorer, packed_batch, count_tokens(packed_batch))
     assert float(packed.detach()) == pytest.approx(float(plain.detach()), abs=1e-5)
     grads = []
     for batch in (collate_unpaired(items, tokenizer.pad_token_id), collate_packed(packs, tokenizer.pad_token_id)):
         scorer.zero_grad()
-        sft_loss(scorer, batch)[0].backward()
+        sft_loss(scorer, batch, count_tokens(batch))[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in scorer.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
@@ -116,7 +118,7 @@ def test_reward_model_ranks_held_out_pairs_far_above_chance(trained_rm: Path) ->
 
 
 def test_lm_weight_keeps_the_language_model(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
-    from preftune.rm import run_rm
+    from preftune.stages.rm import run as run_rm
 
     train, held = preference_files
     final_lm = {}
@@ -129,7 +131,7 @@ def test_lm_weight_keeps_the_language_model(tiny_model_dir: Path, preference_fil
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding(trained_rm: Path) -> None:
-    from preftune.rm import load_reward_model
+    from preftune.models.reward import load_reward_model
 
     model, tokenizer = load_reward_model(trained_rm / "final")
     short = tokenizer("the cat sat")["input_ids"]
@@ -151,7 +153,7 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(trained_rm: 
 def test_save_load_score_round_trip_and_batch_size_invariance(trained_rm: Path, preference_files: tuple[Path, Path]) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from preftune.score import score_file
+    from preftune.stages.score import score_file
 
     records, summary = score_file(trained_rm / "final", [str(preference_files[1])], batch_size=7)
     again, _ = score_file(trained_rm / "final", [str(preference_files[1])], batch_size=1)
@@ -160,7 +162,7 @@ def test_save_load_score_round_trip_and_batch_size_invariance(trained_rm: Path, 
     assert summary["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"])
     assert summary["mean_margin"] == pytest.approx(evals[-1]["eval/margin"], abs=1e-4)
     # the transformers sequence-classification export gives the same rewards
-    from preftune.rm import load_reward_model
+    from preftune.models.reward import load_reward_model
 
     model, tokenizer = load_reward_model(trained_rm / "final")
     seq = AutoModelForSequenceClassification.from_pretrained(str(trained_rm / "final" / "seq_cls")).eval()
@@ -172,7 +174,7 @@ def test_save_load_score_round_trip_and_batch_size_invariance(trained_rm: Path, 
 
 
 def test_not_a_reward_model_is_a_clear_error(tiny_model_dir: Path) -> None:
-    from preftune.rm import load_reward_model
+    from preftune.models.reward import load_reward_model
 
     with pytest.raises(PreftuneError, match="not a preftune reward model"):
         load_reward_model(tiny_model_dir)

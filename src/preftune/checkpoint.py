@@ -1,8 +1,10 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder ``checkpoints/step-N/`` holding the trainable weights
-(``weights.safetensors``), the optimizer and scheduler states, every RNG state and the loop's
-position in the data (``state.json``). It is written under a temporary name and renamed into
+(``weights.safetensors``), the optimizer and scheduler states, the RNG states (Python's, torch's
+CPU generator and every CUDA device's) and the loop's position in the data (``state.json``).
+Every file is read back as plain data (``torch.load(weights_only=True)``): a checkpoint cannot
+run code when it is resumed. It is written under a temporary name and renamed into
 place, so a run killed mid-save never leaves a half-written ``step-N``.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -40,6 +43,24 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict[str, object]:
+    """Python's RNG, torch's CPU generator and each visible CUDA device's generator."""
+    cuda = [state.clone() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(rng: dict[str, object]) -> None:
+    """Restore what :func:`rng_state` saved; CUDA states only where the run has CUDA devices."""
+    random.setstate(rng["python"])  # type: ignore[arg-type]
+    torch.set_rng_state(rng["torch"])  # type: ignore[arg-type]
+    cuda = rng.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():  # type: ignore[arg-type]
+            raise TrainingError(f"the checkpoint holds RNG states for {len(cuda)} CUDA device(s), this process sees "  # type: ignore[arg-type]
+                                f"{torch.cuda.device_count()}: resume with the same devices for an exact continuation.")
+        torch.cuda.set_rng_state_all(cuda)  # type: ignore[arg-type]
+
+
 def save_checkpoint(
     folder: Path,
     *,
@@ -59,10 +80,7 @@ def save_checkpoint(
     save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(
-        {"python": random.getstate(), "torch": torch.get_rng_state()},
-        tmp / "rng.pt",
-    )
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -87,7 +105,8 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
     root = Path(run_dir) / "checkpoints"
     steps = sorted(
-        (int(p.name[5:]), p) for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
+        (int(p.name[5:]), p) for p in root.iterdir()
+        if p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file()
     )
     for _, path in steps[:-keep]:
         shutil.rmtree(path)
@@ -106,7 +125,16 @@ def load_checkpoint(
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    # Everything is read before anything is restored: a bad file leaves the model untouched.
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        state = LoopState(**json.loads((folder / STATE_FILE).read_text()))
+    except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
+                            f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
@@ -119,9 +147,7 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    rng = torch.load(folder / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    return LoopState(**json.loads((folder / STATE_FILE).read_text()))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    set_rng_state(rng)
+    return state

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from preftune.errors import ConfigError
+from preftune.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
+
+__all__ = ["STAGES", "DPOConfig", "DataConfig", "LoraConfig", "LossConfig", "ModelConfig", "RMConfig", "RMLossConfig",
+           "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig", "from_dict", "load_config", "parse_overrides",
+           "to_dict", "to_yaml", "validate"]
 
 
 # --------------------------------------------------------------------------- sections
@@ -179,163 +183,6 @@ class RMConfig:
 STAGES: dict[str, type] = {"dpo": DPOConfig, "sft": SFTConfig, "rm": RMConfig}
 
 
-# --------------------------------------------------------------------------- conversion
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(options)}."
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert the few safe cases."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"'{key}': expected {_type_name(tp)}, got {value!r}.")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping of {tp.__name__} settings, got {value!r}.")
-        return from_dict(tp, value, prefix=key + ".")
-    if origin is list:
-        if isinstance(value, (str, int, float)) and args and args[0] is str:
-            value = [value]  # `train: data.jsonl` means a list of one file
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}': expected a list, got {value!r}.")
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping, got {value!r}.")
-        return {_convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{key}': expected true or false, got {value!r}.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{key}': expected an integer, got {value!r}.")
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any string Python reads as a float.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{key}': expected a number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"'{key}': expected a string, got {value!r}.")
-        return str(value)
-    if tp is Any:
-        return value
-    raise ConfigError(f"'{key}': unsupported config type {tp!r}")  # a bug in this module
-
-
-def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
-    """Build the dataclass ``cls`` from a plain mapping, checking keys and types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{prefix}{key}'.{_closest(str(key), names)}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (every default written out)."""
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys.extend(_all_keys(tp, prefix + f.name + "."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def parse_overrides(items: list[str], cls: type) -> dict[str, Any]:
-    """Turn ``["--train.lr=1e-6", "--data.max_length", "512"]`` into a nested mapping.
-
-    Values are read as YAML scalars (``true``, ``512``, ``[a, b]``, ``null``). A key that is
-    not a config key is an error naming the closest one.
-    """
-    import yaml
-
-    valid = _all_keys(cls)
-    nested: dict[str, Any] = {}
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("--"):
-            raise ConfigError(f"unexpected argument '{item}': overrides look like --section.key=value.")
-        body = item[2:]
-        if "=" in body:
-            key, raw = body.split("=", 1)
-        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
-            key, raw = body, items[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"override '{item}' has no value: write --{body}=VALUE.")
-        if key not in valid:
-            match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '--{match[0]}'?" if match else ""
-            raise ConfigError(f"unknown config key '{key}' in override '{item}'.{hint}")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        i += 1
-    return nested
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Read a YAML file (if given), apply dotted overrides, convert and validate."""
     import yaml
@@ -356,7 +203,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or [], cls))
+    data = merge_nested(data, parse_overrides(overrides or [], cls))
     where = f"{path}: " if path is not None else ""
     try:
         cfg = from_dict(cls, data)
@@ -367,32 +214,91 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 
 def validate(cfg: Any, where: str = "") -> None:
-    """Range checks that types alone cannot express."""
-    problems = []
-    data = getattr(cfg, "data", None)
-    if isinstance(data, DataConfig):
-        if data.max_length < 2:
-            problems.append("data.max_length must be at least 2")
-        if data.max_prompt_length is not None and data.max_prompt_length < 1:
-            problems.append("data.max_prompt_length must be at least 1 (or null)")
-        if not 0.0 <= data.eval_fraction < 1.0:
-            problems.append("data.eval_fraction must be in [0, 1)")
-    train = getattr(cfg, "train", None)
-    if isinstance(train, TrainConfig):
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
-            if getattr(train, name) < 1:
-                problems.append(f"train.{name} must be at least 1")
-        for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "eval_batch_size"):
-            value = getattr(train, name)
-            if value is not None and value < 1:
-                problems.append(f"train.{name} must be at least 1 (or null)")
-        if train.lr <= 0:
-            problems.append("train.lr must be positive")
-        if not 0.0 <= train.warmup_ratio < 1.0:
-            problems.append("train.warmup_ratio must be in [0, 1)")
-        if len(train.adam_betas) != 2:
-            problems.append("train.adam_betas must have two values")
-        if train.max_grad_norm is not None and train.max_grad_norm <= 0:
-            problems.append("train.max_grad_norm must be positive (or null for no clipping)")
+    """Range checks that types alone cannot express, for every section ``cfg`` has.
+
+    The one place they live: :func:`load_config` runs them on YAML and overrides, and every
+    stage runs them again on the config it is given, so a config built in Python meets the
+    same errors.
+    """
+    problems: list[str] = []
+    for name, section in vars(cfg).items():
+        check = _CHECKS.get(type(section))
+        if check is not None:
+            problems.extend(f"{name}.{problem}" for problem in check(section))
+    if isinstance(cfg, DPOConfig) and cfg.loss.name == "kto":
+        problems.append("loss.name=kto trains on unpaired data; `preftune dpo` takes the paired losses")
     if problems:
         raise ConfigError(where + "; ".join(problems) + ".")
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    problems = []
+    if data.max_length < 2:
+        problems.append("max_length must be at least 2")
+    if data.max_prompt_length is not None and data.max_prompt_length < 1:
+        problems.append("max_prompt_length must be at least 1 (or null)")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        problems.append("eval_fraction must be in [0, 1)")
+    return problems
+
+
+def _train_problems(train: TrainConfig) -> list[str]:
+    problems = []
+    for name in ("batch_size", "grad_accum", "epochs", "log_every", "logprob_chunk_size"):
+        if getattr(train, name) < 1:
+            problems.append(f"{name} must be at least 1")
+    for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "eval_batch_size"):
+        value = getattr(train, name)
+        if value is not None and value < 1:
+            problems.append(f"{name} must be at least 1 (or null)")
+    if not (math.isfinite(train.lr) and train.lr > 0):
+        problems.append("lr must be positive (and finite)")
+    if train.warmup_steps < 0:
+        problems.append("warmup_steps must be >= 0")
+    if not 0.0 <= train.warmup_ratio < 1.0:
+        problems.append("warmup_ratio must be in [0, 1)")
+    if len(train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in train.adam_betas):
+        problems.append("adam_betas must be two values in [0, 1)")
+    if not (math.isfinite(train.adam_eps) and train.adam_eps > 0):
+        problems.append("adam_eps must be a positive number")
+    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+        problems.append("weight_decay must be >= 0")
+    if train.max_grad_norm is not None and not (math.isfinite(train.max_grad_norm) and train.max_grad_norm > 0):
+        problems.append("max_grad_norm must be positive (or null for no clipping)")
+    return problems
+
+
+def _loss_problems(loss: LossConfig) -> list[str]:
+    """The loss exists, its settings are in range, and no setting is given that it does not use."""
+    from preftune.losses import LOSSES, loss_hparam_names
+
+    if loss.name not in LOSSES:
+        match = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
+        hint = f" Did you mean '{match[0]}'?" if match else ""
+        return [f"name '{loss.name}' is not a loss.{hint} Known: {', '.join(sorted(LOSSES))}"]
+    problems = []
+    if not loss.beta > 0:
+        problems.append("beta must be positive")
+    if not 0.0 <= loss.label_smoothing < 0.5:
+        problems.append("label_smoothing must be in [0, 0.5)")
+    for name in ("nll_alpha", "desirable_weight", "undesirable_weight", "lambda_"):
+        if getattr(loss, name) < 0:
+            problems.append(f"{name} must be >= 0")
+    # A setting the chosen loss does not read would be silently ignored: say which ones it reads.
+    own = set(loss_hparam_names(loss.name)) | {"name", "nll_alpha"}
+    defaults = LossConfig()
+    unused = [f.name for f in dataclasses.fields(LossConfig)
+              if f.name not in own and getattr(loss, f.name) != getattr(defaults, f.name)]
+    if unused:
+        takes = ", ".join(sorted(own - {"name"}))
+        problems.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by loss '{loss.name}' "
+                        f"(it takes: {takes})")
+    return problems
+
+
+def _rm_loss_problems(loss: RMLossConfig) -> list[str]:
+    return [f"{name} must be >= 0" for name in ("lm_weight", "center_weight") if getattr(loss, name) < 0]
+
+
+_CHECKS = {DataConfig: _data_problems, TrainConfig: _train_problems, LossConfig: _loss_problems,
+           RMLossConfig: _rm_loss_problems}

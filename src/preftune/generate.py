@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data.prompts import Prompt, PromptRecord, read_prompts
 from preftune.errors import ConfigError, DataError, PreftuneError
-from preftune.prompts import Prompt, PromptRecord, read_prompts
 
 
 @dataclass
@@ -223,7 +223,7 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 def _generation_owner(model: Any) -> Any:
     """The module whose ``generation_config`` ``generate`` reads (the causal LM under a peft wrapper)."""
-    from preftune.models import causal_lm_of
+    from preftune.models.scorers import causal_lm_of
 
     return causal_lm_of(model)
 
@@ -307,7 +307,7 @@ def run_generate(
     import torch
 
     # Folder resolution is shared with `preftune eval`, which defines it (see describe_model).
-    from preftune.eval_run import describe_model, load_model
+    from preftune.models.load import describe_model, load_model
 
     settings.check()
     records = [PromptRecord(r.prompt, r.system or system, r.source)

@@ -44,7 +44,7 @@ def completion_logps(
     row_of = torch.nonzero(scored, as_tuple=True)[0]
     selected = hidden[:, :-1][scored]  # (N, hidden): only the positions that are scored
     token_logps = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, _compute_dtype(hidden)
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden)
     )
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
     return sums, tokens
@@ -69,7 +69,7 @@ def token_logps(
     scored = targets != IGNORE_INDEX
     selected = hidden[:, :-1][scored]
     values = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, _compute_dtype(hidden)
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden)
     )
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     out[scored] = values
@@ -85,12 +85,17 @@ def naive_completion_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
     return (picked * scored).sum(dim=1), scored.sum(dim=1)
 
 
-def _compute_dtype(hidden: Tensor) -> torch.dtype:
-    """The matmul dtype: the autocast dtype when autocast is on (as the model's own head would use)."""
-    device_type = hidden.device.type
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``tensor`` runs in: the autocast dtype when autocast is on for its
+    device (as the model's own layers would use), else ``tensor``'s own dtype.
+
+    The one statement of this rule: the chunked head projection and the additive attention
+    masks of :mod:`preftune.models.scorers` both follow it.
+    """
+    device_type = tensor.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return hidden.dtype
+    return tensor.dtype
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, cap: float | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

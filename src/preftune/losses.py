@@ -1,4 +1,8 @@
-"""The preference-loss family: pure functions on per-sequence log-probs (torch only).
+"""Every training objective: pure functions on per-sequence log-probs or rewards (torch only).
+
+This module imports torch and nothing of the project, so it can be read, tested and reused alone.
+Bad hyperparameters raise ``ValueError``; the stages check the config before training, so a
+user of the CLI meets those errors as config errors first.
 
 Every paired loss has the signature ``loss(policy, reference, *, beta, ...) -> LossOutput`` where
 ``policy`` and ``reference`` are :class:`PairLogps` (summed completion log-probs and token counts
@@ -21,8 +25,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from preftune.errors import ConfigError
 
 
 class PairLogps(NamedTuple):
@@ -70,19 +72,23 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     extra: Tensor | float = 0.0  # scalar added after reduction (user-supplied terms)
 
-    def reduce(self, weight: Tensor | None = None) -> Tensor:
-        """The (weighted) mean of the per-example losses, plus the extra terms."""
-        if weight is None:
-            total = self.losses.mean()
-        else:
-            weight = weight.to(self.losses)
-            total = (self.losses * weight).sum() / weight.sum().clamp(min=1e-12)
-        return total + self.extra
+    def reduce(self, weight: Tensor | None = None, total_weight: Tensor | float | None = None) -> Tensor:
+        """The (weighted) mean of the per-example losses, plus the extra terms.
+
+        ``total_weight`` is the denominator: by default this batch's own weight, and under
+        gradient accumulation the whole step's, so that the micro-batches' reduced losses add
+        up to the loss of the step's full batch (the extra terms enter with this batch's share).
+        """
+        weight = torch.ones_like(self.losses) if weight is None else weight.to(self.losses)
+        batch_weight = weight.sum()
+        total = (batch_weight if total_weight is None else torch.as_tensor(total_weight).to(batch_weight)).clamp(min=1e-12)
+        share = batch_weight / total  # all weights zero: a loss of 0, not NaN
+        return (self.losses * weight).sum() / total + self.extra * share
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise ValueError(message)
 
 
 def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[Tensor, Tensor]:
@@ -261,14 +267,14 @@ def preference_loss(
     must return a scalar; its value is logged as ``extra/<name>``.
     """
     if name not in LOSSES or name == "kto":
-        raise ConfigError(f"'{name}' is not a paired loss; paired losses: {', '.join(n for n in LOSSES if n != 'kto')}")
+        raise ValueError(f"'{name}' is not a paired loss; paired losses: {', '.join(n for n in LOSSES if n != 'kto')}")
     _check(nll_alpha >= 0, f"nll_alpha must be >= 0, got {nll_alpha}")
     if reference is None and name not in REFERENCE_FREE:
-        raise ConfigError(f"loss '{name}' needs reference log-probs")
+        raise ValueError(f"loss '{name}' needs reference log-probs")
     kwargs = dict(hparams)
     if preference is not None:
         if name not in SOFT_LABELS:
-            raise ConfigError(
+            raise ValueError(
                 f"the data carries soft preference labels (preference < 1) and loss '{name}' has no soft-label form; use loss.name=dpo"
             )
         kwargs["preference"] = preference
@@ -282,9 +288,35 @@ def preference_loss(
         value = term(policy, reference)
         if not isinstance(value, Tensor) or value.numel() != 1:
             label = getattr(term, "__name__", f"term {index}")
-            raise ConfigError(f"extra loss term '{label}' must return a scalar tensor, got {type(value).__name__}")
+            raise ValueError(f"extra loss term '{label}' must return a scalar tensor, got {type(value).__name__}")
         extra = extra + value.reshape(())
         label = getattr(term, "__name__", str(index))
         out.metrics[f"extra/{label}"] = value.detach().reshape(()).expand(out.losses.shape[0])
     out.extra = extra
     return out
+
+
+
+# --------------------------------------------------------------------------- SFT and reward models
+def sft_nll(logps: Tensor, tokens: Tensor, *, total_tokens: Tensor | float | None = None) -> Tensor:
+    """Supervised fine-tuning's next-token NLL: ``-sum(logps) / total_tokens``.
+
+    ``logps`` (rows,) are summed completion log-probs, ``tokens`` (rows,) their token counts. The
+    mean is per TOKEN (as transformers' causal-LM loss and TRL's SFTTrainer take it), over
+    ``total_tokens``: this batch's tokens by default, the whole optimizer step's under gradient
+    accumulation, so 8 micro-batches of 1 give exactly the update of one batch of 8.
+    """
+    total = tokens.sum() if total_tokens is None else total_tokens
+    return -logps.sum() / torch.as_tensor(total, dtype=logps.dtype, device=logps.device).clamp(min=1)
+
+
+def bradley_terry(chosen_rewards: Tensor, rejected_rewards: Tensor, *, margin: Tensor | None = None) -> Tensor:
+    """Per-pair reward-model loss ``-log sigmoid(r_chosen - r_rejected - margin)`` (B,).
+
+    Bradley and Terry (1952); as a reward-model objective Ouyang et al. 2022, eq. 1. ``margin``
+    is Llama 2's preference margin (Touvron et al. 2023, eq. 2): 0 when not given.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)

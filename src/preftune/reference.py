@@ -8,6 +8,8 @@
   precision, so a change to any of them gives a new key: a stale cache is never read. Runs and
   sweeps over beta or the loss reuse it;
 - ``none``: reference-free losses (SimPO, ORPO).
+
+:func:`build_reference` turns a config's ``reference`` section into the references a stage uses.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from preftune.config import DPOConfig
 from preftune.errors import PreftuneError
-from preftune.losses import PairLogps, split_pair
+from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
+from preftune.models.load import freeze, load_causal_lm
+from preftune.models.scorers import SequenceLogps
 
 CACHE_VERSION = 1
 
@@ -36,7 +43,7 @@ class Reference:
 
 
 class FrozenCopyReference(Reference):
-    """A separate, frozen reference model (wrapped in :class:`~preftune.models.SequenceLogps`)."""
+    """A separate, frozen reference model (wrapped in a scorer of :mod:`preftune.models.scorers`)."""
 
     def __init__(self, scorer: nn.Module) -> None:
         self.scorer = scorer
@@ -162,3 +169,68 @@ def load_or_compute_cache(
     os.replace(tmp, path)
     del scorer
     return CachedReference(table, path), False
+
+
+# --------------------------------------------------------------------------- building the reference
+#: The files whose bytes key a cached reference: the weights, and the tokenizer.
+WEIGHT_FILES = ("*.safetensors", "config.json")
+TOKENIZER_FILES = ("tokenizer*.json", "special_tokens_map.json", "chat_template.*", "*.model", "vocab*", "merges.txt")
+
+
+def resolve_reference_strategy(cfg: DPOConfig) -> str:
+    """``auto`` -> ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``."""
+    strategy = cfg.reference.strategy
+    reference_free = cfg.loss.name in REFERENCE_FREE
+    if strategy == "auto":
+        if reference_free:
+            return "none"
+        return "adapter" if cfg.model.lora.enabled else "copy"
+    if strategy == "none" and not reference_free:
+        raise PreftuneError(f"loss '{cfg.loss.name}' needs a reference model: set reference.strategy to copy, adapter or cache.")
+    if strategy == "adapter" and not cfg.model.lora.enabled:
+        raise PreftuneError("reference.strategy=adapter needs LoRA (model.lora.enabled=true): without an adapter there is nothing to switch off.")
+    if strategy == "adapter" and cfg.reference.path not in (None, cfg.model.path):
+        raise PreftuneError("reference.strategy=adapter uses the policy's own base weights; reference.path must be unset.")
+    return strategy
+
+
+def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
+                    held: Sequence[Any], collate: Callable, device: torch.device,
+                    scorer_cls: type[nn.Module] | None = None) -> tuple[Reference, Reference, dict[str, Any]]:
+    """The reference for the train and eval sets (the same object unless cached).
+
+    ``scorer_cls`` scores ``collate``'s batches (``SequenceLogps`` or ``SharedPrefixLogps``).
+    """
+    scorer_cls = scorer_cls or SequenceLogps
+    ref_path = cfg.reference.path or cfg.model.path
+    info: dict[str, Any] = {"strategy": strategy, "path": ref_path if strategy in ("copy", "cache") else None}
+
+    def copy_scorer() -> nn.Module:
+        return scorer_cls(freeze(load_causal_lm(cfg.model, ref_path)), chunk_size=cfg.train.logprob_chunk_size).to(device)
+
+    if strategy == "none":
+        return Reference(), Reference(), info
+    if strategy == "adapter":
+        ref = AdapterOffReference(policy_scorer)
+        return ref, ref, info
+    if strategy == "copy":
+        ref = FrozenCopyReference(copy_scorer())
+        return ref, ref, info
+    # cache
+    model_hash = hash_files(ref_path, WEIGHT_FILES)
+    tokenizer_hash = hash_files(cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
+    precision = f"{cfg.model.dtype}{'+bf16autocast' if cfg.train.bf16 else ''}"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.bf16 else nullcontext
+    refs = []
+    for split, pairs in (("train", train), ("eval", held)):
+        if not pairs:  # no eval set: nothing to compute or cache
+            refs.append(Reference())
+            continue
+        key = cache_key(model_hash=model_hash, tokenizer_hash=tokenizer_hash, data_hash=hash_pairs(pairs), precision=precision)
+        started = time.perf_counter()
+        ref, warm = load_or_compute_cache(cache_dir=cfg.reference.cache_dir, key=key, pairs=pairs, scorer_factory=copy_scorer,
+                                          collate=collate, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                                          device=device, autocast=autocast)
+        info[f"{split}_cache"] = {"path": str(ref.path), "warm": warm, "seconds": round(time.perf_counter() - started, 3)}
+        refs.append(ref)
+    return refs[0], refs[1], info

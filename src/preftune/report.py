@@ -1,4 +1,6 @@
-"""How results are shown: the terminal table of an evaluation, and a run's HTML report.
+"""How results are shown: the terminal table of an evaluation, a run's HTML report, and the
+HTML toolkit every page of the project uses (:func:`page` with the one style sheet,
+:func:`table`, :func:`image`, :func:`escape`); the plots themselves are :mod:`preftune.plots`.
 
 ``write_report(RUN_DIR)`` writes ``RUN_DIR/report.html``, one self-contained file (plots
 embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN_DIR/plots/*.png``:
@@ -7,14 +9,14 @@ embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN
   accuracy; log-probs), with the ``eval/...`` points drawn over them;
 - the run's config and ``data_report.json`` summaries;
 - evaluation results: every ``eval.json`` / ``eval-LABEL.json`` in the run folder (written by
-  :func:`preftune.eval_run.run_eval`, one per evaluated checkpoint, each labelled by its
+  :func:`preftune.eval.run.run_eval`, one per evaluated checkpoint, each labelled by its
   ``checkpoint`` and ``step``). The main one (``eval.json``, else the latest step) gets full
   tables, the histogram of per-pair log-ratio gains and the win rates with their intervals;
   with two or more, a table of all of them and reward against KL, one point per checkpoint.
 
 Whatever is missing (no eval yet, no data report, an SFT run without rewards) is left out;
-the report always renders. Plots use matplotlib's Agg canvas directly (no pyplot, no global
-backend switch).
+the report always renders. Every string shown is escaped here. A low layer: of the project,
+only :mod:`preftune.errors` and :mod:`preftune.plots` are imported.
 """
 
 from __future__ import annotations
@@ -27,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-
-#: (file stem, title, metric names): a plot is drawn when any of its names was logged.
-CURVES = (
-    ("loss", "Loss", ("loss",)),
-    ("rewards", "Rewards of chosen and rejected", ("rewards/chosen", "rewards/rejected")),
-    ("margins", "Reward margin", ("rewards/margins", "margin")),
-    ("accuracies", "Reward accuracy", ("rewards/accuracies", "accuracy")),
-    ("logps", "Log-probs of chosen and rejected (policy)", ("logps/chosen", "logps/rejected")),
+from preftune.plots import (
+    CURVES,
+    is_number,
+    plot_alignment,
+    plot_curves,
+    plot_reward_kl,
+    plot_win_rates,
 )
+
 #: every PNG the report writes into plots/
 PLOT_NAMES = tuple(stem for stem, _, _ in CURVES) + ("alignment", "win_rate", "reward_kl")
 
@@ -64,7 +66,8 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]
     if kl:
         sections.append(("KL(policy || reference)", [
             ("KL per completion (nats)", f"{_f(kl['mean'])} ± {_f(kl['stderr'])} (standard error)"),
-            ("samples", f"{kl['n']} ({kl.get('prompts', '?')} prompts), {_f(kl['mean_tokens'])} tokens on average, {_pct(kl['finished'])} ended with EOS"),
+            ("samples", f"{kl['n']} ({kl.get('prompts', '?')} prompts), {_f(kl['mean_tokens'])} tokens on average, "
+                        f"{_pct(kl['finished'])} ended with EOS"),
         ]))
     for wr in results.get("win_rate") or []:
         rows = [
@@ -104,7 +107,7 @@ def _pct(value: float | None) -> str:
 def _f(value: Any) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bool too
         return str(value)
     if isinstance(value, float):
         if math.isnan(value):
@@ -145,78 +148,7 @@ def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(evals, key=lambda r: (r.get("step") is None, r.get("step") or 0, r["file"]))
 
 
-# --------------------------------------------------------------------------- plots
-def _figure(width: float = 6.4, height: float = 3.6) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return figure, figure.add_subplot()
-
-
-def _save(figure: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    figure.savefig(path, format="png")
-    return path
-
-
-def plot_curves(metrics: list[dict[str, Any]], plots: Path) -> list[tuple[str, Path]]:
-    """One PNG per group of :data:`CURVES` that was logged: train lines, eval points over them."""
-    out = []
-    for stem, title, names in CURVES:
-        present = [n for n in names if any(n in m for m in metrics) or any(f"eval/{n}" in m for m in metrics)]
-        if not present:
-            continue
-        figure, ax = _figure()
-        for name in present:
-            train = [(m["step"], m[name]) for m in metrics if name in m and _number(m[name])]
-            evals = [(m["step"], m[f"eval/{name}"]) for m in metrics if f"eval/{name}" in m and _number(m[f"eval/{name}"])]
-            if train:
-                line, = ax.plot(*zip(*train), label=f"train {name}")
-                color = line.get_color()
-            else:
-                color = None
-            if evals:
-                ax.plot(*zip(*evals), "o--", color=color, label=f"eval {name}", markersize=5)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        out.append((title, _save(figure, plots / f"{stem}.png")))
-    return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def plot_alignment(result: dict[str, Any], path: Path) -> Path:
-    """Histogram of per-pair (policy log-ratio - reference log-ratio)."""
-    differences = result["preference"]["alignment/differences"]
-    figure, ax = _figure()
-    ax.hist(differences, bins=min(40, max(5, len(differences) // 3)), color="#4c72b0")
-    ax.axvline(0.0, color="black", linewidth=1)
-    ax.set_xlabel("log-ratio gain over the reference (nats): > 0 means the policy moved towards chosen")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"Alignment check: {result['preference']['alignment/improved']:.1%} of pairs improved")
-    return _save(figure, path)
-
-
-def plot_win_rates(result: dict[str, Any], path: Path) -> Path:
-    """Win rate of each judge with its 95% interval; 0.5 is a draw."""
-    rates = result["win_rate"]
-    figure, ax = _figure(height=1.2 + 0.6 * len(rates))
-    for k, wr in enumerate(rates):
-        low, high = wr["ci95"]
-        ax.errorbar([wr["win_rate"]], [k], xerr=[[wr["win_rate"] - low], [high - wr["win_rate"]]], fmt="o", capsize=6)
-    ax.set_yticks(range(len(rates)), [wr["judge"][:40] for wr in rates])
-    ax.axvline(0.5, color="grey", linestyle=":")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("policy win rate against the reference (95% interval)")
-    return _save(figure, path)
-
-
+# --------------------------------------------------------------------------- what reward-KL shows
 def reward_axis(evals: list[dict[str, Any]]) -> tuple[str, list[float]] | None:
     """The y values of the reward-KL plot: the first measure every result has, in this order:
     reward-model reward of the policy's samples, win rate, held-out implicit reward margin."""
@@ -231,21 +163,6 @@ def reward_axis(evals: list[dict[str, Any]]) -> tuple[str, list[float]] | None:
         except (KeyError, IndexError, StopIteration, TypeError):
             continue
     return None
-
-
-def plot_reward_kl(evals: list[dict[str, Any]], label: str, rewards: list[float], path: Path) -> Path:
-    """One point per evaluated checkpoint: KL to the reference (with its standard error) against reward."""
-    figure, ax = _figure()
-    kls = [r["kl"]["mean"] for r in evals]
-    errors = [r["kl"]["stderr"] or 0.0 for r in evals]
-    ax.errorbar(kls, rewards, xerr=errors, fmt="o-", capsize=4)
-    for r, x, y in zip(evals, kls, rewards):
-        ax.annotate(str(r["checkpoint"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
-    ax.set_xlabel("KL(policy || reference), nats per completion")
-    ax.set_ylabel(label)
-    ax.set_title("Reward against KL, per evaluated checkpoint")
-    ax.grid(alpha=0.3)
-    return _save(figure, path)
 
 
 # --------------------------------------------------------------------------- the report
@@ -265,10 +182,10 @@ def write_report(run_dir: str | Path) -> Path:
     for stem in PLOT_NAMES:  # a plot of ours that no longer applies must not linger
         (plots / f"{stem}.png").unlink(missing_ok=True)
 
-    body = [f"<h1>preftune run: {_e(run_dir.resolve().name)}</h1>", _run_summary(config, metrics)]
+    body = [f"<h1>preftune run: {escape(run_dir.resolve().name)}</h1>", _run_summary(config, metrics)]
     body.append("<h2>Training</h2>")
     curves = plot_curves(metrics, plots)
-    body.extend(_image(path, title) for title, path in curves)
+    body.extend(image(path, title) for title, path in curves)
     if not curves:
         body.append("<p>No training metrics (metrics.jsonl) yet.</p>")
     body.append(_last_metrics(metrics))
@@ -279,54 +196,73 @@ def write_report(run_dir: str | Path) -> Path:
         body.append("<p>Not evaluated yet: run <code>preftune eval</code> on this run folder.</p>")
     else:
         main = next((r for r in evals if r["file"] == "eval.json"), evals[-1])
-        body.append(f"<p>Main result: <code>{_e(main['file'])}</code> (checkpoint {_e(main['checkpoint'])}"
-                    f"{'' if main.get('step') is None else ', step ' + _e(main['step'])}).</p>")
+        body.append(f"<p>Main result: <code>{escape(main['file'])}</code> (checkpoint {escape(main['checkpoint'])}"
+                    f"{'' if main.get('step') is None else ', step ' + escape(main['step'])}).</p>")
         for title, rows in result_rows(main):
-            body.append(_table(title, rows))
+            body.append(table(title, rows))
         if (main.get("preference") or {}).get("alignment/differences"):
-            body.append(_image(plot_alignment(main, plots / "alignment.png"), "alignment histogram"))
+            body.append(image(plot_alignment(main, plots / "alignment.png"), "alignment histogram"))
         if main.get("win_rate"):
-            body.append(_image(plot_win_rates(main, plots / "win_rate.png"), "win rates"))
+            body.append(image(plot_win_rates(main, plots / "win_rate.png"), "win rates"))
         body.append(_samples(main))
         with_kl = [r for r in evals if (r.get("kl") or {}).get("mean") is not None]
         if len(evals) > 1:
             body.append(_checkpoint_table(evals))
         axis = reward_axis(with_kl) if len(with_kl) > 1 else None
         if axis is not None:
-            body.append(_image(plot_reward_kl(with_kl, axis[0], axis[1], plots / "reward_kl.png"), "reward against KL"))
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>preftune report: {_e(run_dir.resolve().name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body) + "\n</body>\n</html>\n"
-    )
+            body.append(image(plot_reward_kl(with_kl, axis[0], axis[1], plots / "reward_kl.png"), "reward against KL"))
     path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page(f"preftune report: {run_dir.resolve().name}", "\n".join(body)), encoding="utf-8")
     return path
 
 
+# --------------------------------------------------------------------------- HTML
+#: the one style sheet of every page the project writes (run reports, the demo's report)
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
     "table{border-collapse:collapse;margin:0.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;text-align:left;vertical-align:top}"
     "th{background:#f3f3f3}caption{text-align:left;font-weight:600;padding:0.3rem 0}img{max-width:100%;display:block;margin:0.5rem 0 1rem}"
     "pre{white-space:pre-wrap;margin:0;font-size:0.85rem}code{background:#f3f3f3;padding:0 0.2rem}"
+    ".row img{display:inline-block;max-width:49%;margin:0.5rem 1% 1rem 0}"
 )
 
 
-def _e(value: Any) -> str:
+def page(title: str, body_html: str) -> str:
+    """A whole self-contained HTML page: ``title`` (escaped here) and ``body_html`` (already HTML)
+    under the project's one style sheet."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body_html}\n</body>\n</html>\n"
+    )
+
+
+def escape(value: Any) -> str:
+    """``value`` as text safe inside HTML (elements and quoted attributes)."""
     return html.escape(str(value))
 
 
-def _image(path: Path, alt: str) -> str:
+def image(path: Path, alt: str) -> str:
+    """The PNG at ``path`` embedded as a data URI, with ``alt`` (escaped) as its text."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
 
 
-def _table(title: str, rows: list[tuple[str, str]], header: tuple[str, ...] | None = None) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    cells = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><caption>{_e(title)}</caption>{head}{cells}</table>"
+def images_row(images: list[str]) -> str:
+    """:func:`image` tags side by side, two to a line."""
+    return f'<div class="row">{"".join(images)}</div>'
 
 
+def table(title: str | None, rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None, *, pre: bool = False) -> str:
+    """A table of escaped cells: ``title`` as its caption (none when None), ``header`` as its first
+    row; with ``pre``, each cell keeps its line breaks and spaces."""
+    caption = "" if title is None else f"<caption>{escape(title)}</caption>"
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    cell = "<td><pre>{}</pre></td>" if pre else "<td>{}</td>"
+    cells = "".join("<tr>" + "".join(cell.format(escape(c)) for c in row) + "</tr>" for row in rows)
+    return f"<table>{caption}{head}{cells}</table>"
+
+
+# --------------------------------------------------------------------------- the report's parts
 def _run_summary(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
     rows = []
     for section, key in (("model", "path"), ("reference", "strategy"), ("reference", "path"), ("loss", "name"), ("loss", "beta"),
@@ -334,19 +270,20 @@ def _run_summary(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
         value = (config.get(section) or {}).get(key) if isinstance(config.get(section), dict) else None
         if value is not None:
             rows.append((f"{section}.{key}", _f(value)))
-    steps = [m["step"] for m in metrics if _number(m.get("step"))]
+    steps = [m["step"] for m in metrics if is_number(m.get("step"))]
     if steps:
         rows.append(("optimizer steps done", str(max(steps))))
-    return _table("Run", rows) if rows else "<p>No config.yaml in this folder.</p>"
+    return table("Run", rows) if rows else "<p>No config.yaml in this folder.</p>"
 
 
 def _last_metrics(metrics: list[dict[str, Any]]) -> str:
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     out = []
-    for title, line in (("Last logged training step", train[-1] if train else None), ("Last evaluation during training", evals[-1] if evals else None)):
+    last = (("Last logged training step", train[-1] if train else None), ("Last evaluation during training", evals[-1] if evals else None))
+    for title, line in last:
         if line:
-            out.append(_table(f"{title} (step {line.get('step')})", [(k, _f(v)) for k, v in line.items() if k != "step"]))
+            out.append(table(f"{title} (step {line.get('step')})", [(k, _f(v)) for k, v in line.items() if k != "step"]))
     return "\n".join(out)
 
 
@@ -361,7 +298,7 @@ def _data_table(report: dict[str, Any]) -> str:
         lengths = " / ".join(str(full.get(k, "?")) for k in ("p50", "p90", "max")) if full else "n/a"
         rows.append((split, ", ".join(map(str, r.get("files") or [])), r.get("format", ""), r.get("records", ""), r.get("kept", ""),
                      dropped, cut, lengths))
-    return _table("Data (data_report.json)", rows, ("split", "files", "format", "records", "kept", "dropped", "cut", "tokens p50/p90/max"))
+    return table("Data (data_report.json)", rows, ("split", "files", "format", "records", "kept", "dropped", "cut", "tokens p50/p90/max"))
 
 
 def _checkpoint_table(evals: list[dict[str, Any]]) -> str:
@@ -371,16 +308,13 @@ def _checkpoint_table(evals: list[dict[str, Any]]) -> str:
         rows.append((r["checkpoint"], _f(r.get("step")), f"{_f(kl.get('mean'))} ± {_f(kl.get('stderr'))}" if kl else "n/a",
                      _f(pref.get("rewards/accuracies")), _f(pref.get("alignment/improved")),
                      _f(wins[0]["win_rate"]) if wins else "n/a", r["file"]))
-    return _table("Evaluated checkpoints", rows, ("checkpoint", "step", "KL ± se", "reward accuracy", "log-ratio improved", "win rate", "file"))
+    return table("Evaluated checkpoints", rows, ("checkpoint", "step", "KL ± se", "reward accuracy", "log-ratio improved", "win rate", "file"))
 
 
 def _samples(result: dict[str, Any]) -> str:
     samples = result.get("samples") or []
     if not samples:
         return ""
-    rows = "".join(
-        "<tr>" + "".join(f"<td><pre>{_e(json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ('' if v is None else v))}</pre></td>"
-                         for v in (s.get("prompt"), s.get("policy"), s.get("reference"))) + "</tr>"
-        for s in samples
-    )
-    return f"<table><caption>Samples (temperature 1)</caption><tr><th>prompt</th><th>policy</th><th>reference</th></tr>{rows}</table>"
+    rows = [tuple(json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else v)
+                  for v in (s.get("prompt"), s.get("policy"), s.get("reference"))) for s in samples]
+    return table("Samples (temperature 1)", rows, ("prompt", "policy", "reference"), pre=True)

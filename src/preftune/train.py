@@ -1,9 +1,19 @@
-"""The one training loop, shared by every stage (DPO and its family now; SFT and RM next).
+"""The one training loop, shared by every stage (DPO and its family, SFT, reward models).
 
 Read it top to bottom: batch, forward, loss, backward, accumulate, clip, step, schedule, log,
-evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise and how to score a
-batch); the loop knows nothing about preferences. ``accelerate`` places the model, runs
-autocast and wraps the model for multi-process runs; there is no communication code here.
+evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise, how to score a batch
+and what the loss is a mean over); the loop computes no objective itself. Its one piece of
+preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and
+``rewards/margins``, it watches them for likelihood displacement. ``accelerate`` places the
+model, runs autocast and wraps the model for multi-process runs; there is no communication
+code here. The report, the data report and the final save belong to the stages.
+
+Gradient accumulation is exact for every task: before the forward passes of an optimizer step,
+the loop sums each micro-batch's :attr:`Task.counts` (the examples, weights or tokens that the
+loss is a mean over) over the whole step, and the task divides by those totals. So the
+micro-batches' losses add up to the loss of the step's full batch, and 8 micro-batches of 1
+give the update of one batch of 8, for a per-example mean (DPO, reward models) and a per-token
+mean (SFT) alike.
 """
 
 from __future__ import annotations
@@ -21,13 +31,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.checkpoint import LoopState, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from preftune.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from preftune.config import TrainConfig
 from preftune.errors import PreftuneError, TrainingError
 
-#: (model as prepared by accelerate, batch) -> (mean loss of the micro-batch, metrics).
-#: Metrics are per-example tensors of shape (B,) or scalars; the loop averages them.
-LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Batch = dict[str, Any]
+#: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
+#: {"tokens": scored tokens}; summed over an optimizer step's micro-batches into ``totals``.
+CountFn = Callable[[Batch], dict[str, torch.Tensor]]
+#: (model as prepared by accelerate, batch, totals) -> (this micro-batch's share of the step's
+#: loss: its sums divided by ``totals``, metrics). Metrics are per-example tensors (B,) or
+#: scalars; the loop averages them.
+LossFn = Callable[[nn.Module, Batch, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def count_examples(batch: Batch) -> dict[str, torch.Tensor]:
+    """The default :data:`CountFn`: examples (rows of ``weight``)."""
+    return {"examples": torch.tensor(float(batch["weight"].shape[0]))}
 
 
 @dataclass
@@ -37,11 +63,22 @@ class Task:
     model: nn.Module  # the module run on batches; its trainable parameters are optimised
     loss_fn: LossFn
     train_set: Sequence[Any]
-    collate: Callable[[list[Any]], dict[str, Any]]
+    collate: Callable[[list[Any]], Batch]
     lengths: list[int]  # tokens per train item, for length grouping
+    counts: CountFn = count_examples  # what loss_fn's means are over (see the module docstring)
     eval_set: Sequence[Any] | None = None
     save_final: Callable[[Path], None] | None = None  # write the final model to a folder
     group_by_length: bool = True
+
+
+def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
+    """Each count summed over ``batches`` (an optimizer step's micro-batches)."""
+    totals: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for name, value in counts(batch).items():
+            value = torch.as_tensor(value, dtype=torch.float32)
+            totals[name] = totals[name] + value if name in totals else value
+    return totals
 
 
 class MetricWindow:
@@ -112,7 +149,7 @@ def epoch_batches(task: Task, cfg: TrainConfig, epoch: int) -> list[list[int]]:
     return list(sampler)
 
 
-def evaluate(task: Task, model: nn.Module, cfg: TrainConfig, accelerator: Any) -> dict[str, float]:
+def evaluate_held_out(task: Task, model: nn.Module, cfg: TrainConfig, accelerator: Any) -> dict[str, float]:
     """Mean metrics over the held-out set, in a fixed order, without gradients."""
     if not task.eval_set:
         return {}
@@ -124,7 +161,7 @@ def evaluate(task: Task, model: nn.Module, cfg: TrainConfig, accelerator: Any) -
         for start in range(0, len(task.eval_set), size):
             batch = _to_device(task.collate(list(task.eval_set[start : start + size])), accelerator.device)
             with accelerator.autocast():
-                loss, metrics = task.loss_fn(model, batch)
+                loss, metrics = task.loss_fn(model, batch, sum_counts([batch], task.counts))
             window.add({"loss": loss.detach().expand(_batch_size(metrics)), **metrics})
     model.train(was_training)
     return {f"eval/{k}": v for k, v in window.means().items()}
@@ -225,25 +262,29 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             continue
         group = remaining[: cfg.grad_accum]
-        for i, indices in enumerate(group):
-            batch = _to_device(task.collate([task.train_set[j] for j in indices]), accelerator.device)
+        micro_batches = [_to_device(task.collate([task.train_set[j] for j in indices]), accelerator.device) for indices in group]
+        totals = sum_counts(micro_batches, task.counts)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, (indices, batch) in enumerate(zip(group, micro_batches)):
             with accelerator.autocast():
-                loss, metrics = task.loss_fn(model, batch)
+                loss, metrics = task.loss_fn(model, batch, totals)
             if not torch.isfinite(loss):
-                kept = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else "no checkpoint was written yet (set train.save_every)"
+                kept = (f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint
+                        else "no checkpoint was written yet (set train.save_every)")
                 raise TrainingError(
                     f"step {state.step + 1}: the loss is {loss.item()} (not finite); training stopped before "
                     f"the update, and {kept}. Lower train.lr, check the data, or use train.max_grad_norm."
                 )
-            # The group's mean loss: each micro-batch contributes its share of the group's
-            # examples, so 8 micro-batches of 1 give exactly the gradient of one batch of 8.
-            share = len(indices) / sum(len(g) for g in group)
+            # loss is this micro-batch's share of the step's loss (divided by the step's totals),
+            # so the shares add up to the full batch's loss and its gradient (module docstring).
             with _no_sync(accelerator, model, last=i == len(group) - 1):
-                accelerator.backward(loss * share)
-            window.add({"loss": loss.detach().expand(len(indices)), **metrics})
+                accelerator.backward(loss)
+            step_loss = step_loss + loss.detach().float()
+            window.add(metrics)
             state.examples_seen += len(indices)
             # real (non-padding) tokens; packed batches carry a 4D mask and say it themselves
             state.tokens_seen += int(batch["real_tokens"].sum() if "real_tokens" in batch else batch["attention_mask"].sum())
+        window.add({"loss": step_loss.expand(sum(len(indices) for indices in group))})
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -265,7 +306,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
             watch.update(means, state.step)
             bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-            _log({"step": state.step, **evaluate(task, model, cfg, accelerator)}, metrics_path, writer, accelerator)
+            _log({"step": state.step, **evaluate_held_out(task, model, cfg, accelerator)}, metrics_path, writer, accelerator)
         if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
             last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
                                               optimizer=optimizer, scheduler=scheduler, state=state)
@@ -274,7 +315,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
         bar.update(1)
     bar.close()
 
-    final_eval = evaluate(task, model, cfg, accelerator)
+    final_eval = evaluate_held_out(task, model, cfg, accelerator)
     if final_eval:
         _log({"step": state.step, **final_eval}, metrics_path, writer, accelerator)
     if writer is not None:
@@ -282,19 +323,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
     accelerator.wait_for_everyone()
     if task.save_final is not None and accelerator.is_main_process:
         task.save_final(run_dir / "final")
-    if cfg.report and accelerator.is_main_process:
-        _write_report(run_dir)
     return state
-
-
-def _write_report(run_dir: Path) -> None:
-    """report.html for the finished run; a failure here is reported, and the trained model kept."""
-    from preftune.report import write_report
-
-    try:
-        write_report(run_dir)
-    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report did not
-        warnings.warn(f"the run finished and its model is saved, but report.html could not be written: {err}", stacklevel=2)
 
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:

@@ -11,5 +11,9 @@ from preftune.data.records import (
     TokenizedUnpaired,
     UnpairedExample,
 )
+
 # collate.py imports torch, so it is imported from preftune.data.collate, not from here.
 from preftune.data.tokenize import encode_prompt, tokenize_pairs, tokenize_unpaired
+
+__all__ = ["DataReport", "LoadResult", "PreferenceExample", "TokenizedPair", "TokenizedUnpaired", "UnpairedExample",
+           "encode_prompt", "load_examples", "tokenize_pairs", "tokenize_unpaired"]

@@ -26,6 +26,7 @@ field; its ``reason`` is the key under which a skipped record is counted.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -202,10 +203,8 @@ def _margin(f: _Fields) -> float:
     if value is None or (f.raw.from_text and value == ""):
         return 0.0
     if f.raw.from_text and isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise f.error("margin", f"must be a number, got {_describe(value)}", "wrong_type")
     return float(value)

@@ -13,7 +13,13 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.data.formats import FORMATS, Converted, convert, detect_format, rename_columns
+from preftune.data.formats import (
+    FORMATS,
+    Converted,
+    convert,
+    detect_format,
+    rename_columns,
+)
 from preftune.data.readers import read_records
 from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
 from preftune.data.validate import ReportBuilder

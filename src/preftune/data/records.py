@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 #: A chat message: {"role": "system" | "user" | "assistant", "content": str}
 Message = dict
 #: A prompt or completion: plain text, or a list of chat messages.
-Text = Union[str, list]
+Text = str | list
 
 ROLES = ("system", "user", "assistant")
 
@@ -71,7 +70,7 @@ class TokenizedPair:
 
     @property
     def shared_length(self) -> int:
-        """Tokens of the prefix-shared row ``prompt | chosen | rejected`` (:mod:`preftune.prefix`)."""
+        """Tokens of the prefix-shared row ``prompt | chosen | rejected`` (:func:`preftune.data.collate.collate_prefix_shared`)."""
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 

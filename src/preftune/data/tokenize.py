@@ -62,6 +62,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from preftune.data.codec import Codec
 from preftune.data.records import (
     DataReport,
     PreferenceExample,
@@ -70,9 +71,9 @@ from preftune.data.records import (
     TokenizedUnpaired,
     UnpairedExample,
 )
-from preftune.data.codec import Codec
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.errors import ConfigError, TokenizationError
+from preftune.stats import quantiles
 
 ON_OVERFLOW = ("drop", "error")
 #: Nearest-rank percentiles reported in ``report.tokens``.
@@ -255,14 +256,10 @@ def _fill_report(
 
 
 def percentiles(values: Sequence[int]) -> dict[str, int]:
-    """Nearest-rank p50/p90/p99 and max: the smallest value with at least p% of values <= it."""
-    ordered = sorted(values)
-    if not ordered:
+    """Nearest-rank p50/p90/p99 and max (:mod:`preftune.stats`); all 0 when there are no values."""
+    if not values:
         return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
-    n = len(ordered)
-    out = {f"p{p}": ordered[max(0, -(-p * n // 100) - 1)] for p in PERCENTILES}
-    out["max"] = ordered[-1]
-    return out
+    return quantiles(values, PERCENTILES)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -1,7 +1,7 @@
 """The demo's evaluation: reference (the SFT model) against each aligned policy on held-out prompts.
 
-Every number comes from the library's own evaluation code (:mod:`preftune.evaluate`,
-:mod:`preftune.judges`, :mod:`preftune.generate`); the demo adds only the ground truth
+Every number comes from the library's own evaluation code (:mod:`preftune.eval.metrics`,
+:mod:`preftune.eval.judges`, :mod:`preftune.generate`); the demo adds only the ground truth
 (:mod:`preftune.demo.task`), which no training stage sees.
 """
 
@@ -51,9 +51,9 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, 
     from preftune.config import ModelConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import tokenize_pairs
-    from preftune.evaluate import kl_from_samples, perplexity, preference_metrics
-    from preftune.judges import reward_model_judge, win_rate
-    from preftune.models import load_causal_lm, load_tokenizer
+    from preftune.eval.judges import reward_model_judge, win_rate
+    from preftune.eval.metrics import kl_from_samples, perplexity, preference_metrics
+    from preftune.models.load import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(reference_dir))
     reference = load_causal_lm(ModelConfig(path=str(reference_dir))).eval()
@@ -93,7 +93,7 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, 
 
 
 def _rm_accuracy(rm_dir: Path, pairs_file: Path) -> float:
-    from preftune.score import score_file
+    from preftune.stages.score import score_file
 
     _, summary = score_file(rm_dir, [str(pairs_file)], batch_size=64)
     return summary["accuracy"]
@@ -130,58 +130,34 @@ def _win(w: dict[str, Any]) -> str:
 
 def frontier_plot(results: dict[str, Any], path: Path) -> Path:
     """Ground-truth reward against KL for each beta (the paper's figure 2, left)."""
-    import matplotlib
+    from preftune.plots import plot_frontier
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     points = sorted((p["kl_to_reference"]["mean"], p["ground_truth_reward"], p["beta"]) for p in results["policies"])
-    ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color="tab:blue", label="DPO")
-    for x, y, beta in points:
-        ax.annotate(f"β={beta:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.scatter([0.0], [results["reference"]["ground_truth_reward"]], color="tab:gray", label="reference (SFT)")
-    ax.set_xlabel("KL(policy || reference), nats per continuation")
-    ax.set_ylabel("ground-truth reward")
-    ax.set_title("reward against KL")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_frontier([(x, y, f"β={beta:g}") for x, y, beta in points], path, label="DPO",
+                         baseline=(0.0, results["reference"]["ground_truth_reward"], "reference (SFT)"),
+                         xlabel="KL(policy || reference), nats per continuation", ylabel="ground-truth reward",
+                         title="reward against KL", width=5, height=3.5)
 
 
 def write_demo_report(out: Path, summary: dict[str, Any], table: str) -> Path:
     """``out/report.html``: the closing table, the reward-KL frontier (with a sweep), sample
     continuations, and each stage's training curves, images embedded; readable without Python."""
-    import base64
-    import html
+    from preftune import report
 
-    def image(path: Path, alt: str) -> str:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>preftune demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:48%;margin:0.5%}"
-             "td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}</style></head><body>",
-             "<h1>preftune demo: steering a tiny model towards positive reviews</h1>",
-             f"<p>Wall time {summary['wall_time_s']:.0f} s. Stages (s): {html.escape(json.dumps(summary['stage_seconds']))}. "
-             f"Pairs: {html.escape(json.dumps(summary['pairs']))}.</p>",
-             "<h2>Reference (SFT) against the aligned policy</h2>", f"<pre>{html.escape(table)}</pre>"]
+    stages, pairs = report.escape(json.dumps(summary["stage_seconds"])), report.escape(json.dumps(summary["pairs"]))
+    parts = ["<h1>preftune demo: steering a tiny model towards positive reviews</h1>",
+             f"<p>Wall time {summary['wall_time_s']:.0f} s. Stages (s): {stages}. Pairs: {pairs}.</p>",
+             "<h2>Reference (SFT) against the aligned policy</h2>", f"<pre>{report.escape(table)}</pre>"]
     if (out / "frontier.png").is_file():
-        parts += ["<h2>Reward against KL</h2>", image(out / "frontier.png", "reward against KL")]
-    parts.append("<h2>Samples (held-out prompts)</h2><table><tr><th>prompt</th><th>policy</th><th>reference</th></tr>")
-    for row in summary["policies"][0]["samples"]:
-        parts.append("<tr>" + "".join(f"<td>{html.escape(row[k])}</td>" for k in ("prompt", "policy", "reference")) + "</tr>")
-    parts.append("</table>")
+        parts += ["<h2>Reward against KL</h2>", report.image(out / "frontier.png", "reward against KL")]
+    samples = [tuple(row[k] for k in ("prompt", "policy", "reference")) for row in summary["policies"][0]["samples"]]
+    parts += ["<h2>Samples (held-out prompts)</h2>", report.table(None, samples, ("prompt", "policy", "reference"))]
     for stage in sorted(p for p in out.iterdir() if p.is_dir() and (p / "plots").is_dir()):
         pngs = sorted((stage / "plots").glob("*.png"))
         if pngs:
-            parts.append(f"<h2>Training curves: {html.escape(stage.name)}</h2>")
-            parts += [image(png, f"{stage.name} {png.stem}") for png in pngs]
-    parts.append("</body></html>")
+            parts.append(f"<h2>Training curves: {report.escape(stage.name)}</h2>")
+            parts.append(report.images_row([report.image(png, f"{stage.name} {png.stem}") for png in pngs]))
     path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(report.page("preftune demo", "\n".join(parts)), encoding="utf-8")
     return path

@@ -56,7 +56,7 @@ class DemoSettings:
     progress: bool = True
 
     @classmethod
-    def quick(cls, out: str, **changes: Any) -> "DemoSettings":
+    def quick(cls, out: str, **changes: Any) -> DemoSettings:
         """A reduced demo for CI: smaller corpus, fewer steps, fewer prompts."""
         base = dict(out=out, corpus=2000, sft_steps=150, pair_prompts=512, samples_per_prompt=4, rm_steps=40, dpo_steps=80, dpo_batch=16,
                     eval_prompts=128, eval_pairs=96, heldout_reviews=100, progress=False)
@@ -72,7 +72,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def build_base(s: DemoSettings, out: Path) -> Path:
     """Tokenizer + tiny Llama, saved with save_pretrained to ``out/base``."""
-    from preftune.tiny import tiny_llama, train_tokenizer
+    from preftune.models.tiny import tiny_llama, train_tokenizer
 
     folder = out / "base"
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,18 +92,10 @@ def sft_data(s: DemoSettings, out: Path) -> tuple[Path, Path]:
 
 
 def run_stage(stage: str, config: Any) -> Path:
-    """Run one training stage through the same entry points as the CLI."""
-    if stage == "sft":
-        from preftune.sft import run_sft
+    """Run one training stage through the same entry point as the CLI (``preftune.stages.STAGE.run``)."""
+    import importlib
 
-        return run_sft(config)
-    if stage == "rm":
-        from preftune.rm import run_rm
-
-        return run_rm(config)
-    from preftune.dpo import run_dpo
-
-    return run_dpo(config)
+    return importlib.import_module(f"preftune.stages.{stage}").run(config)
 
 
 def _train_overrides(s: DemoSettings, out_dir: Path, steps: int, batch: int, lr: float) -> list[str]:
@@ -132,7 +124,7 @@ def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples:
     """Temperature-1 samples (the SFT model's own distribution), batched."""
     from preftune.config import ModelConfig
     from preftune.generate import generate
-    from preftune.models import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(ModelConfig(path=str(model_dir))).eval()
     tokenizer = load_tokenizer(str(model_dir))
@@ -143,7 +135,12 @@ def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples:
 def main_pipeline(s: DemoSettings) -> dict[str, Any]:
     """Run every stage; return the summary (also written to ``summary.json``)."""
     from preftune.config import DPOConfig, RMConfig, SFTConfig, load_config
-    from preftune.demo.evaluation import closing_table, evaluate_demo, frontier_plot, write_demo_report
+    from preftune.demo.evaluation import (
+        closing_table,
+        evaluate_demo,
+        frontier_plot,
+        write_demo_report,
+    )
 
     start = time.time()
     out = Path(s.out)

@@ -1,12 +1,8 @@
-"""Reward models: a causal LM backbone plus ``Linear(hidden, 1, bias=False)``, and `preftune rm`.
+"""Reward models: a causal LM backbone plus ``Linear(hidden, 1, bias=False)``; save, load, export.
 
 The reward of a sequence is the head applied to the final hidden state of its last real token
 (the last position whose attention mask is 1), so it does not depend on the padding side or
-amount. Training (Ouyang et al. 2022; Bradley and Terry 1952):
-
-    loss = -log sigmoid(r_chosen - r_rejected - margin)          (rm_loss)
-         + lm_weight * NLL(chosen completion tokens)              (lm_loss)
-         + center_weight * mean((r_chosen + r_rejected)^2)        (Eisenstein et al. 2023)
+amount. Training is :mod:`preftune.stages.rm` (the objective: :func:`preftune.losses.bradley_terry`).
 
 Saved folders hold the backbone as a normal causal LM (``save_pretrained``), the tokenizer,
 ``reward_head.safetensors`` and ``reward_model.json``; :func:`load_reward_model` loads them in
@@ -18,15 +14,17 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from preftune.config import RMConfig, to_yaml
+from preftune.config import ModelConfig
 from preftune.errors import PreftuneError
+from preftune.logprobs import completion_logps
+from preftune.models.load import load_causal_lm, load_tokenizer
+from preftune.models.scorers import body_of, causal_lm_of
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -52,9 +50,6 @@ class RewardModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(rewards (rows,), summed completion log-probs or None, token counts or None)."""
-        from preftune.logprobs import completion_logps
-        from preftune.models import body_of, causal_lm_of
-
         lm = causal_lm_of(self.lm)
         hidden = body_of(lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -67,36 +62,6 @@ class RewardModel(nn.Module):
         logps, tokens = completion_logps(hidden, head.weight, labels, bias=getattr(head, "bias", None), chunk_size=self.chunk_size)
         return rewards, logps, tokens
 
-
-def make_rm_loss(cfg: RMConfig):  # noqa: ANN201 - returns the loop's LossFn
-    """(model, concatenated pair batch) -> (loss, per-pair metrics: rm_loss, lm_loss, accuracy, margin)."""
-    from preftune.data.collate import IGNORE_INDEX
-
-    lm_weight, center_weight, use_margin = cfg.loss.lm_weight, cfg.loss.center_weight, cfg.loss.use_margin
-
-    def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pairs = batch["weight"].shape[0]
-        # The LM loss is on chosen completions only: rejected rows are not projected at all. It
-        # is logged even at lm_weight 0, so runs with and without it compare on the same number.
-        labels = batch["labels"].clone()
-        labels[pairs:] = IGNORE_INDEX
-        rewards, logps, tokens = model(batch["input_ids"], batch["attention_mask"], labels)
-        chosen, rejected = rewards[:pairs], rewards[pairs:]
-        margin = batch["margin"] if use_margin else torch.zeros_like(chosen)
-        rm_loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin)
-        weight = batch["weight"]
-        loss = (rm_loss * weight).sum() / weight.sum()
-        metrics = {"rm_loss": rm_loss.detach(), "accuracy": (chosen > rejected).float().detach(),
-                   "margin": (chosen - rejected).detach(), "rewards/chosen": chosen.detach(), "rewards/rejected": rejected.detach()}
-        lm_loss = -logps[:pairs].sum() / tokens[:pairs].sum().clamp(min=1)
-        if lm_weight > 0:
-            loss = loss + lm_weight * lm_loss
-        metrics["lm_loss"] = (-logps[:pairs] / tokens[:pairs].clamp(min=1)).detach()
-        if center_weight > 0:
-            loss = loss + center_weight * ((chosen + rejected) ** 2).mean()
-        return loss, metrics
-
-    return loss_fn
 
 
 def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path) -> None:
@@ -119,8 +84,6 @@ def _export_seq_cls(model: RewardModel, tokenizer: Any, folder: Path) -> str | N
     has none. transformers pools at the last token that is not
     ``pad_token_id``: identical to ours when the pad token is not EOS."""
     from transformers import AutoModelForSequenceClassification
-
-    from preftune.models import body_of
 
     lm = model.lm
     config = lm.config.__class__.from_dict(lm.config.to_dict())
@@ -145,9 +108,6 @@ def _export_seq_cls(model: RewardModel, tokenizer: Any, folder: Path) -> str | N
 def load_reward_model(path: str | Path, *, device: torch.device | None = None) -> tuple[RewardModel, Any]:
     """A saved reward model and its tokenizer, in eval mode, on ``device`` (default CPU)."""
     from safetensors.torch import load_file
-
-    from preftune.config import ModelConfig
-    from preftune.models import load_causal_lm, load_tokenizer
 
     folder = Path(path)
     if not (folder / HEAD_FILE).is_file():
@@ -184,34 +144,3 @@ def score_responses(model: RewardModel, tokenizer: Any, prompts: list[Any], resp
     return out
 
 
-def run_rm(cfg: RMConfig) -> Path:
-    """Train a reward model as ``cfg`` says; return the run folder (model in ``final/``)."""
-    from preftune.data.collate import collate_pairs
-    from preftune.dpo import prepare_pairs
-    from preftune.models import load_policy, load_tokenizer
-    from preftune.train import Task, fit, seed_everything
-
-    run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    train, held, reports = prepare_pairs(cfg, tokenizer)  # same data path as DPO
-    if not train:
-        raise PreftuneError("no training pairs are left after loading and truncation; see data_report.json.")
-    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
-    if cfg.loss.lm_weight < 0 or cfg.loss.center_weight < 0:
-        raise PreftuneError("loss.lm_weight and loss.center_weight must be >= 0.")
-
-    model = RewardModel(load_policy(cfg.model), chunk_size=cfg.train.logprob_chunk_size)
-
-    def save_final(folder: Path) -> None:
-        save_reward_model(model, tokenizer, folder)
-        (folder / "preftune_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-
-    task = Task(model=model, loss_fn=make_rm_loss(cfg), train_set=train,
-                collate=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
-                lengths=[p.length for p in train], eval_set=held, save_final=save_final,
-                group_by_length=cfg.data.group_by_length)
-    fit(task, cfg.train, run_dir)
-    return run_dir

@@ -1,9 +1,9 @@
 """`preftune eval`: which models and data to evaluate, and the run that writes ``eval.json``.
 
-:class:`EvalSettings` says what to compare; :func:`describe_model` / :func:`load_model` find a
-model in a model folder, a run folder (its ``final/``), a LoRA adapter or a checkpoint; and
-:func:`run_eval` computes the metrics of :mod:`preftune.evaluate` and the win rates of
-:mod:`preftune.judges`.
+:class:`EvalSettings` says what to compare; :func:`~preftune.models.load.describe_model` and
+:func:`~preftune.models.load.load_model` find a model in a model folder, a run folder (its
+``final/``), a LoRA adapter or a checkpoint; and :func:`run_eval` computes the metrics of :mod:`preftune.eval.metrics` and the win rates of
+:mod:`preftune.eval.judges`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from preftune.data.prompts import PromptRecord, read_prompts
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.evaluate import kl_from_samples, perplexity_details, preference_metrics
+from preftune.eval.metrics import (
+    kl_from_samples,
+    perplexity_details,
+    preference_metrics,
+)
 from preftune.generate import Generated, GenerationSettings, decode, generate_ids
-from preftune.prompts import PromptRecord, read_prompts
+from preftune.models.load import ModelSource, describe_model, load_model
 
 
 @dataclass
@@ -58,109 +62,6 @@ class EvalSettings:
     batch_size: int = 16
 
 
-@dataclass
-class ModelSource:
-    """What a model path is: ``kind`` is ``model`` (save_pretrained), ``adapter`` (LoRA) or
-    ``checkpoint`` (a training checkpoint's weights); ``run_config`` is its run's config.yaml."""
-
-    path: Path
-    kind: str
-    run_dir: Path | None = None
-    run_config: dict[str, Any] = field(default_factory=dict)
-    label: str = "final"
-    step: int | None = None
-
-
-def describe_model(path: str | Path) -> ModelSource:
-    """Tell a run folder, ``final/``, a checkpoint, an adapter and a plain model folder apart."""
-    import yaml
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise PreftuneError(f"'{path}' is not a folder (a model, a run or a checkpoint folder).")
-    run_dir, label, step, weights = None, "final", None, folder
-    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():
-        run_dir, weights = folder, folder / "final"
-    elif folder.name == "final" and (folder.parent / "config.yaml").is_file():
-        run_dir = folder.parent
-    elif (folder / "state.json").is_file() and folder.parent.name == "checkpoints":
-        run_dir, label = folder.parent.parent, folder.name
-        step = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("step")
-    if weights.name == "final" and (weights / "merged").is_dir():
-        weights = weights / "merged"  # a LoRA run saved merged weights too: the policy, whole
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
-    if run_dir is not None and step is None:
-        step = _last_step(run_dir)
-    if label.startswith("step-"):
-        kind = "checkpoint"
-    elif (weights / "adapter_config.json").is_file() and not (weights / "config.json").is_file():
-        kind = "adapter"
-    else:
-        kind = "model"
-    return ModelSource(weights, kind, run_dir, config or {}, label, step)
-
-
-def _last_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
-    steps = [json.loads(line).get("step") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-    return max((s for s in steps if isinstance(s, int)), default=None)
-
-
-def _model_config(source: ModelSource) -> Any:
-    from preftune.config import ModelConfig, from_dict
-
-    return from_dict(ModelConfig, source.run_config["model"]) if "model" in source.run_config else ModelConfig()
-
-
-def load_model(source: ModelSource, *, device: torch.device | None = None, like: ModelSource | None = None) -> tuple[nn.Module, Any]:
-    """The causal LM (frozen, eval mode; adapters merged) and its tokenizer.
-
-    Loading settings (dtype, attention, remote code) come from the run's model config, or from
-    ``like``'s (a reference is loaded as its policy is, so the two compare at one precision).
-    """
-    from preftune.models import freeze, load_causal_lm, load_tokenizer
-
-    cfg = _model_config(source if like is None or "model" in source.run_config else like)
-    if source.kind == "model":
-        model = load_causal_lm(cfg, str(source.path))
-    elif source.kind == "adapter":
-        from peft import PeftModel
-
-        adapter = json.loads((source.path / "adapter_config.json").read_text(encoding="utf-8"))
-        base = load_causal_lm(cfg, adapter.get("base_model_name_or_path") or cfg.path)
-        model = PeftModel.from_pretrained(base, str(source.path)).merge_and_unload()
-    else:
-        model = _load_checkpoint(source, cfg)
-    has_tokenizer = any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(str(source.path) if has_tokenizer else (cfg.tokenizer or cfg.path), trust_remote_code=cfg.trust_remote_code)
-    model = freeze(model)
-    return (model.to(device) if device is not None else model), tokenizer
-
-
-def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
-    """A training checkpoint's trainable weights on the run's base model (names as the loop saved them)."""
-    from safetensors.torch import load_file
-
-    from preftune.models import SequenceLogps, apply_lora, load_causal_lm
-
-    if not cfg.path:
-        raise PreftuneError(f"'{source.path}' is a checkpoint, but its run's config.yaml names no model.path to load it onto.")
-    model = load_causal_lm(cfg)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-    wrapper = SequenceLogps(model)  # the loop saved the weights of this wrapper: names start with "model."
-    weights = load_file(str(source.path / "weights.safetensors"))
-    params = dict(wrapper.named_parameters())
-    trainable = {name for name, p in params.items() if p.requires_grad}
-    if set(weights) != trainable:
-        odd = sorted(set(weights) ^ trainable)[:3]
-        raise PreftuneError(f"checkpoint '{source.path}' does not match its run's model (e.g. {', '.join(odd)}): "
-                            "was it written by another stage (a reward model) or with another LoRA setting?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    return model.merge_and_unload() if cfg.lora.enabled else model
-
 
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
     """Evaluate ``settings.policy`` against its reference; write ``eval.json`` (or
@@ -172,7 +73,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     """
     import time
 
-    from preftune.judges import function_judge, reward_model_judge, win_rate
+    from preftune.eval.judges import function_judge, reward_model_judge, win_rate
 
     started = time.perf_counter()
     if not settings.policy:
@@ -288,7 +189,9 @@ def _held_out_pairs(source: ModelSource, settings: EvalSettings, data: Any, toke
     pairs = tokenize_pairs(examples, tokenizer, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
                            on_overflow="drop", report=result.report)
     if split:
-        from preftune.dpo import split_eval  # the very split training made (same pairs, same seed)
+        from preftune.data.prepare import (
+            split_eval,  # the very split training made (same pairs, same seed)
+        )
 
         seed = from_dict(TrainConfig, source.run_config.get("train") or {}).seed
         _, pairs = split_eval(pairs, data.eval_fraction, seed)

@@ -63,7 +63,7 @@ def function_judge(spec: str) -> Judge:
 
 def reward_model_judge(path: str | Path, *, batch_size: int = 16, device: Any = None) -> Judge:
     """A judge from a reward model folder (`preftune rm`'s ``final/``): the higher reward wins."""
-    from preftune.rm import load_reward_model, score_responses
+    from preftune.models.reward import load_reward_model, score_responses
 
     model, tokenizer = load_reward_model(path, device=device)
 

@@ -36,7 +36,14 @@ def train_tokenizer(
     ``<unk>``; ``chat_template`` adds a ChatML template. With ``out_dir`` it is saved there
     and loaded back with ``AutoTokenizer.from_pretrained`` (the real loading path).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

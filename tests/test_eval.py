@@ -1,4 +1,7 @@
-"""Evaluation: the alignment check, perplexity, the KL estimate, judges and win rates, `run_eval` on a run."""
+"""eval/metrics.py and eval/run.py: the alignment check, perplexity, the KL estimate, and `run_eval` on a run.
+
+The win-rate judges (eval/judges.py) are tested in test_judges.py.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO, write_judges_module
 from preftune.errors import PreftuneError
-from preftune.eval_run import EvalSettings, run_eval
-from preftune.evaluate import kl_to_reference, perplexity, preference_metrics
-from preftune.judges import Judge, function_judge, reward_model_judge, wilson_interval, win_rate
-
-from conftest import REPO
-
-JUDGES = '''
-def always_policy(prompt, policy, reference):
-    return 1
-
-def tie(prompt, policy, reference):
-    return 0.5
-
-def longer(prompt, policy, reference):
-    return len(policy) > len(reference)
-
-def two(prompt, policy, reference):
-    return 2
-
-def boom(prompt, policy, reference):
-    raise RuntimeError("judge broke")
-
-def one_arg(prompt):
-    return 1
-
-NOT_A_FUNCTION = 3
-'''
+from preftune.eval.metrics import kl_to_reference, perplexity, preference_metrics
+from preftune.eval.run import EvalSettings, run_eval
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +30,7 @@ def one_thread():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def tokenizer():  # noqa: ANN201
-    from preftune.tiny import synthetic_corpus, train_tokenizer
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
 
     return train_tokenizer(synthetic_corpus(), vocab_size=300)
 
@@ -81,7 +60,7 @@ def perturbed(reference):  # noqa: ANN001, ANN201
 @pytest.fixture(scope="module")
 def pairs(tokenizer):  # noqa: ANN001, ANN201
     from preftune.data import PreferenceExample, tokenize_pairs
-    from preftune.tiny import synthetic_preferences
+    from preftune.models.tiny import synthetic_preferences
 
     examples = [PreferenceExample(**r) for r in synthetic_preferences(12, seed=6)]
     return tokenize_pairs(examples, tokenizer, max_length=64)
@@ -89,10 +68,9 @@ def pairs(tokenizer):  # noqa: ANN001, ANN201
 
 @pytest.fixture
 def judges_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "my_judges.py"
-    path.write_text(JUDGES, encoding="utf-8")
+    """The judge functions of conftest.JUDGES, importable as ``my_judges``."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    return path
+    return write_judges_module(tmp_path)
 
 
 def logits_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:  # noqa: ANN001
@@ -167,7 +145,7 @@ def test_kl_estimate_is_unbiased_against_the_exact_one_token_kl(tokenizer) -> No
     # Random (unsharpened) weights spread the policy over the whole vocabulary, so any filter left
     # on while sampling (transformers' default top_k=50) would bias the estimate visibly.
     from preftune.data.tokenize import encode_prompt
-    from preftune.tiny import tiny_llama
+    from preftune.models.tiny import tiny_llama
 
     reference = tiny_llama(tokenizer, seed=0).eval()
     perturbed = perturb(reference, 0.05)
@@ -186,75 +164,11 @@ def test_kl_estimate_is_unbiased_against_the_exact_one_token_kl(tokenizer) -> No
     assert estimate["stderr"] < truth / 3  # tight enough that the comparison above has teeth
 
 
-# --------------------------------------------------------------------------- judges and win rate
-def test_a_judge_that_always_prefers_the_policy_gives_win_rate_1(judges_module: Path) -> None:
-    prompts, policy, ref = ["p1", "p2", "p3", "p4"], ["a", "bbbb", "ccc", "d"], ["xx", "y", "zzz", "ww"]
-    out = win_rate(prompts, policy, ref, function_judge("my_judges:always_policy"))
-    assert (out["win_rate"], out["wins"], out["losses"], out["ties"], out["n"]) == (1.0, 4, 0, 0, 4)
-    low, high = out["ci95"]
-    assert high == pytest.approx(1.0) and 0.4 < low < 1.0
-    assert out["mean_len_policy"] == 2.25 and out["mean_len_reference"] == 2.0
-    ties = win_rate(prompts, policy, ref, function_judge(f"{judges_module}:tie"))  # a file path works too
-    assert (ties["win_rate"], ties["ties"], ties["wins"]) == (0.5, 4, 0)
-    longer = win_rate(prompts, policy, ref, function_judge("my_judges:longer"))  # bools; the length check sees it
-    assert longer["win_rate"] == 0.25 and longer["longer_wins"] == 1.0
-
-
-def test_wilson_interval_golden_values() -> None:
-    # 8 of 10: Wilson (1927) score interval at 95%, as tabulated (e.g. Brown, Cai, DasGupta 2001)
-    low, high = wilson_interval(8, 10)
-    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
-    low, high = wilson_interval(0, 5)
-    assert low == 0.0 and high == pytest.approx(0.4345, abs=1e-4)
-
-
-@pytest.mark.parametrize("spec,message", [
-    ("no_colon", "'module:function'"),
-    ("my_judges:", "'module:function'"),
-    ("my_judges:bad name", "'module:function'"),
-    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
-    ("missing_file.py:f", "does not exist"),
-    ("my_judges:absent", "has no attribute 'absent'"),
-    ("my_judges:NOT_A_FUNCTION", "not a function"),
-    ("my_judges:one_arg", "three arguments"),
-])
-def test_bad_judge_specs_are_clean_errors(judges_module: Path, spec: str, message: str) -> None:
-    with pytest.raises(PreftuneError, match=message):
-        function_judge(spec)
-
-
-def test_bad_judge_results_are_clean_errors(judges_module: Path) -> None:
-    with pytest.raises(PreftuneError, match=r"returned 2 on comparison 0"):
-        win_rate(["p"], ["a"], ["b"], function_judge("my_judges:two"))
-    with pytest.raises(PreftuneError, match="raised RuntimeError on comparison 0: judge broke"):
-        win_rate(["p"], ["a"], ["b"], function_judge("my_judges:boom"))
-
-
-def test_reward_model_judge_prefers_the_higher_reward(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
-    from preftune.rm import RewardModel, save_reward_model, score_responses
-    from preftune.tiny import tiny_llama
-
-    save_reward_model(RewardModel(tiny_llama(tokenizer, seed=3)), tokenizer, tmp_path / "rm")
-    judge = reward_model_judge(tmp_path / "rm", batch_size=3)
-    assert isinstance(judge, Judge) and judge.score is not None
-    prompts = ["the a of", "to and in", "be an", "of with"]
-    policy, ref = [" good great", " fine", " calm clear", " kind"], [" bad", " awful poor", " sad", " dark cold"]
-    out = win_rate(prompts, policy, ref, judge)
-    from preftune.rm import load_reward_model
-
-    model, tok = load_reward_model(tmp_path / "rm")
-    a, b = score_responses(model, tok, prompts, policy), score_responses(model, tok, prompts, ref)
-    assert out["wins"] == sum(x > y for x, y in zip(a, b)) and out["losses"] == sum(x < y for x, y in zip(a, b))
-    assert out["reward_policy"] == pytest.approx(sum(a) / 4, abs=1e-5)
-    same = win_rate(prompts, policy, policy, judge)
-    assert same["ties"] == 4 and same["win_rate"] == 0.5
-
-
 # --------------------------------------------------------------------------- run_eval on a real run
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> Path:
     from preftune.config import DPOConfig, load_config
-    from preftune.dpo import run_dpo
+    from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files
     out = tmp_path_factory.mktemp("eval-run") / "run"
@@ -319,7 +233,7 @@ def test_run_eval_of_a_checkpoint_and_of_a_plain_model(dpo_run: Path, tiny_model
 
 def test_run_eval_remakes_the_eval_fraction_split(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     from preftune.config import DPOConfig, load_config
-    from preftune.dpo import run_dpo
+    from preftune.stages.dpo import run as run_dpo
 
     train, _ = preference_files
     cfg = load_config(DPOConfig, REPO / "configs" / "dpo-tiny.yaml", [
@@ -334,7 +248,7 @@ def test_run_eval_remakes_the_eval_fraction_split(tiny_model_dir: Path, preferen
 
 def test_run_eval_of_a_lora_run_and_its_checkpoint(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     from preftune.config import DPOConfig, load_config
-    from preftune.dpo import run_dpo
+    from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files
     cfg = load_config(DPOConfig, REPO / "configs" / "dpo-tiny.yaml", [

@@ -8,9 +8,9 @@
   (up to float rounding): two views of one quantity, the second in nats and without ``beta``.
 - :func:`perplexity` on held-out text: language quality not lost.
 - :func:`kl_to_reference`: KL(policy || reference) estimated from policy samples.
-- win rates by a judge: :mod:`preftune.judges`.
+- win rates by a judge: :mod:`preftune.eval.judges`.
 
-:func:`preftune.eval_run.run_eval` ties them together from folders and files and writes
+:func:`preftune.eval.run.run_eval` ties them together from folders and files and writes
 ``eval.json``; :func:`preftune.report.format_table` renders it for a terminal.
 Log-probs follow preftune's one convention: summed over completion tokens, EOS included.
 """
@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from preftune.data.prompts import Prompt
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.generate import Generated, GenerationSettings, generate_ids
-from preftune.prompts import Prompt
+from preftune.stats import quantiles
 
 #: quantiles of the per-pair log-ratio differences reported by :func:`preference_metrics`
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+QUANTILES = (5, 25, 50, 75, 95)
 
 
 @torch.no_grad()
@@ -50,10 +51,10 @@ def sequence_logps(
     last bits: here a model scored twice gives the same numbers, so a policy that is its
     reference shows exactly zero change on a GPU as on a CPU.
     """
-    from preftune.data.collate import IGNORE_INDEX, collate_unpaired
+    from preftune.data.collate import collate_unpaired
     from preftune.data.records import TokenizedUnpaired
-    from preftune.logprobs import token_logps
-    from preftune.models import body_of, causal_lm_of
+    from preftune.logprobs import IGNORE_INDEX, token_logps
+    from preftune.models.scorers import body_of, causal_lm_of
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -135,26 +136,11 @@ def preference_metrics(
         "alignment/improved": _mean([d > 0 for d in differences]),
         "alignment/unchanged": _mean([d == 0 for d in differences]),
         "alignment/mean": _mean(differences),
-        "alignment/quantiles": quantiles(differences),
+        "alignment/quantiles": quantiles(differences, QUANTILES, bounds=("min", "max")) if differences else {},
         "alignment/differences": differences,
         "perplexity/chosen": math.exp(-sum(pc) / max(1, chosen_tokens)),
         "reference/perplexity/chosen": math.exp(-sum(rc) / max(1, chosen_tokens)),
     }
-
-
-def quantiles(values: Sequence[float], qs: Sequence[float] = QUANTILES) -> dict[str, float]:
-    """Linear-interpolation quantiles (numpy's default) as ``{"p5": .., ..., "min", "max"}``."""
-    ordered = sorted(values)
-    if not ordered:
-        return {}
-    out = {}
-    for q in qs:
-        pos = q * (len(ordered) - 1)
-        low = math.floor(pos)
-        high = min(low + 1, len(ordered) - 1)
-        out[f"p{round(q * 100)}"] = ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-    out["min"], out["max"] = ordered[0], ordered[-1]
-    return out
 
 
 def perplexity_details(

@@ -7,24 +7,10 @@ the command prints the accuracy (chosen scored higher) and the mean margin.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from preftune.data.records import PreferenceExample
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `score` verb's arguments."""
-    parser.add_argument("model", help="a reward model folder written by `preftune rm` (its final/)")
-    parser.add_argument("data", nargs="+", help="JSONL/JSON/CSV/Parquet files or a datasets folder")
-    parser.add_argument("--out", help="write the scored records here (JSONL); default: standard output")
-    parser.add_argument("--format", default="auto", help="the data format (default: detected)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--on-error", choices=("error", "skip"), default="error")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", batch_size: int = 16,
@@ -33,7 +19,7 @@ def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", bat
     import torch
 
     from preftune.data import load_examples
-    from preftune.rm import load_reward_model
+    from preftune.models.reward import load_reward_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_reward_model(model_dir, device=device)
@@ -63,7 +49,7 @@ def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", bat
 
 
 def _score(model: Any, tokenizer: Any, prompts: list, responses: list, systems: list, batch_size: int, distinct: set) -> list[float]:
-    from preftune.rm import score_responses
+    from preftune.models.reward import score_responses
 
     if len(distinct) <= 1:
         return score_responses(model, tokenizer, prompts, responses, batch_size=batch_size, system=next(iter(distinct), None))
@@ -78,26 +64,14 @@ def _score(model: Any, tokenizer: Any, prompts: list, responses: list, systems: 
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """The `score` verb."""
-    records, summary = score_file(args.model, args.data, fmt=args.format, batch_size=args.batch_size, on_error=args.on_error)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if args.out:
-        Path(args.out).write_text(lines, encoding="utf-8")
-        summary["out"] = args.out
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line for the console: records scored, accuracy and margin (pairs) or mean reward."""
+    parts = [f"scored {summary['scored']} of {summary['records']} records"]
+    if "accuracy" in summary:
+        parts.append(f"accuracy {summary['accuracy']:.4f}")
+        parts.append(f"mean margin {summary['mean_margin']:.4f}")
     else:
-        sys.stdout.write(lines)
-    report = sys.stdout if args.out else sys.stderr
-    if args.json:
-        print(json.dumps(summary), file=report)
-    else:
-        parts = [f"scored {summary['scored']} of {summary['records']} records"]
-        if "accuracy" in summary:
-            parts.append(f"accuracy {summary['accuracy']:.4f}")
-            parts.append(f"mean margin {summary['mean_margin']:.4f}")
-        else:
-            parts.append(f"mean reward {summary['mean_reward']:.4f}")
-        if summary["dropped"]:
-            parts.append("dropped " + ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()))
-        print("; ".join(parts), file=report)
-    return 0
+        parts.append(f"mean reward {summary['mean_reward']:.4f}")
+    if summary["dropped"]:
+        parts.append("dropped " + ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()))
+    return "; ".join(parts)

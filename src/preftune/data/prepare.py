@@ -1,0 +1,107 @@
+"""One prepare step for every stage: load -> validate -> tokenize -> split off held-out data.
+
+``records`` says what a stage trains on:
+
+- ``pairs`` (DPO, reward models): :class:`~preftune.data.records.TokenizedPair`;
+- ``demonstrations`` (SFT): prompt/completion records as they are, the chosen side of
+  preference pairs, and desirable unpaired records (undesirable ones are left out and counted
+  under ``dropped['undesirable']``);
+- ``unpaired`` (KTO): unpaired records with their desirable flag.
+
+Held-out data is ``data.eval`` when given, else a seeded ``data.eval_fraction`` split of the
+training data (:func:`split_eval`, which ``preftune eval`` re-makes to find the same pairs).
+Items are numbered 0..n-1 in order after the split: the key of cached reference rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from preftune.config import DataConfig
+from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
+from preftune.errors import DataError, PreftuneError
+
+Records = Literal["pairs", "demonstrations", "unpaired"]
+
+
+@dataclass
+class Prepared:
+    """Tokenized training and held-out items, and what the data stage found per split."""
+
+    train: list[Any]
+    eval: list[Any]
+    reports: dict[str, Any] = field(default_factory=dict)  # split -> DataReport as a dict
+
+
+def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int) -> Prepared:
+    """Load ``data.train`` (and ``data.eval``), tokenize as ``records`` says, split, number."""
+    from preftune.data.load import load_examples
+    from preftune.data.tokenize import tokenize_pairs, tokenize_unpaired
+
+    if not data.train:
+        raise PreftuneError("no training data: set data.train to one or more files.")
+    reports: dict[str, Any] = {}
+    tokenized: dict[str, list[Any]] = {}
+    for split, paths in (("train", data.train), ("eval", data.eval)):
+        if not paths:
+            tokenized[split] = []
+            continue
+        result = load_examples(paths, format=data.format, columns=data.columns or None,
+                               on_error=data.on_error, system=data.system, max_records=data.max_records)
+        limits = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                      on_overflow=data.on_overflow, report=result.report)
+        if records == "pairs":
+            tokenized[split] = tokenize_pairs(result.examples, tokenizer, **limits)
+        elif records == "demonstrations":
+            tokenized[split] = tokenize_unpaired(as_demonstrations(result.examples, result.report), tokenizer, **limits)
+        else:
+            tokenized[split] = tokenize_unpaired(_unpaired_only(result.examples), tokenizer, **limits)
+        reports[split] = dataclasses.asdict(result.report)
+    train, held = tokenized["train"], tokenized["eval"]
+    if not held and data.eval_fraction > 0:
+        train, held = split_eval(train, data.eval_fraction, seed)
+    return Prepared(_reindex(train), _reindex(held), reports)
+
+
+def as_demonstrations(examples: Sequence[PreferenceExample | UnpairedExample], report: DataReport) -> list[UnpairedExample]:
+    """SFT examples: preference pairs give their chosen side; undesirable unpaired records are
+    left out and counted (``dropped['undesirable']``)."""
+    out: list[UnpairedExample] = []
+    for ex in examples:
+        if isinstance(ex, PreferenceExample):
+            out.append(UnpairedExample(prompt=ex.prompt, completion=ex.chosen, desirable=True, system=ex.system,
+                                       weight=ex.weight, source=ex.source))
+        elif ex.desirable:
+            out.append(ex)
+        else:
+            report.dropped["undesirable"] = report.dropped.get("undesirable", 0) + 1
+            report.kept -= 1
+    return out
+
+
+def _unpaired_only(examples: Sequence[PreferenceExample | UnpairedExample]) -> list[UnpairedExample]:
+    paired = [ex for ex in examples if isinstance(ex, PreferenceExample)]
+    if paired:
+        raise DataError(f"{len(paired)} record(s) are preference pairs (first: {paired[0].source}); "
+                        "this stage takes unpaired records (prompt, completion, label).")
+    return list(examples)  # type: ignore[arg-type]
+
+
+def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held out): a seeded ``fraction`` of ``items`` (at least one), order kept in both."""
+    if fraction <= 0:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(items)))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(items) if i not in held], [p for i, p in enumerate(items) if i in held]
+
+
+def _reindex(items: list[Any]) -> list[Any]:
+    """Number the items 0..n-1 in order: the key of cached reference rows."""
+    return [dataclasses.replace(item, index=i) for i, item in enumerate(items)]

@@ -1,0 +1,211 @@
+"""Load the policy, the reference and the tokenizer; LoRA; freezing; saving; run folders as models.
+
+Loading is the real ``from_pretrained`` path on a local folder, safetensors only (pickled
+``.bin`` weights can run code when loaded), and no remote code unless the config says so.
+:func:`describe_model` / :func:`load_model` find a model in a model folder, a run folder (its
+``final/``), a LoRA adapter or a training checkpoint, so ``generate`` and ``eval`` take any of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.config import LoraConfig, ModelConfig
+from preftune.errors import PreftuneError
+from preftune.models.scorers import SequenceLogps
+from preftune.models.tokenizer import check_folder, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+
+def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` on a local folder, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    folder = check_folder(path or cfg.path, "model folder")
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise PreftuneError(
+            f"'{folder}' holds no .safetensors weights (found: {', '.join(found) or 'nothing'}); "
+            "preftune loads safetensors only. Convert with model.save_pretrained(dir, safe_serialization=True)."
+        )
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[cfg.dtype],
+        "use_safetensors": True,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as err:
+        raise PreftuneError(f"could not load a causal LM from '{folder}': {err}") from None
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters; only the adapters are trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise PreftuneError(f"could not add LoRA adapters: {err}") from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (dropout off) and no gradients: what a reference model must be."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) and with autocast.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def load_policy(cfg: ModelConfig) -> nn.Module:
+    """The trainable policy: loaded, LoRA-wrapped when asked, checkpointing when asked."""
+    model = load_causal_lm(cfg)
+    model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+
+
+
+def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool = False) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request."""
+    folder.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    if merge and hasattr(policy, "merge_and_unload"):
+        import copy
+
+        merged = copy.deepcopy(policy).merge_and_unload()
+        merged.save_pretrained(str(folder / "merged"), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder / "merged"))
+
+
+@dataclass
+class ModelSource:
+    """What a model path is: ``kind`` is ``model`` (save_pretrained), ``adapter`` (LoRA) or
+    ``checkpoint`` (a training checkpoint's weights); ``run_config`` is its run's config.yaml."""
+
+    path: Path
+    kind: str
+    run_dir: Path | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+    label: str = "final"
+    step: int | None = None
+
+
+def describe_model(path: str | Path) -> ModelSource:
+    """Tell a run folder, ``final/``, a checkpoint, an adapter and a plain model folder apart."""
+    import yaml
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise PreftuneError(f"'{path}' is not a folder (a model, a run or a checkpoint folder).")
+    run_dir, label, step, weights = None, "final", None, folder
+    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():
+        run_dir, weights = folder, folder / "final"
+    elif folder.name == "final" and (folder.parent / "config.yaml").is_file():
+        run_dir = folder.parent
+    elif (folder / "state.json").is_file() and folder.parent.name == "checkpoints":
+        run_dir, label = folder.parent.parent, folder.name
+        step = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("step")
+    if weights.name == "final" and (weights / "merged").is_dir():
+        weights = weights / "merged"  # a LoRA run saved merged weights too: the policy, whole
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
+    if run_dir is not None and step is None:
+        step = _last_step(run_dir)
+    if label.startswith("step-"):
+        kind = "checkpoint"
+    elif (weights / "adapter_config.json").is_file() and not (weights / "config.json").is_file():
+        kind = "adapter"
+    else:
+        kind = "model"
+    return ModelSource(weights, kind, run_dir, config or {}, label, step)
+
+
+def _last_step(run_dir: Path) -> int | None:
+    path = run_dir / "metrics.jsonl"
+    steps = [json.loads(line).get("step") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+    return max((s for s in steps if isinstance(s, int)), default=None)
+
+
+def _model_config(source: ModelSource) -> Any:
+    from preftune.config import from_dict
+
+    return from_dict(ModelConfig, source.run_config["model"]) if "model" in source.run_config else ModelConfig()
+
+
+def load_model(source: ModelSource, *, device: torch.device | None = None, like: ModelSource | None = None) -> tuple[nn.Module, Any]:
+    """The causal LM (frozen, eval mode; adapters merged) and its tokenizer.
+
+    Loading settings (dtype, attention, remote code) come from the run's model config, or from
+    ``like``'s (a reference is loaded as its policy is, so the two compare at one precision).
+    """
+    cfg = _model_config(source if like is None or "model" in source.run_config else like)
+    if source.kind == "model":
+        model = load_causal_lm(cfg, str(source.path))
+    elif source.kind == "adapter":
+        from peft import PeftModel
+
+        adapter = json.loads((source.path / "adapter_config.json").read_text(encoding="utf-8"))
+        base = load_causal_lm(cfg, adapter.get("base_model_name_or_path") or cfg.path)
+        model = PeftModel.from_pretrained(base, str(source.path)).merge_and_unload()
+    else:
+        model = _load_checkpoint(source, cfg)
+    has_tokenizer = any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(source.path) if has_tokenizer else (cfg.tokenizer or cfg.path), trust_remote_code=cfg.trust_remote_code)
+    model = freeze(model)
+    return (model.to(device) if device is not None else model), tokenizer
+
+
+def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
+    """A training checkpoint's trainable weights on the run's base model (names as the loop saved them)."""
+    from safetensors.torch import load_file
+
+    if not cfg.path:
+        raise PreftuneError(f"'{source.path}' is a checkpoint, but its run's config.yaml names no model.path to load it onto.")
+    model = load_causal_lm(cfg)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    wrapper = SequenceLogps(model)  # the loop saved the weights of this wrapper: names start with "model."
+    weights = load_file(str(source.path / "weights.safetensors"))
+    params = dict(wrapper.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        odd = sorted(set(weights) ^ trainable)[:3]
+        raise PreftuneError(f"checkpoint '{source.path}' does not match its run's model (e.g. {', '.join(odd)}): "
+                            "was it written by another stage (a reward model) or with another LoRA setting?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return model.merge_and_unload() if cfg.lora.enabled else model

@@ -1,0 +1,90 @@
+"""What every training stage does around its own objective: start a run folder, record the
+data, save the final model, train, write the report.
+
+A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
+and objective, and returns the loop's :class:`~preftune.train.Task`; its ``run(cfg)`` is
+``train(build_task(cfg), cfg)``. So the CLI, the Python API, the demo and the benchmarks build a
+stage the same way, and a caller that needs the pieces (a benchmark that times the loop) takes
+the task and leaves the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.config import to_yaml, validate
+from preftune.errors import PreftuneError
+from preftune.models.load import load_tokenizer, save_policy
+from preftune.train import Task, fit, seed_everything
+
+
+@dataclass
+class Run:
+    """A started run: its config, folder, tokenizer and device."""
+
+    cfg: Any
+    dir: Path
+    tokenizer: Any
+    device: torch.device
+
+
+def start_run(cfg: Any) -> Run:
+    """Check ``cfg``, create the run folder with its resolved ``config.yaml``, seed, load the tokenizer."""
+    validate(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Run(cfg, run_dir, tokenizer, device)
+
+
+def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
+    """Write ``data_report.json``; stop when nothing is left to train on."""
+    (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
+    if not train:
+        raise PreftuneError(f"no training {what} are left after loading and truncation; see {run.dir / 'data_report.json'}.")
+
+
+def policy_saver(run: Run, policy: nn.Module) -> Any:
+    """``Task.save_final`` for a causal LM policy: the model, the tokenizer and the run's config."""
+
+    def save_final(folder: Path) -> None:
+        save_policy(policy, run.tokenizer, folder, merge=run.cfg.model.lora.merge_on_save)
+        write_config(run, folder)
+
+    return save_final
+
+
+def write_config(run: Run, folder: Path) -> None:
+    """The run's resolved config beside a saved model (``preftune_config.yaml``)."""
+    (folder / "preftune_config.yaml").write_text(to_yaml(run.cfg), encoding="utf-8")
+
+
+def train(task: Task, cfg: Any) -> Path:
+    """Run the loop on ``task``; write the report when asked; return the run folder."""
+    from accelerate import PartialState
+
+    run_dir = Path(cfg.train.output_dir)
+    fit(task, cfg.train, run_dir)
+    if cfg.train.report and PartialState().is_main_process:
+        write_report_or_warn(run_dir)
+    return run_dir
+
+
+def write_report_or_warn(run_dir: Path) -> None:
+    """report.html for a finished run; a failure here is reported, and the trained model kept."""
+    from preftune.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report did not
+        warnings.warn(f"the run finished and its model is saved, but report.html could not be written: {err}", stacklevel=2)

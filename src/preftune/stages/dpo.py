@@ -1,0 +1,137 @@
+"""`preftune dpo`: the preference-loss family on the one training loop.
+
+:func:`build_task` builds the pieces (run folder, data, policy, layout, reference, objective)
+and returns the loop's task; :func:`run` trains it. The objective scores chosen and rejected in
+one forward (one prefix-shared row per pair, or the concatenated batch), asks the reference for
+its log-probs, and applies the configured loss of :mod:`preftune.losses`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preftune.config import DPOConfig
+from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
+from preftune.data.prepare import prepare
+from preftune.data.records import TokenizedPair
+from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
+from preftune.models.load import load_policy
+from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
+from preftune.reference import Reference, build_reference, resolve_reference_strategy
+from preftune.stages.common import policy_saver, record_data, start_run, train
+from preftune.train import Task
+
+
+def loss_hparams(cfg: DPOConfig) -> dict[str, Any]:
+    """The loss config fields the chosen loss takes (each loss reads only its own)."""
+    names = loss_hparam_names(cfg.loss.name)
+    values = dataclasses.asdict(cfg.loss)
+    return {name: values[name] for name in names if name in values}
+
+
+def count_weight(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A preference loss is a weighted mean over pairs: its denominator is the sum of weights."""
+    return {"weight": batch["weight"].sum()}
+
+
+def make_loss_fn(
+    cfg: DPOConfig, reference: Reference, extra_terms: Sequence[ExtraTerm] = ()
+) -> Callable[[nn.Module, dict[str, Any], dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(scorer, batch, totals) -> (the batch's share of the weighted mean loss, per-pair metrics
+    with the ecosystem's names); ``totals["weight"]`` is the step's total weight (:func:`count_weight`)."""
+    hparams = loss_hparams(cfg)
+
+    def loss_fn(scorer: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, tokens = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy = split_pair(logps, tokens)
+        ref = reference.logps(batch)
+        preference = batch["preference"]
+        out = preference_loss(
+            cfg.loss.name,
+            policy,
+            ref,
+            nll_alpha=cfg.loss.nll_alpha,
+            extra_terms=extra_terms,
+            preference=None if bool((preference == 1.0).all()) else preference,
+            **hparams,
+        )
+        loss = out.reduce(batch["weight"], totals["weight"].to(logps.device))
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "rewards/chosen": out.chosen_rewards.detach(),
+            "rewards/rejected": out.rejected_rewards.detach(),
+            "rewards/margins": margins.detach(),
+            "rewards/accuracies": (margins > 0).float().detach(),
+            "logps/chosen": policy.chosen.detach(),
+            "logps/rejected": policy.rejected.detach(),
+        }
+        for name, value in out.metrics.items():
+            metrics.setdefault(name, value.detach())
+        return loss, metrics
+
+    return loss_fn
+
+
+def use_prefix_sharing(cfg: DPOConfig, policy: nn.Module, pairs: Sequence[TokenizedPair]) -> tuple[bool, str | None]:
+    """``data.prefix_sharing``, unless the attention or the data cannot take it: (on, why off)."""
+    if not cfg.data.prefix_sharing:
+        return False, None
+    implementation = getattr(causal_lm_of(policy).config, "_attn_implementation", None) or "eager"
+    if implementation not in MASKED_ATTENTION:
+        return False, f"attention '{implementation}' takes no 4D mask (set model.attn_implementation=sdpa or eager)"
+    empty = sum(1 for p in pairs if not p.prompt_ids)
+    if empty:
+        return False, f"{empty} pair(s) have an empty prompt"
+    return True, None
+
+
+def build_task(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = (), scorer_cls: type[nn.Module] | None = None) -> Task:
+    """Everything the loop needs to train ``cfg``; writes config.yaml, data_report.json, reference.json.
+
+    ``extra_terms`` are added to the loss. ``scorer_cls`` replaces :class:`SequenceLogps` as the
+    log-prob module of the concatenated layout, for the policy and a reference copy alike (the
+    benchmarks' full-logits baseline); prefix-shared rows always use :class:`SharedPrefixLogps`.
+    """
+    strategy = resolve_reference_strategy(cfg)
+    run = start_run(cfg)
+    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed)
+    record_data(run, data.reports, data.train, "pairs")
+
+    policy = load_policy(cfg.model)
+    shared, why_not = use_prefix_sharing(cfg, policy, data.train + data.eval)
+    if why_not:
+        print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
+    scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
+    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
+    collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
+    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, data.train, data.eval, collate, run.device, scorer_cls)
+    ref_info["layout"] = "prefix_shared" if shared else "concatenated"
+    if why_not:
+        ref_info["prefix_sharing_off"] = why_not
+    (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
+
+    train_fn = make_loss_fn(cfg, train_ref, extra_terms)
+    eval_fn = make_loss_fn(cfg, eval_ref, extra_terms)
+
+    # Eval batches hold eval-set indices, so they must read the eval reference.
+    def loss_fn(model: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (train_fn if model.training else eval_fn)(model, batch, totals)
+
+    # Length grouping sorts by what one row holds: P+C+R shared, P+max(C, R) concatenated.
+    lengths = [p.shared_length if shared else p.length for p in data.train]
+    return Task(model=scorer, loss_fn=loss_fn, train_set=data.train, collate=collate, lengths=lengths, counts=count_weight,
+                eval_set=data.eval, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length)
+
+
+def run(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
+    """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""
+    return train(build_task(cfg, extra_terms=extra_terms), cfg)

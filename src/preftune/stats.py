@@ -1,0 +1,34 @@
+"""The one quantile definition, shared by the data report (token lengths) and evaluation.
+
+Nearest rank: the q-quantile is the smallest value with at least ``q`` of the values at or
+below it, so every reported quantile is a value that occurs (a real length, a real pair's
+log-ratio difference), and integers stay integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+Number = TypeVar("Number", int, float)
+
+
+def nearest_rank(ordered: Sequence[Number], q: float) -> Number:
+    """The nearest-rank ``q``-quantile (0 <= q <= 1) of ``ordered`` (sorted, not empty)."""
+    if not ordered:
+        raise ValueError("no values")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    rank = -(-round(q * 100 * len(ordered)) // 100)  # ceil(q * n), exact for whole percents
+    return ordered[max(0, rank - 1)]
+
+
+def quantiles(values: Sequence[Number], percents: Sequence[int], *, bounds: tuple[str, ...] = ("max",)) -> dict[str, Number]:
+    """``{"p50": ..., ...}`` for whole ``percents``, plus ``min`` and/or ``max`` as ``bounds`` asks."""
+    ordered = sorted(values)
+    out = {f"p{p}": nearest_rank(ordered, p / 100) for p in percents}
+    if "min" in bounds:
+        out["min"] = ordered[0]
+    if "max" in bounds:
+        out["max"] = ordered[-1]
+    return out

@@ -1,0 +1,168 @@
+"""The layers of src/preftune, declared once: no import goes up, and there is no import circle.
+
+Every import of every module counts, including imports inside functions. A module may import
+from its own layer (without a circle) and from any layer below it. ``losses.py`` and
+``logprobs.py`` import torch and nothing of the project.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+#: Bottom to top. A module belongs to the first entry that is it or a package above it.
+LAYERS: list[tuple[str, ...]] = [
+    ("preftune.errors",),
+    ("preftune.losses", "preftune.logprobs"),  # torch only
+    ("preftune.typed", "preftune.stats"),
+    ("preftune.config", "preftune.report", "preftune.plots"),
+    ("preftune.data",),
+    ("preftune.models",),
+    ("preftune.reference", "preftune.checkpoint"),
+    ("preftune.train", "preftune.generate"),
+    ("preftune.eval",),
+    ("preftune.stages",),
+    ("preftune.demo",),
+    ("preftune.cli",),
+    ("preftune",),  # the package's __init__: the public API
+]
+TORCH_ONLY = ("preftune.losses", "preftune.logprobs")
+
+
+def modules(src: Path) -> dict[str, Path]:
+    """Dotted name -> file, for every module under ``src`` (packages by their ``__init__``)."""
+    found = {}
+    for path in sorted(src.rglob("*.py")):
+        name = ".".join(path.relative_to(src).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules ``name`` imports (anywhere in the file), resolved to known modules."""
+    is_package = path.name == "__init__.py"
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = name.split(".")
+            base = parts[: len(parts) - node.level + (1 if is_package else 0)] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            candidates = [f"{module}.{alias.name}" for alias in node.names] + [module]
+        else:
+            continue
+        for candidate in candidates:
+            while candidate and candidate not in known:
+                candidate = candidate.rpartition(".")[0]
+            if candidate and candidate != name:
+                targets.add(candidate)
+    # `from preftune.data import x` names the package; its submodule imports are its own edges
+    return {t for t in targets if not name.startswith(t + ".")}
+
+
+def layer_of(name: str, layers: list[tuple[str, ...]]) -> int:
+    for index, prefixes in enumerate(layers):
+        if any(name == p or name.startswith(p + ".") for p in prefixes if p != "preftune") or name in prefixes:
+            return index
+    raise AssertionError(f"module {name} is in no declared layer: add it to LAYERS")
+
+
+def violations(src: Path, layers: list[tuple[str, ...]]) -> list[str]:
+    """Every import that goes up a layer, as 'a (layer i) imports b (layer j)'."""
+    known = modules(src)
+    found = []
+    for name, path in known.items():
+        for target in sorted(imports(name, path, known)):
+            if layer_of(target, layers) > layer_of(name, layers):
+                found.append(f"{name} (layer {layer_of(name, layers)}) imports {target} (layer {layer_of(target, layers)})")
+    return found
+
+
+def circles(src: Path) -> list[list[str]]:
+    """Import circles among the modules (depth-first search over the import graph)."""
+    known = modules(src)
+    graph = {name: imports(name, path, known) for name, path in known.items()}
+    found, seen = [], set()
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                if frozenset(cycle) not in seen:
+                    seen.add(frozenset(cycle))
+                    found.append(cycle)
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return found
+
+
+def test_no_import_goes_up_a_layer() -> None:
+    assert violations(SRC, LAYERS) == []
+
+
+def test_no_import_circle() -> None:
+    assert circles(SRC) == []
+
+
+def test_losses_and_logprobs_import_torch_and_nothing_of_the_project() -> None:
+    known = modules(SRC)
+    for name in TORCH_ONLY:
+        assert imports(name, known[name], known) == set(), f"{name} imports project modules"
+        tree = ast.parse(known[name].read_text(encoding="utf-8"))
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        assert roots <= {"torch", "__future__", "inspect", "math", "collections", "dataclasses", "typing"}, roots
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for name in modules(SRC):
+        layer_of(name, LAYERS)
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    for relative, text in files.items():
+        path = tmp_path / "preftune" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return tmp_path
+
+
+def test_the_checker_catches_an_upward_import_even_inside_a_function(tmp_path: Path) -> None:
+    src = _package(tmp_path, {
+        "__init__.py": "",
+        "losses.py": "import torch\n",
+        "train.py": "from preftune.losses import dpo\n",  # down: fine
+        "data/__init__.py": "",
+        "data/collate.py": "def f():\n    from preftune.train import fit\n",  # up, hidden in a function
+    })
+    assert violations(src, LAYERS) == ["preftune.data.collate (layer 4) imports preftune.train (layer 7)"]
+
+
+def test_the_checker_catches_a_circle(tmp_path: Path) -> None:
+    src = _package(tmp_path, {
+        "__init__.py": "",
+        "eval/__init__.py": "",
+        "eval/run.py": "from preftune.eval import judges\n",
+        "eval/judges.py": "from . import run\n",  # relative imports count too
+    })
+    assert circles(src) == [["preftune.eval.judges", "preftune.eval.run", "preftune.eval.judges"]]
+
+
+@pytest.mark.parametrize("relative", ["losses.py", "logprobs.py"])
+def test_the_torch_only_rule_is_checked(tmp_path: Path, relative: str) -> None:
+    src = _package(tmp_path, {"__init__.py": "", "errors.py": "", relative: "from preftune.errors import X\n"})
+    known = modules(src)
+    name = "preftune." + relative.removesuffix(".py")
+    assert imports(name, known[name], known) == {"preftune.errors"}
