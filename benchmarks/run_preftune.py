@@ -103,7 +103,7 @@ def unfused_adamw(enabled: bool) -> Iterator[None]:
     one. On a CPU whose other cores are busy, every parallel kernel can wait a scheduler time
     slice for its second thread, so the kernel count, not the arithmetic, sets the cost.
     """
-    import preftune.train as loop
+    import preftune.optim as loop
 
     original = loop._can_fuse
     if enabled:

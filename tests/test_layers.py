@@ -18,17 +18,17 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, ...]] = [
     ("preftune.errors",),
     ("preftune.losses", "preftune.logprobs"),  # torch only
-    ("preftune.typed", "preftune.stats"),
+    ("preftune.typed", "preftune.stats", "preftune.trl_names"),
     ("preftune.config", "preftune.report", "preftune.plots"),
     ("preftune.data",),
     ("preftune.models",),
     ("preftune.reference", "preftune.checkpoint"),
-    ("preftune.train", "preftune.generate"),
+    ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.generate"),
     ("preftune.eval",),
     ("preftune.stages",),
     ("preftune.demo",),
     ("preftune.cli",),
-    ("preftune",),  # the package's __init__: the public API
+    ("preftune", "preftune.api"),  # the package's __init__ and the Python API
 ]
 TORCH_ONLY = ("preftune.losses", "preftune.logprobs")
 

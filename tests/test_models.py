@@ -78,3 +78,19 @@ def test_sequence_logps_matches_the_model_logits(tiny_model_dir: Path) -> None:
     expected = (lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
     assert torch.allclose(logps, expected, atol=1e-5)
     assert tokens.tolist() == mask.sum(-1).tolist()
+
+
+def test_dropout_is_off_in_the_policy_by_default(tmp_path: Path) -> None:
+    from preftune.models.tiny import synthetic_corpus, tiny_llama, train_tokenizer
+
+    tokenizer = train_tokenizer(synthetic_corpus(), vocab_size=300, out_dir=tmp_path)
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, out_dir=tmp_path)
+    model.config.attention_dropout = 0.25
+    model.save_pretrained(str(tmp_path))
+    lora = LoraConfig(enabled=True, r=4, dropout=0.3, target_modules=["q_proj"])
+    policy = load_policy(ModelConfig(path=str(tmp_path), lora=lora))
+    dropouts = [m for m in policy.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)  # LoRA's dropout too
+    assert policy.config.attention_dropout == 0.0
+    kept = load_policy(ModelConfig(path=str(tmp_path), lora=lora, disable_dropout=False))
+    assert kept.config.attention_dropout == 0.25 and any(m.p == 0.3 for m in kept.modules() if isinstance(m, torch.nn.Dropout))

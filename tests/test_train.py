@@ -158,13 +158,13 @@ def test_non_finite_loss_stops_with_the_step(tiny_model_dir: Path, preference_fi
 
 
 def test_likelihood_displacement_warns_once() -> None:
-    from preftune.train import _DisplacementWatch
+    from preftune.callbacks import DisplacementWatch
 
-    watch = _DisplacementWatch(patience=3)
+    watch = DisplacementWatch(patience=3)
     with pytest.warns(UserWarning, match="likelihood displacement"):
         for i in range(5):
             watch.update({"logps/chosen": -10.0 - i, "rewards/margins": 0.1 * i}, step=i)
-    healthy = _DisplacementWatch(patience=3)
+    healthy = DisplacementWatch(patience=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(5):

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from preftune.errors import ConfigError
+from preftune.trl_names import TRL_LOSS_TYPES, trl_hint
 from preftune.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
 
 __all__ = ["STAGES", "DPOConfig", "DataConfig", "LoraConfig", "LossConfig", "ModelConfig", "RMConfig", "RMLossConfig",
-           "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig", "from_dict", "load_config", "parse_overrides",
+           "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig", "build_config", "from_dict", "load_config", "parse_overrides",
            "to_dict", "to_yaml", "validate"]
 
 
@@ -69,6 +70,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # dropout off in the policy while it trains (TRL's default too): log-probs are deterministic
     attn_implementation: str | None = None  # e.g. "sdpa" or "eager"; None lets transformers pick
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -203,10 +205,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
         data = loaded
-    data = merge_nested(data, parse_overrides(overrides or [], cls))
-    where = f"{path}: " if path is not None else ""
+    data = merge_nested(data, parse_overrides(overrides or [], cls, hint=trl_hint))
+    return build_config(cls, data, where=f"{path}: " if path is not None else "")
+
+
+def build_config(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
+    """The config ``cls`` from plain nested data, with every check a YAML file gets (keys, types,
+    ranges); a TRL setting name is answered with preftune's. ``where`` prefixes each message."""
     try:
-        cfg = from_dict(cls, data)
+        cfg = from_dict(cls, data, hint=trl_hint)
     except ConfigError as err:
         raise ConfigError(where + str(err)) from None
     validate(cfg, where)
@@ -272,6 +279,8 @@ def _loss_problems(loss: LossConfig) -> list[str]:
     """The loss exists, its settings are in range, and no setting is given that it does not use."""
     from preftune.losses import LOSSES, loss_hparam_names
 
+    if loss.name in TRL_LOSS_TYPES and loss.name not in LOSSES:
+        return [f"name '{loss.name}' is TRL's loss_type; preftune names losses after their papers: loss.name={TRL_LOSS_TYPES[loss.name]}"]
     if loss.name not in LOSSES:
         match = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
         hint = f" Did you mean '{match[0]}'?" if match else ""

@@ -111,6 +111,27 @@ def hash_pairs(pairs: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+def hash_module(model: nn.Module) -> str:
+    """sha256 over a model in memory: its class, config, and every parameter and buffer's name and bytes."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hash_tokenizer(tokenizer: Any) -> str:
+    """sha256 over a tokenizer in memory: its vocabulary and rules, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), str(getattr(tokenizer, "chat_template", None))]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
 def cache_key(*, model_hash: str, tokenizer_hash: str, data_hash: str, precision: str) -> str:
     parts = json.dumps(
         {"v": CACHE_VERSION, "model": model_hash, "tokenizer": tokenizer_hash, "data": data_hash, "precision": precision},
@@ -177,17 +198,22 @@ WEIGHT_FILES = ("*.safetensors", "config.json")
 TOKENIZER_FILES = ("tokenizer*.json", "special_tokens_map.json", "chat_template.*", "*.model", "vocab*", "merges.txt")
 
 
-def resolve_reference_strategy(cfg: DPOConfig) -> str:
-    """``auto`` -> ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``."""
+def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, given_reference: bool = False) -> str:
+    """``auto`` -> ``none`` for reference-free losses, ``copy`` when a reference model is given,
+    ``adapter`` with LoRA (``adapter``: the policy carries one; default ``model.lora.enabled``),
+    else ``copy``."""
     strategy = cfg.reference.strategy
     reference_free = cfg.loss.name in REFERENCE_FREE
+    adapter = cfg.model.lora.enabled if adapter is None else adapter
     if strategy == "auto":
         if reference_free:
             return "none"
-        return "adapter" if cfg.model.lora.enabled else "copy"
+        return "adapter" if adapter and not given_reference else "copy"
     if strategy == "none" and not reference_free:
         raise PreftuneError(f"loss '{cfg.loss.name}' needs a reference model: set reference.strategy to copy, adapter or cache.")
-    if strategy == "adapter" and not cfg.model.lora.enabled:
+    if strategy == "adapter" and given_reference:
+        raise PreftuneError("reference.strategy=adapter uses the policy's own base weights; a reference model was given as well.")
+    if strategy == "adapter" and not adapter:
         raise PreftuneError("reference.strategy=adapter needs LoRA (model.lora.enabled=true): without an adapter there is nothing to switch off.")
     if strategy == "adapter" and cfg.reference.path not in (None, cfg.model.path):
         raise PreftuneError("reference.strategy=adapter uses the policy's own base weights; reference.path must be unset.")
@@ -196,17 +222,26 @@ def resolve_reference_strategy(cfg: DPOConfig) -> str:
 
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
                     held: Sequence[Any], collate: Callable, device: torch.device,
-                    scorer_cls: type[nn.Module] | None = None) -> tuple[Reference, Reference, dict[str, Any]]:
+                    scorer_cls: type[nn.Module] | None = None, *, ref_model: nn.Module | None = None,
+                    tokenizer: Any = None) -> tuple[Reference, Reference, dict[str, Any]]:
     """The reference for the train and eval sets (the same object unless cached).
 
     ``scorer_cls`` scores ``collate``'s batches (``SequenceLogps`` or ``SharedPrefixLogps``).
+    ``ref_model`` is a reference already in memory (the Python API's): frozen and used as is,
+    and for the cache keyed by a hash of its weights; ``tokenizer``, when given, keys the cache
+    by its content instead of the tokenizer folder's files.
     """
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
-    info: dict[str, Any] = {"strategy": strategy, "path": ref_path if strategy in ("copy", "cache") else None}
+    in_memory = ref_model is not None
+    info: dict[str, Any] = {"strategy": strategy,
+                            "path": (None if in_memory else ref_path) if strategy in ("copy", "cache") else None}
+    if in_memory:
+        info["model"] = "given in memory"
 
     def copy_scorer() -> nn.Module:
-        return scorer_cls(freeze(load_causal_lm(cfg.model, ref_path)), chunk_size=cfg.train.logprob_chunk_size).to(device)
+        model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
+        return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
 
     if strategy == "none":
         return Reference(), Reference(), info
@@ -217,8 +252,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
         ref = FrozenCopyReference(copy_scorer())
         return ref, ref, info
     # cache
-    model_hash = hash_files(ref_path, WEIGHT_FILES)
-    tokenizer_hash = hash_files(cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
+    model_hash = hash_module(ref_model) if in_memory else hash_files(ref_path, WEIGHT_FILES)
+    tokenizer_hash = hash_tokenizer(tokenizer) if tokenizer is not None else hash_files(cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
     precision = f"{cfg.model.dtype}{'+bf16autocast' if cfg.train.bf16 else ''}"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.bf16 else nullcontext
     refs = []

@@ -22,15 +22,15 @@ import json
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from preftune.callbacks import Callbacks, DisplacementWatch
 from preftune.checkpoint import (
     LoopState,
     latest_checkpoint,
@@ -40,6 +40,7 @@ from preftune.checkpoint import (
 )
 from preftune.config import TrainConfig
 from preftune.errors import PreftuneError, TrainingError
+from preftune.optim import make_optimizer, make_scheduler
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -69,6 +70,7 @@ class Task:
     eval_set: Sequence[Any] | None = None
     save_final: Callable[[Path], None] | None = None  # write the final model to a folder
     group_by_length: bool = True
+    output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -97,46 +99,6 @@ class MetricWindow:
     def means(self) -> dict[str, float]:
         return {name: self.sums[name] / self.counts[name] for name in self.sums if self.counts[name]}
 
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-            fused=_can_fuse(params) or None,
-        )
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _can_fuse(params: list[nn.Parameter]) -> bool:
-    """The fused AdamW kernel (one kernel per step, not ~10 per tensor): torch >= 2.4 on CPU, CUDA.
-
-    It is what TRL uses by default (``adamw_torch_fused``). On a busy or small machine the
-    per-tensor kernel launches of the plain AdamW cost more than the arithmetic.
-    """
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if version < (2, 4) or not params:
-        return False
-    devices = {p.device.type for p in params}
-    return devices <= {"cpu", "cuda"} and len({p.device for p in params}) == 1 and all(p.is_floating_point() for p in params)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant, linear decay to 0, or cosine decay to 0."""
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def epoch_batches(task: Task, cfg: TrainConfig, epoch: int) -> list[list[int]]:
@@ -186,40 +148,21 @@ def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return Path(cfg.resume_from)
 
 
-class _DisplacementWatch:
-    """Warn once when chosen log-probs keep falling while margins grow.
+@dataclass
+class Fitted:
+    """What a finished :func:`fit` knows: where it stopped, the last metrics, and who stopped it."""
 
-    This is likelihood displacement (Razin et al. 2024, arXiv:2410.08847): DPO can widen the
-    margin by pushing both completions down, which is the most common "is my run broken?"
-    question. Three falling logs in a row, with margins rising over the same logs, trigger it.
+    state: LoopState
+    metrics: dict[str, float] = field(default_factory=dict)  # the last training log line and the final evaluation
+    stopped_by: str | None = None  # the callback that asked to stop early, if one did
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> Fitted:
+    """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model.
+
+    ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
+    the run early (:mod:`preftune.callbacks`).
     """
-
-    def __init__(self, patience: int = 3) -> None:
-        self.patience = patience
-        self.history: list[tuple[float, float]] = []
-        self.warned = False
-
-    def update(self, means: dict[str, float], step: int) -> None:
-        if self.warned or "logps/chosen" not in means or "rewards/margins" not in means:
-            return
-        self.history.append((means["logps/chosen"], means["rewards/margins"]))
-        recent = self.history[-(self.patience + 1) :]
-        if len(recent) <= self.patience:
-            return
-        falling = all(b[0] < a[0] for a, b in zip(recent, recent[1:]))
-        widening = all(b[1] > a[1] for a, b in zip(recent, recent[1:]))
-        if falling and widening:
-            self.warned = True
-            warnings.warn(
-                f"step {step}: logps/chosen has fallen for {self.patience} logs in a row while "
-                "rewards/margins grew: likelihood displacement (both completions pushed down). "
-                "Consider loss.nll_alpha > 0, a lower train.lr, or a larger loss.beta.",
-                stacklevel=2,
-            )
-
-
-def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
-    """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -247,7 +190,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
     _truncate_metrics(metrics_path, state.step)
     writer = _tensorboard(run_dir) if cfg.tensorboard and accelerator.is_main_process else None
     last_checkpoint = resume
-    watch = _DisplacementWatch()
+    watch = DisplacementWatch()
+    hooks = Callbacks(callbacks)
+    stopped_by: str | None = None
+    last_record: dict[str, Any] = {}
     window = MetricWindow()
     bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress or not accelerator.is_main_process, desc="train")
     model.train()
@@ -294,8 +240,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
         if state.batches_in_epoch >= len(batches):
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         window.add({"grad_norm": torch.as_tensor(float(grad_norm))})
+        stopped_by = hooks.fire("on_step_end", state.step, {"loss": float(step_loss), "grad_norm": float(grad_norm),
+                                                             "lr": scheduler.get_last_lr()[0]})
 
-        last = state.step == total_steps
+        last = state.step == total_steps or stopped_by is not None
         if state.step % cfg.log_every == 0 or last:
             means = window.means()
             window = MetricWindow()
@@ -303,27 +251,36 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path) -> LoopState:
             record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / len(batches), **means,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
             _log(record, metrics_path, writer, accelerator)
+            last_record = record
+            stopped_by = stopped_by or hooks.fire("on_log", state.step, record)
             watch.update(means, state.step)
             bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-            _log({"step": state.step, **evaluate_held_out(task, model, cfg, accelerator)}, metrics_path, writer, accelerator)
+            evaluated = evaluate_held_out(task, model, cfg, accelerator)
+            _log({"step": state.step, **evaluated}, metrics_path, writer, accelerator)
+            stopped_by = stopped_by or hooks.fire("on_evaluate", state.step, evaluated)
         if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
             last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
                                               optimizer=optimizer, scheduler=scheduler, state=state)
             if cfg.save_total_limit:
                 prune_checkpoints(run_dir, cfg.save_total_limit)
+            stopped_by = stopped_by or hooks.fire("on_save", state.step, {"path": str(last_checkpoint)})
         bar.update(1)
+        if stopped_by is not None:
+            break
     bar.close()
 
     final_eval = evaluate_held_out(task, model, cfg, accelerator)
     if final_eval:
         _log({"step": state.step, **final_eval}, metrics_path, writer, accelerator)
+        hooks.fire("on_evaluate", state.step, final_eval)
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
     if task.save_final is not None and accelerator.is_main_process:
         task.save_final(run_dir / "final")
-    return state
+    metrics = {k: v for k, v in {**last_record, **final_eval}.items() if k != "step"}
+    return Fitted(state, metrics, stopped_by)
 
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:

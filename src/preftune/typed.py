@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from preftune.errors import ConfigError
@@ -28,7 +29,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, hint: KeyHint | None = None) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert the few safe cases."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -40,7 +41,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, hint)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}': expected {_type_name(tp)}, got {value!r}")
@@ -51,7 +52,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}': expected a mapping of {tp.__name__} settings, got {value!r}.")
-        return from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, value, prefix=key + ".", hint=hint)
     if origin is list:
         if isinstance(value, (str, int, float)) and args and args[0] is str:
             value = [value]  # `train: data.jsonl` means a list of one file
@@ -89,15 +90,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"'{key}': unsupported config type {tp!r}")  # a bug in this module
 
 
-def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
+#: A hook that may explain an unknown key better than a lookalike (preftune's: TRL's names).
+KeyHint = Callable[[str], "str | None"]
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", hint: KeyHint | None = None) -> Any:
     """Build the dataclass ``cls`` from a plain mapping, checking keys and types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"unknown config key '{prefix}{key}'.{_closest(str(key), names)}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
+            explained = hint(str(key)) if hint else None
+            raise ConfigError(f"unknown config key '{prefix}{key}'.{explained or _closest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], prefix + key, hint)
     return cls(**kwargs)
 
 
@@ -123,7 +129,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def parse_overrides(items: list[str], cls: type) -> dict[str, Any]:
+def parse_overrides(items: list[str], cls: type, hint: KeyHint | None = None) -> dict[str, Any]:
     """Turn ``["--train.lr=1e-6", "--data.max_length", "512"]`` into a nested mapping.
 
     Values are read as YAML scalars (``true``, ``512``, ``[a, b]``, ``null``). A key that is
@@ -148,8 +154,8 @@ def parse_overrides(items: list[str], cls: type) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' has no value: write --{body}=VALUE.")
         if key not in valid:
             match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '--{match[0]}'?" if match else ""
-            raise ConfigError(f"unknown config key '{key}' in override '{item}'.{hint}")
+            explained = (hint(key) if hint else None) or (f" Did you mean '--{match[0]}'?" if match else "")
+            raise ConfigError(f"unknown config key '{key}' in override '{item}'.{explained}")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

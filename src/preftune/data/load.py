@@ -20,7 +20,7 @@ from preftune.data.formats import (
     detect_format,
     rename_columns,
 )
-from preftune.data.readers import read_records
+from preftune.data.readers import InMemory, read_records
 from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
 from preftune.data.validate import ReportBuilder
 from preftune.errors import ConfigError, DataError
@@ -38,7 +38,7 @@ class LoadResult:
 
 
 def load_examples(
-    paths: str | Path | list[str | Path],
+    paths: str | Path | InMemory | list[str | Path | InMemory],
     *,
     format: str = "auto",
     columns: dict[str, str] | None = None,
@@ -46,7 +46,7 @@ def load_examples(
     system: str | None = None,
     max_records: int | None = None,
 ) -> LoadResult:
-    """Read preference data from one or more files and normalise it.
+    """Read preference data from one or more files (or in-memory sources) and normalise it.
 
     ``format`` is ``"auto"`` (detected per file from its first good record) or one of
     :data:`~preftune.data.formats.FORMATS`. ``columns`` maps our field names to the file's
@@ -93,19 +93,19 @@ def load_examples(
 
 
 def _check_arguments(
-    paths: str | Path | list[str | Path],
+    paths: str | Path | InMemory | list[str | Path | InMemory],
     format: str,
     columns: dict[str, str] | None,
     on_error: str,
     system: str | None,
     max_records: int | None,
-) -> list[str | Path]:
-    path_list = [paths] if isinstance(paths, (str, Path)) else list(paths)
+) -> list[str | Path | InMemory]:
+    path_list = [paths] if isinstance(paths, (str, Path, InMemory)) else list(paths)
     if not path_list:
         raise ConfigError("no data files given")
     for path in path_list:
-        if not isinstance(path, (str, Path)):
-            raise ConfigError(f"a data path must be a string, got {path!r}")
+        if not isinstance(path, (str, Path, InMemory)):
+            raise ConfigError(f"a data path must be a string (or in-memory records, from Python), got {path!r}")
     if format not in ("auto",) + FORMATS:
         near = difflib.get_close_matches(str(format), ("auto",) + FORMATS, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""

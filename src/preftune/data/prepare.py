@@ -37,16 +37,23 @@ class Prepared:
     reports: dict[str, Any] = field(default_factory=dict)  # split -> DataReport as a dict
 
 
-def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int) -> Prepared:
-    """Load ``data.train`` (and ``data.eval``), tokenize as ``records`` says, split, number."""
+def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, sources: dict[str, Any] | None = None) -> Prepared:
+    """Load ``data.train`` (and ``data.eval``), tokenize as ``records`` says, split, number.
+
+    ``sources`` replaces a split's files with data already in memory (``{"train": dataset}``:
+    a ``datasets.Dataset``, a list of dicts, or a path), as the Python API passes it.
+    """
     from preftune.data.load import load_examples
+    from preftune.data.readers import as_source
     from preftune.data.tokenize import tokenize_pairs, tokenize_unpaired
 
-    if not data.train:
+    given = {split: as_source(value, f"{split}_data") for split, value in (sources or {}).items() if value is not None}
+    splits = {"train": given.get("train", data.train), "eval": given.get("eval", data.eval)}
+    if not splits["train"]:
         raise PreftuneError("no training data: set data.train to one or more files.")
     reports: dict[str, Any] = {}
     tokenized: dict[str, list[Any]] = {}
-    for split, paths in (("train", data.train), ("eval", data.eval)):
+    for split, paths in splits.items():
         if not paths:
             tokenized[split] = []
             continue

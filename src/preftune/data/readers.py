@@ -83,14 +83,72 @@ class RawRecord:
         )
 
 
-def read_records(path: str | Path, *, max_records: int | None = None) -> Iterator[RawRecord]:
-    """Yield the raw records of one file or `datasets` folder, at most ``max_records``.
+@dataclass
+class InMemory:
+    """Records already in memory: a ``datasets.Dataset``, or any sequence of dicts.
+
+    ``name`` stands where a file name would in reports and errors ("record 3 of train_data").
+    """
+
+    rows: Any
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def as_source(data: Any, name: str) -> str | Path | InMemory:
+    """A path stays a path; a ``datasets.Dataset`` or a list/tuple of dicts becomes :class:`InMemory`.
+
+    A ``DatasetDict`` is refused here (the caller picks a split by name).
+    """
+    if isinstance(data, (str, Path, InMemory)):
+        return data
+    if type(data).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise DataError(f"{name} is a DatasetDict (splits: {', '.join(data)}): pass one split, e.g. {name}['train']",
+                        reason="unsupported_extension")
+    if hasattr(data, "column_names") or isinstance(data, (list, tuple)):
+        return InMemory(data, name)
+    raise DataError(f"{name} must be a file path, a datasets.Dataset or a list of dicts, got {type(data).__name__}",
+                    reason="unsupported_extension")
+
+
+def _read_in_memory(source: InMemory) -> Iterator[RawRecord]:
+    for index, row in enumerate(source.rows):
+        if isinstance(row, dict):
+            yield RawRecord(row, source.name, None, index)
+        else:
+            error = DataError(f"expected a mapping of fields, got {_json_type(row)}", file=source.name, record=index,
+                              reason="not_an_object")
+            yield RawRecord(None, source.name, None, index, error=error)
+
+
+def read_records(path: str | Path | InMemory, *, max_records: int | None = None) -> Iterator[RawRecord]:
+    """Yield the raw records of one file, `datasets` folder or in-memory source, at most ``max_records``.
 
     Raises :class:`DataError` for a missing path, an unsupported extension, an empty file,
     and damage that makes the rest of the file unreadable.
     """
     name = str(path)
-    path = Path(path)
+    if isinstance(path, InMemory):
+        records = _read_in_memory(path)
+    else:
+        records = _read_path(Path(path), name)
+    count = 0
+    try:
+        for record in records:
+            if max_records is not None and count >= max_records:
+                break
+            count += 1
+            yield record
+    except (OSError, EOFError, zlib.error) as err:  # unreadable, or damaged gzip data
+        raise DataError(f"the file cannot be read: {err}", file=name, reason="unreadable") from None
+    if count == 0:
+        raise DataError("the file holds no records" if not isinstance(path, InMemory) else "it holds no records",
+                        file=name, reason="empty_file")
+
+
+def _read_path(path: Path, name: str) -> Iterator[RawRecord]:
     if not path.exists():
         raise DataError("no such file or folder", file=name, reason="missing_file")
     if path.is_dir():
@@ -105,17 +163,7 @@ def read_records(path: str | Path, *, max_records: int | None = None) -> Iterato
             "parquet": _read_parquet,
         }
         records = readers[kind](path, name)
-    count = 0
-    try:
-        for record in records:
-            if max_records is not None and count >= max_records:
-                break
-            count += 1
-            yield record
-    except (OSError, EOFError, zlib.error) as err:  # unreadable, or damaged gzip data
-        raise DataError(f"the file cannot be read: {err}", file=name, reason="unreadable") from None
-    if count == 0:
-        raise DataError("the file holds no records", file=name, reason="empty_file")
+    yield from records
 
 
 def parse_json_cell(value: Any) -> Any:

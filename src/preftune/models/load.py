@@ -84,17 +84,38 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
-def load_policy(cfg: ModelConfig) -> nn.Module:
-    """The trainable policy: loaded, LoRA-wrapped when asked, checkpointing when asked."""
-    model = load_causal_lm(cfg)
+def load_policy(cfg: ModelConfig, model: nn.Module | None = None) -> nn.Module:
+    """The trainable policy: loaded (or ``model``, already loaded, trained in place), LoRA-wrapped
+    when asked (a model that already carries adapters keeps them), checkpointing when asked."""
+    if model is None:
+        model = load_causal_lm(cfg)
+    elif not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise PreftuneError(f"model must be a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}")
     model.config.use_cache = False
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not has_adapter(model):
         model = apply_lora(model, cfg.lora)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout off (modules, LoRA's included, and the config's rates that attention reads
+    functionally): the policy's log-probs then depend on its weights alone, as TRL does by default."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in list(vars(config)) if config is not None else []:
+        if name.endswith("dropout") and isinstance(getattr(config, name), float):
+            setattr(config, name, 0.0)
+
+
+def has_adapter(model: nn.Module | None) -> bool:
+    """Whether ``model`` is a peft model (its adapter can be switched off to give the reference)."""
+    return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
 

@@ -11,7 +11,9 @@ the task and leaves the rest.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,26 @@ from torch import nn
 from preftune.config import to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
-from preftune.train import Task, fit, seed_everything
+from preftune.train import Fitted, Task, fit, seed_everything
+
+
+@dataclass
+class Given:
+    """What a Python caller passes besides the config; None means: load it as the config says.
+
+    ``model`` (a transformers ``PreTrainedModel`` or peft ``PeftModel``) is trained in place;
+    ``ref_model`` is frozen and used as the reference; ``train_data`` / ``eval_data`` are a
+    ``datasets.Dataset``, a list of dicts or a path.
+    """
+
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    ref_model: nn.Module | None = None
+    train_data: Any = None
+    eval_data: Any = None
+
+    def sources(self) -> dict[str, Any]:
+        return {"train": self.train_data, "eval": self.eval_data}
 
 
 @dataclass
@@ -35,14 +56,25 @@ class Run:
     device: torch.device
 
 
-def start_run(cfg: Any) -> Run:
-    """Check ``cfg``, create the run folder with its resolved ``config.yaml``, seed, load the tokenizer."""
+def start_run(cfg: Any, given: Given | None = None) -> Run:
+    """Check ``cfg``, create the run folder with its resolved ``config.yaml``, seed, load the tokenizer
+    (unless ``given`` holds one). A model given in memory is recorded in ``model.path`` by the name
+    it was loaded from, when the config names none."""
+    given = given or Given()
     validate(cfg)
+    if given.model is not None and not cfg.model.path:
+        cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
+    if given.tokenizer is None and given.model is not None and not (cfg.model.tokenizer or cfg.model.path):
+        raise PreftuneError("a model was passed in without a tokenizer, and the config names no tokenizer folder: pass tokenizer=...")
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = given.tokenizer
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    elif tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Run(cfg, run_dir, tokenizer, device)
 
@@ -69,15 +101,19 @@ def write_config(run: Run, folder: Path) -> None:
     (folder / "preftune_config.yaml").write_text(to_yaml(run.cfg), encoding="utf-8")
 
 
-def train(task: Task, cfg: Any) -> Path:
-    """Run the loop on ``task``; write the report when asked; return the run folder."""
+def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
+    """Run the loop on ``task``; write the report when asked; say where everything is."""
     from accelerate import PartialState
 
     run_dir = Path(cfg.train.output_dir)
-    fit(task, cfg.train, run_dir)
-    if cfg.train.report and PartialState().is_main_process:
-        write_report_or_warn(run_dir)
-    return run_dir
+    fitted = fit(task, cfg.train, run_dir, callbacks)
+    if PartialState().is_main_process:
+        if cfg.train.report:
+            write_report_or_warn(run_dir)
+        stopped = f" (stopped at step {fitted.state.step} by {fitted.stopped_by})" if fitted.stopped_by else ""
+        print(f"preftune: done{stopped}: model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}"
+              + (f", report {run_dir / 'report.html'}" if (run_dir / "report.html").is_file() else ""), file=sys.stderr)
+    return fitted
 
 
 def write_report_or_warn(run_dir: Path) -> None:

@@ -8,6 +8,7 @@ its log-probs, and applies the configured loss of :mod:`preftune.losses`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -24,10 +25,10 @@ from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefi
 from preftune.data.prepare import prepare
 from preftune.data.records import TokenizedPair
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
-from preftune.models.load import load_policy
+from preftune.models.load import has_adapter, load_policy
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
-from preftune.stages.common import policy_saver, record_data, start_run, train
+from preftune.stages.common import Given, policy_saver, record_data, start_run, train
 from preftune.train import Task
 
 
@@ -94,26 +95,34 @@ def use_prefix_sharing(cfg: DPOConfig, policy: nn.Module, pairs: Sequence[Tokeni
     return True, None
 
 
-def build_task(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = (), scorer_cls: type[nn.Module] | None = None) -> Task:
+def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Sequence[ExtraTerm] = (),
+               scorer_cls: type[nn.Module] | None = None) -> Task:
     """Everything the loop needs to train ``cfg``; writes config.yaml, data_report.json, reference.json.
 
+    ``given`` holds what a Python caller passed in memory (model, tokenizer, reference, data).
     ``extra_terms`` are added to the loss. ``scorer_cls`` replaces :class:`SequenceLogps` as the
     log-prob module of the concatenated layout, for the policy and a reference copy alike (the
     benchmarks' full-logits baseline); prefix-shared rows always use :class:`SharedPrefixLogps`.
     """
-    strategy = resolve_reference_strategy(cfg)
-    run = start_run(cfg)
-    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed)
+    given = given or Given()
+    adapter = cfg.model.lora.enabled or has_adapter(given.model)
+    strategy = resolve_reference_strategy(cfg, adapter=adapter, given_reference=given.ref_model is not None)
+    ref_model = given.ref_model
+    if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
+        ref_model = copy.deepcopy(given.model)  # the reference is the policy as it starts: an exact copy
+    run = start_run(cfg, given)
+    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources())
     record_data(run, data.reports, data.train, "pairs")
 
-    policy = load_policy(cfg.model)
+    policy = load_policy(cfg.model, given.model)
     shared, why_not = use_prefix_sharing(cfg, policy, data.train + data.eval)
     if why_not:
         print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
     scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
     scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
-    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, data.train, data.eval, collate, run.device, scorer_cls)
+    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, data.train, data.eval, collate, run.device, scorer_cls,
+                                                    ref_model=ref_model, tokenizer=given.tokenizer)
     ref_info["layout"] = "prefix_shared" if shared else "concatenated"
     if why_not:
         ref_info["prefix_sharing_off"] = why_not
@@ -129,9 +138,11 @@ def build_task(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = (), scorer_
     # Length grouping sorts by what one row holds: P+C+R shared, P+max(C, R) concatenated.
     lengths = [p.shared_length if shared else p.length for p in data.train]
     return Task(model=scorer, loss_fn=loss_fn, train_set=data.train, collate=collate, lengths=lengths, counts=count_weight,
-                eval_set=data.eval, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length)
+                eval_set=data.eval, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
+                output=policy)
 
 
 def run(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""
-    return train(build_task(cfg, extra_terms=extra_terms), cfg)
+    train(build_task(cfg, extra_terms=extra_terms), cfg)
+    return Path(cfg.train.output_dir)

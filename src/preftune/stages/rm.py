@@ -24,7 +24,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import bradley_terry, sft_nll
 from preftune.models.load import load_policy
 from preftune.models.reward import RewardModel, save_reward_model
-from preftune.stages.common import record_data, start_run, train, write_config
+from preftune.stages.common import Given, record_data, start_run, train, write_config
 from preftune.train import Task
 
 
@@ -64,12 +64,14 @@ def make_rm_loss(cfg: RMConfig) -> Any:
     return loss_fn
 
 
-def build_task(cfg: RMConfig) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json."""
-    run = start_run(cfg)
-    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed)  # the same data path as DPO
+def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
+    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json.
+    ``given`` holds what a Python caller passed in memory (the backbone, tokenizer, data)."""
+    given = given or Given()
+    run = start_run(cfg, given)
+    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources())  # as DPO
     record_data(run, data.reports, data.train, "pairs")
-    model = RewardModel(load_policy(cfg.model), chunk_size=cfg.train.logprob_chunk_size)
+    model = RewardModel(load_policy(cfg.model, given.model), chunk_size=cfg.train.logprob_chunk_size)
 
     def save_final(folder: Path) -> None:
         save_reward_model(model, run.tokenizer, folder)
@@ -78,9 +80,10 @@ def build_task(cfg: RMConfig) -> Task:
     return Task(model=model, loss_fn=make_rm_loss(cfg), train_set=data.train,
                 collate=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id),
                 lengths=[p.length for p in data.train], counts=count_pairs, eval_set=data.eval, save_final=save_final,
-                group_by_length=cfg.data.group_by_length)
+                group_by_length=cfg.data.group_by_length, output=model)
 
 
 def run(cfg: RMConfig) -> Path:
     """Train a reward model as ``cfg`` says; return the run folder (model in ``final/``)."""
-    return train(build_task(cfg), cfg)
+    train(build_task(cfg), cfg)
+    return Path(cfg.train.output_dir)

@@ -25,7 +25,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import load_policy
 from preftune.models.scorers import SequenceLogps
-from preftune.stages.common import policy_saver, record_data, start_run, train
+from preftune.stages.common import Given, policy_saver, record_data, start_run, train
 from preftune.train import Task
 
 
@@ -42,13 +42,15 @@ def sft_loss(scorer: nn.Module, batch: dict[str, Any], totals: dict[str, torch.T
     return loss, {"nll": per_row.detach(), "tokens": tokens.float().detach()}
 
 
-def build_task(cfg: SFTConfig) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json."""
-    run = start_run(cfg)
-    data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed)
+def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
+    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json.
+    ``given`` holds what a Python caller passed in memory (model, tokenizer, data)."""
+    given = given or Given()
+    run = start_run(cfg, given)
+    data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed, sources=given.sources())
     record_data(run, data.reports, data.train, "examples")
 
-    policy = load_policy(cfg.model)
+    policy = load_policy(cfg.model, given.model)
     scorer = SequenceLogps(policy, chunk_size=cfg.train.logprob_chunk_size)
     pad = run.tokenizer.pad_token_id
     if cfg.sft.packing:
@@ -62,9 +64,11 @@ def build_task(cfg: SFTConfig) -> Task:
         collate = partial(collate_unpaired, pad_token_id=pad)
         lengths = [x.length for x in data.train]
     return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens,
-                eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length)
+                eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
+                output=policy)
 
 
 def run(cfg: SFTConfig) -> Path:
     """Train as ``cfg`` says; return the run folder (final model in ``final/``)."""
-    return train(build_task(cfg), cfg)
+    train(build_task(cfg), cfg)
+    return Path(cfg.train.output_dir)

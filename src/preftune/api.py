@@ -1,0 +1,147 @@
+"""The Python API: one call per training stage, over models and data already in memory.
+
+    import preftune
+    result = preftune.dpo(model, train_data=dataset, tokenizer=tokenizer, beta=0.1, max_steps=100)
+    result.model        # the trained policy, in memory (the object passed in, trained in place)
+
+Each call takes a config object (``config=DPOConfig(...)``) and/or plain keyword settings:
+a section as a dict (``train={"lr": 5e-7}``) or a field by its own name when only one section
+has it (``lr=5e-7``, ``beta=0.1``, ``output_dir="runs/x"``). Either way the config is built and
+checked exactly as a YAML file is (same errors, same ranges), and TRL's names are answered with
+preftune's. ``model`` is a loaded ``PreTrainedModel`` / ``PeftModel`` or a model folder;
+``train_data`` / ``eval_data`` a ``datasets.Dataset``, a ``DatasetDict`` (its ``train`` split,
+and ``validation``/``eval``/``test`` as held-out data unless ``eval_data`` is given), a list
+of dicts, or a path. What the caller passes is used as is, never reloaded from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.config import DPOConfig, RMConfig, SFTConfig, build_config, to_dict
+from preftune.errors import ConfigError
+from preftune.trl_names import trl_hint
+
+EVAL_SPLITS = ("validation", "eval", "test")
+
+
+@dataclass
+class Result:
+    """What a stage call returns."""
+
+    model: Any  # the trained policy (PeftModel with LoRA) or, for reward_model, the RewardModel
+    tokenizer: Any
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)  # the last training log line and the final evaluation
+    config: Any = None  # the resolved, checked config
+    step: int = 0  # optimizer steps done
+    stopped_by: str | None = None  # the callback that stopped the run early, if one did
+
+
+def dpo(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None, ref_model: Any = None,
+        config: DPOConfig | None = None, callbacks: Sequence[Any] = (), extra_terms: Sequence[Any] = (), **settings: Any) -> Result:
+    """Train a policy with DPO or another preference loss (``loss.name``); see the module docstring.
+
+    ``ref_model`` is the frozen reference (default: an exact copy of ``model`` as it starts, or
+    with LoRA the same weights with the adapter off). ``extra_terms`` are callables
+    ``(policy PairLogps, reference PairLogps | None) -> scalar tensor`` added to the loss.
+    """
+    from preftune.stages import dpo as stage
+
+    cfg, given = _prepare(DPOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
+    return _train(stage.build_task(cfg, given=given, extra_terms=extra_terms), cfg, given, callbacks)
+
+
+def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
+        config: SFTConfig | None = None, callbacks: Sequence[Any] = (), **settings: Any) -> Result:
+    """Supervised fine-tuning on completions (prompt tokens masked); see the module docstring."""
+    from preftune.stages import sft as stage
+
+    cfg, given = _prepare(SFTConfig, config, settings, model, train_data, eval_data, tokenizer, None)
+    return _train(stage.build_task(cfg, given=given), cfg, given, callbacks)
+
+
+def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
+                 config: RMConfig | None = None, callbacks: Sequence[Any] = (), **settings: Any) -> Result:
+    """Train a reward model (the backbone ``model`` + a scalar head) on preference pairs."""
+    from preftune.stages import rm as stage
+
+    cfg, given = _prepare(RMConfig, config, settings, model, train_data, eval_data, tokenizer, None)
+    return _train(stage.build_task(cfg, given=given), cfg, given, callbacks)
+
+
+def _train(task: Any, cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
+    from preftune.stages.common import train
+
+    fitted = train(task, cfg, callbacks)
+    return Result(model=task.output, tokenizer=given.tokenizer, run_dir=Path(cfg.train.output_dir),
+                  metrics=fitted.metrics, config=cfg, step=fitted.state.step, stopped_by=fitted.stopped_by)
+
+
+def _prepare(cls: type, config: Any, settings: dict[str, Any], model: Any, train_data: Any, eval_data: Any,
+             tokenizer: Any, ref_model: Any) -> tuple[Any, Any]:
+    from preftune.stages.common import Given
+
+    if config is not None and not isinstance(config, cls):
+        raise ConfigError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    data = to_dict(config) if config is not None else {}
+    for section, values in _sections(cls, settings).items():
+        data.setdefault(section, {}).update(values)
+    if isinstance(model, (str, Path)):
+        data.setdefault("model", {})["path"] = str(model)
+        model = None
+    train_data, eval_data = _splits(train_data, eval_data)
+    for split, value in (("train", train_data), ("eval", eval_data)):
+        if isinstance(value, (str, Path)):
+            data.setdefault("data", {})[split] = [str(value)]
+    cfg = build_config(cls, data)
+    if tokenizer is None and (cfg.model.tokenizer or cfg.model.path):
+        from preftune.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    in_memory = {split: value for split, value in (("train", train_data), ("eval", eval_data)) if not isinstance(value, (str, Path))}
+    return cfg, Given(model=model, tokenizer=tokenizer, ref_model=ref_model,
+                      train_data=in_memory.get("train"), eval_data=in_memory.get("eval"))
+
+
+def _splits(train_data: Any, eval_data: Any) -> tuple[Any, Any]:
+    """A DatasetDict gives its ``train`` split, and a held-out split unless ``eval_data`` is given."""
+    if type(train_data).__name__ != "DatasetDict":
+        return train_data, eval_data
+    if "train" not in train_data:
+        raise ConfigError(f"the DatasetDict has no 'train' split (splits: {', '.join(train_data)}); pass train_data=dd[NAME]")
+    held = next((train_data[name] for name in EVAL_SPLITS if name in train_data), None)
+    return train_data["train"], eval_data if eval_data is not None else held
+
+
+def _sections(cls: type, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Keyword settings -> ``{section: {field: value}}``: a section by name (a dict), or a field by
+    its own name when exactly one section of ``cls`` has it."""
+    hints = typing.get_type_hints(cls)
+    owners: dict[str, list[str]] = {}
+    for section, tp in hints.items():
+        for f in dataclasses.fields(tp):
+            owners.setdefault(f.name, []).append(section)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        if key in hints:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' is a section of {cls.__name__}: give it as a dict, e.g. {key}={{...}}")
+            out.setdefault(key, {}).update(value)
+        elif len(owners.get(key, [])) == 1:
+            out.setdefault(owners[key][0], {})[key] = value
+        elif key in owners:
+            options = ", ".join(f"{section}={{'{key}': ...}}" for section in owners[key])
+            raise ConfigError(f"'{key}' is a setting of several sections; say which: {options}")
+        else:
+            known = sorted(set(owners) | set(hints))
+            match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            explained = trl_hint(key) or (f" Did you mean '{match[0]}'?" if match else "")
+            raise ConfigError(f"unknown setting '{key}' for {cls.__name__}.{explained}")
+    return out

@@ -1,0 +1,57 @@
+"""trl_names.py: the TRL -> preftune table, checked against the installed TRL."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from conftest import REPO
+from preftune.config import DPOConfig, load_config
+from preftune.errors import ConfigError
+from preftune.losses import LOSSES
+from preftune.trl_names import TRL_LOSS_TYPES, TRL_NAMES, trl_hint
+from preftune.typed import _all_keys
+
+trl = pytest.importorskip("trl", reason="TRL is a dev dependency (make test installs it)")
+
+
+def trl_fields() -> tuple[set[str], set[str]]:
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    every = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    return every, every - inherited
+
+
+def test_every_trl_dpo_setting_is_in_the_table() -> None:
+    every, own = trl_fields()
+    assert own - set(TRL_NAMES) == set(), "TRL DPOConfig fields missing from preftune.trl_names.TRL_NAMES"
+    assert set(TRL_NAMES) - every == set(), "names in the table that TRL's DPOConfig does not have"
+
+
+def test_every_target_is_a_preftune_key() -> None:
+    keys = set(_all_keys(DPOConfig))
+    for name, target in TRL_NAMES.items():
+        if isinstance(target, tuple):
+            assert target[0] is None and target[1], name
+            continue
+        for key in re.findall(r"\b(?:model|data|loss|train|reference)\.[a-z_0-9]+", target):
+            assert key in keys, f"{name} -> {target}: '{key}' is not a preftune key"
+    assert set(TRL_LOSS_TYPES.values()) <= set(LOSSES)
+
+
+def test_a_trl_name_is_answered_with_preftunes() -> None:
+    with pytest.raises(ConfigError, match=r"'per_device_train_batch_size' is TRL's name; preftune's is 'train.batch_size'"):
+        load_config(DPOConfig, None, ["--train.per_device_train_batch_size=4"])
+    with pytest.raises(ConfigError, match="'learning_rate' is TRL's name; preftune's is 'train.lr'"):
+        load_config(DPOConfig, None, ["--learning_rate=1e-6"])
+    assert "no equivalent" in trl_hint("sync_ref_model")
+    assert trl_hint("not_a_trl_name") is None
+
+
+def test_the_readme_lists_the_whole_table() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in TRL_NAMES:
+        assert f"| `{name}` |" in readme, name
