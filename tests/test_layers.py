@@ -18,12 +18,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, ...]] = [
     ("preftune.errors",),
     ("preftune.losses", "preftune.logprobs"),  # torch only
-    ("preftune.typed", "preftune.stats", "preftune.trl_names"),
+    ("preftune.typed", "preftune.stats", "preftune.trl_names", "preftune.hub"),
     ("preftune.config", "preftune.report", "preftune.plots"),
     ("preftune.data",),
     ("preftune.models",),
     ("preftune.reference", "preftune.checkpoint"),
-    ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.generate"),
+    ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.trackers", "preftune.generate"),
     ("preftune.eval",),
     ("preftune.stages",),
     ("preftune.demo",),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ def dpo(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import dpo as stage
 
     cfg, given = _prepare(DPOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
-    return _train(stage.build_task(cfg, given=given, extra_terms=extra_terms), cfg, given, callbacks)
+    return _train(lambda: stage.build_task(cfg, given=given, extra_terms=extra_terms), cfg, given, callbacks)
 
 
 def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
@@ -64,7 +64,7 @@ def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import sft as stage
 
     cfg, given = _prepare(SFTConfig, config, settings, model, train_data, eval_data, tokenizer, None)
-    return _train(stage.build_task(cfg, given=given), cfg, given, callbacks)
+    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
 
 
 def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
@@ -73,13 +73,15 @@ def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = 
     from preftune.stages import rm as stage
 
     cfg, given = _prepare(RMConfig, config, settings, model, train_data, eval_data, tokenizer, None)
-    return _train(stage.build_task(cfg, given=given), cfg, given, callbacks)
+    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
 
 
-def _train(task: Any, cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
-    from preftune.stages.common import train
+def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
+    from preftune.stages.common import recorded, train
 
-    fitted = train(task, cfg, callbacks)
+    with recorded(cfg):
+        task = build()
+        fitted = train(task, cfg, callbacks)
     return Result(model=task.output, tokenizer=given.tokenizer, run_dir=Path(cfg.train.output_dir),
                   metrics=fitted.metrics, config=cfg, step=fitted.state.step, stopped_by=fitted.stopped_by)
 

@@ -24,13 +24,22 @@ __all__ = ["STAGES", "DPOConfig", "DataConfig", "LoraConfig", "LossConfig", "Mod
            "to_dict", "to_yaml", "validate"]
 
 
+#: train.report_to's trackers -> the package each needs (preftune.trackers starts them)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
     """Where the preference data comes from and how it is cut to fit."""
 
-    train: list[str] = field(default_factory=list)  # files or `datasets` folders
+    train: list[str] = field(default_factory=list)  # files, `datasets` folders, hub-layout folders or hub dataset ids
     eval: list[str] = field(default_factory=list)  # held-out files; else see eval_fraction
+    # hub dataset ids and hub-layout folders (a README card and data files): which config, splits, files
+    subset: str | None = None  # the dataset's config name (load_dataset's `name`)
+    train_split: str = "train"
+    eval_split: str = "test"
+    data_files: dict[str, str] = field(default_factory=dict)  # split -> file pattern, as load_dataset's data_files
     format: Literal["auto", "explicit", "conversational", "hh", "votes", "unpaired"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's name
     system: str | None = None  # a default system prompt for every record
@@ -129,7 +138,10 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every N optimizer steps
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from: str | None = None  # a checkpoint folder, or "latest"
-    tensorboard: bool = False
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
+    project: str = "preftune"  # the W&B project / MLflow experiment
+    run_name: str | None = None  # the tracker's run name; default: the output folder's name
+    tensorboard: bool = False  # the same as report_to including tensorboard
     progress: bool = True
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection
     report: bool = True  # write report.html (training curves) at the end
@@ -258,6 +270,9 @@ def _train_problems(train: TrainConfig) -> list[str]:
         value = getattr(train, name)
         if value is not None and value < 1:
             problems.append(f"{name} must be at least 1 (or null)")
+    unknown = [name for name in train.report_to if name not in TRACKERS]
+    if unknown:
+        problems.append(f"report_to: unknown tracker(s) {', '.join(map(repr, unknown))} (known: {', '.join(TRACKERS)})")
     if not (math.isfinite(train.lr) and train.lr > 0):
         problems.append("lr must be positive (and finite)")
     if train.warmup_steps < 0:

@@ -31,6 +31,7 @@ from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
 from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
+from preftune.models.tokenizer import check_folder
 
 CACHE_VERSION = 1
 
@@ -252,8 +253,9 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
         ref = FrozenCopyReference(copy_scorer())
         return ref, ref, info
     # cache
-    model_hash = hash_module(ref_model) if in_memory else hash_files(ref_path, WEIGHT_FILES)
-    tokenizer_hash = hash_tokenizer(tokenizer) if tokenizer is not None else hash_files(cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
+    model_hash = hash_module(ref_model) if in_memory else hash_files(check_folder(ref_path, "reference model"), WEIGHT_FILES)
+    tokenizer_hash = (hash_tokenizer(tokenizer) if tokenizer is not None
+                      else hash_files(check_folder(cfg.model.tokenizer or cfg.model.path, "tokenizer"), TOKENIZER_FILES))
     precision = f"{cfg.model.dtype}{'+bf16autocast' if cfg.train.bf16 else ''}"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.bf16 else nullcontext
     refs = []

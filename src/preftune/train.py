@@ -18,6 +18,7 @@ mean (SFT) alike.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -157,11 +158,12 @@ class Fitted:
     stopped_by: str | None = None  # the callback that asked to stop early, if one did
 
 
-def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> Fitted:
+def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = (), hparams: dict[str, Any] | None = None) -> Fitted:
     """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model.
 
     ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
-    the run early (:mod:`preftune.callbacks`).
+    the run early (:mod:`preftune.callbacks`). ``hparams`` (the whole resolved config) go to the
+    trackers of ``train.report_to`` (:mod:`preftune.trackers`).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -188,7 +190,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, state.step)
-    writer = _tensorboard(run_dir) if cfg.tensorboard and accelerator.is_main_process else None
+    trackers = _trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
     last_checkpoint = resume
     watch = DisplacementWatch()
     hooks = Callbacks(callbacks)
@@ -249,15 +251,16 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
             window = MetricWindow()
             elapsed = time.perf_counter() - started
             record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / len(batches), **means,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
-            _log(record, metrics_path, writer, accelerator)
+                      "lr": scheduler.get_last_lr()[0], "num_tokens": state.tokens_seen,
+                      "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
+            _log(record, metrics_path, trackers, accelerator)
             last_record = record
             stopped_by = stopped_by or hooks.fire("on_log", state.step, record)
             watch.update(means, state.step)
             bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
             evaluated = evaluate_held_out(task, model, cfg, accelerator)
-            _log({"step": state.step, **evaluated}, metrics_path, writer, accelerator)
+            _log({"step": state.step, **evaluated}, metrics_path, trackers, accelerator)
             stopped_by = stopped_by or hooks.fire("on_evaluate", state.step, evaluated)
         if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
             last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
@@ -272,10 +275,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
 
     final_eval = evaluate_held_out(task, model, cfg, accelerator)
     if final_eval:
-        _log({"step": state.step, **final_eval}, metrics_path, writer, accelerator)
+        _log({"step": state.step, **final_eval}, metrics_path, trackers, accelerator)
         hooks.fire("on_evaluate", state.step, final_eval)
-    if writer is not None:
-        writer.close()
+    if trackers is not None:
+        trackers.finish()
     accelerator.wait_for_everyone()
     if task.save_final is not None and accelerator.is_main_process:
         task.save_final(run_dir / "final")
@@ -290,15 +293,13 @@ def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
-def _log(record: dict[str, Any], path: Path, writer: Any, accelerator: Any) -> None:
+def _log(record: dict[str, Any], path: Path, trackers: Any, accelerator: Any) -> None:
     if not accelerator.is_main_process:
         return
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, record["step"])
+    if trackers is not None:
+        trackers.log(record)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -325,12 +326,15 @@ def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
     return accelerator_cls(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
 
 
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise PreftuneError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+def _trackers(cfg: TrainConfig, run_dir: Path, hparams: dict[str, Any] | None) -> Any:
+    """The trackers of ``train.report_to`` (and ``train.tensorboard``), or None when there are none."""
+    from preftune.trackers import Trackers
+
+    names = list(cfg.report_to) + (["tensorboard"] if cfg.tensorboard else [])
+    if not names:
+        return None
+    return Trackers(names, run_dir, project=cfg.project, run_name=cfg.run_name or run_dir.name,
+                    config=hparams if hparams is not None else {"train": dataclasses.asdict(cfg)})
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

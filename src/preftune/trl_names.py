@@ -64,7 +64,8 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "gradient_checkpointing": "model.gradient_checkpointing",
     "optim": "train.optimizer",
     "disable_tqdm": "train.progress (inverted)",
-    "report_to": "train.tensorboard (trackers beyond TensorBoard are not wired yet)",
+    "report_to": "train.report_to",
+    "run_name": "train.run_name",
 }
 
 #: TRL's loss_type values -> preftune's loss.name (paper names, not shapes).

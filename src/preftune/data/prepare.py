@@ -43,12 +43,15 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
     ``sources`` replaces a split's files with data already in memory (``{"train": dataset}``:
     a ``datasets.Dataset``, a list of dicts, or a path), as the Python API passes it.
     """
+    from preftune.data.hub import resolve_source
     from preftune.data.load import load_examples
     from preftune.data.readers import as_source
     from preftune.data.tokenize import tokenize_pairs, tokenize_unpaired
 
     given = {split: as_source(value, f"{split}_data") for split, value in (sources or {}).items() if value is not None}
-    splits = {"train": given.get("train", data.train), "eval": given.get("eval", data.eval)}
+    hub = {"subset": data.subset, "data_files": data.data_files}
+    splits = {"train": given.get("train") or [resolve_source(e, split=data.train_split, **hub) for e in data.train],
+              "eval": given.get("eval") or [resolve_source(e, split=data.eval_split, **hub) for e in data.eval]}
     if not splits["train"]:
         raise PreftuneError("no training data: set data.train to one or more files.")
     reports: dict[str, Any] = {}

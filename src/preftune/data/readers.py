@@ -361,12 +361,15 @@ def _read_parquet(path: Path, name: str) -> Iterator[RawRecord]:
             index += 1
 
 
+#: The files that mark a folder written by `datasets`' save_to_disk.
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
 def _read_dataset_folder(path: Path, name: str) -> Iterator[RawRecord]:
-    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    if not any((path / m).exists() for m in markers):
+    if not any((path / m).exists() for m in SAVE_TO_DISK_MARKERS):
         raise DataError(
-            "a folder must be a dataset saved with `datasets` save_to_disk "
-            "(it has no dataset_info.json, state.json or dataset_dict.json)",
+            "a folder must be a dataset saved with `datasets` save_to_disk, or one in the hub's layout "
+            "(a README.md card and data files; training reads it with data.train_split / data.eval_split)",
             file=name,
             reason="unsupported_extension",
         )

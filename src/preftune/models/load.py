@@ -151,7 +151,7 @@ def describe_model(path: str | Path) -> ModelSource:
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise PreftuneError(f"'{path}' is not a folder (a model, a run or a checkpoint folder).")
+        folder = check_folder(str(path), "model (a model, run or checkpoint folder, or a hub id)")
     run_dir, label, step, weights = None, "final", None, folder
     if (folder / "config.yaml").is_file() and (folder / "final").is_dir():
         run_dir, weights = folder, folder / "final"

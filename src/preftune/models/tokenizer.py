@@ -1,4 +1,12 @@
-"""The one tokenizer loader (torch-free, so `preftune data inspect --tokenizer` stays light)."""
+"""Where a model or tokenizer lives (a local folder, or a Hugging Face hub id resolved through the
+local cache), and the one tokenizer loader. Torch-free, so `preftune data inspect --tokenizer`
+stays light.
+
+A name that is not a local folder and looks like a hub id (``org/name`` or ``name``) is resolved
+by :mod:`preftune.hub` to its snapshot in the hub cache (config, tokenizer and safetensors files
+only; with ``HF_HUB_OFFLINE=1`` from the cache alone), then loaded from that folder exactly as a
+local folder is.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.hub import looks_like_repo_id, snapshot
 
 __all__ = ["check_folder", "load_tokenizer"]
 
 
 def check_folder(path: str, what: str) -> Path:
-    """``path`` as a folder, or a PreftuneError naming ``what`` was expected there."""
-    folder = Path(path).expanduser()
+    """``path`` as a local folder (a hub id resolved to its cached snapshot), or a PreftuneError
+    in one line: what was looked for, where, and how to get it."""
+    folder = Path(str(path)).expanduser()
     if not str(path):
-        raise PreftuneError(f"no {what} given: set model.path to a local model folder.")
-    if not folder.is_dir():
-        raise PreftuneError(f"{what} '{path}' is not a folder (models load from local folders only).")
-    return folder
+        raise PreftuneError(f"no {what} given: set model.path to a model folder or a Hugging Face hub id.")
+    if folder.is_dir():
+        return folder
+    if not looks_like_repo_id(str(path)):
+        raise PreftuneError(f"{what} '{path}' is not a folder, nor a Hugging Face hub id (org/name).")
+    return snapshot(str(path), what)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a local folder; it gets a pad token (EOS) when it has none.
+    """A tokenizer from a local folder or a hub id; it gets a pad token (EOS) when it has none.
 
     Padding is always masked by position, never by token id, so reusing EOS as the pad token
     cannot hide a real EOS from the loss.

@@ -1,5 +1,7 @@
 """What every training stage does around its own objective: start a run folder, record the
-data, save the final model, train, write the report.
+data, save the final model, train, write the report, and say in ``status.json`` how it ended
+(``running`` from the start, then ``finished``, or ``failed`` with the error; a run killed
+outright stays ``running``).
 
 A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
 and objective, and returns the loop's :class:`~preftune.train.Task`; its ``run(cfg)`` is
@@ -13,7 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import to_yaml, validate
+from preftune.config import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
 from preftune.train import Fitted, Task, fit, seed_everything
@@ -69,6 +72,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    mark(run_dir, "running")
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     tokenizer = given.tokenizer
     if tokenizer is None:
@@ -77,6 +81,27 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Run(cfg, run_dir, tokenizer, device)
+
+
+STATUS_FILE = "status.json"
+
+
+def mark(run_dir: Path, status: str, **info: Any) -> None:
+    """Write ``status.json``: ``running``, ``finished`` or ``failed`` (with what stopped it)."""
+    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **info}, indent=1), encoding="utf-8")
+
+
+@contextmanager
+def recorded(cfg: Any) -> Iterator[None]:
+    """Mark the run folder ``failed`` (with the error) when the body raises; nothing to mark when
+    the run folder was never started (a config error)."""
+    try:
+        yield
+    except BaseException as err:
+        run_dir = Path(cfg.train.output_dir)
+        if (run_dir / STATUS_FILE).is_file():
+            mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
@@ -106,8 +131,9 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
     from accelerate import PartialState
 
     run_dir = Path(cfg.train.output_dir)
-    fitted = fit(task, cfg.train, run_dir, callbacks)
+    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(cfg))
     if PartialState().is_main_process:
+        mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by)
         if cfg.train.report:
             write_report_or_warn(run_dir)
         stopped = f" (stopped at step {fitted.state.step} by {fitted.stopped_by})" if fitted.stopped_by else ""

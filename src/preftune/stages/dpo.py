@@ -28,7 +28,7 @@ from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split
 from preftune.models.load import has_adapter, load_policy
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
-from preftune.stages.common import Given, policy_saver, record_data, start_run, train
+from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
 from preftune.train import Task
 
 
@@ -144,5 +144,6 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
 
 def run(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""
-    train(build_task(cfg, extra_terms=extra_terms), cfg)
+    with recorded(cfg):
+        train(build_task(cfg, extra_terms=extra_terms), cfg)
     return Path(cfg.train.output_dir)

@@ -24,7 +24,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import bradley_terry, sft_nll
 from preftune.models.load import load_policy
 from preftune.models.reward import RewardModel, save_reward_model
-from preftune.stages.common import Given, record_data, start_run, train, write_config
+from preftune.stages.common import Given, record_data, recorded, start_run, train, write_config
 from preftune.train import Task
 
 
@@ -85,5 +85,6 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
 
 def run(cfg: RMConfig) -> Path:
     """Train a reward model as ``cfg`` says; return the run folder (model in ``final/``)."""
-    train(build_task(cfg), cfg)
+    with recorded(cfg):
+        train(build_task(cfg), cfg)
     return Path(cfg.train.output_dir)

@@ -25,7 +25,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import load_policy
 from preftune.models.scorers import SequenceLogps
-from preftune.stages.common import Given, policy_saver, record_data, start_run, train
+from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
 from preftune.train import Task
 
 
@@ -70,5 +70,6 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
 
 def run(cfg: SFTConfig) -> Path:
     """Train as ``cfg`` says; return the run folder (final model in ``final/``)."""
-    train(build_task(cfg), cfg)
+    with recorded(cfg):
+        train(build_task(cfg), cfg)
     return Path(cfg.train.output_dir)

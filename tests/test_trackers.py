@@ -1,0 +1,118 @@
+"""trackers.py: train.report_to sends the config and every log line, under TRL's names, to
+TensorBoard, Weights & Biases (offline) and MLflow (a local file store); read back here."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+import preftune
+from preftune.trackers import flat_config, trl_metric_names
+
+
+def test_trl_metric_names() -> None:
+    record = {"step": 3, "loss": 0.5, "lr": 1e-6, "eval/rewards/accuracies": 0.75, "num_tokens": 10, "note": "x", "done": True}
+    assert trl_metric_names(record) == {"loss": 0.5, "learning_rate": 1e-6, "eval_rewards/accuracies": 0.75, "num_tokens": 10}
+    assert flat_config({"train": {"lr": 1e-6, "adam_betas": [0.9, 0.99]}, "data": {"columns": {}, "system": None}}) == {
+        "train.lr": 1e-6, "train.adam_betas": "[0.9, 0.99]", "data.columns": "{}", "data.system": "null"}
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (a LevelDB-style log of protobuf records: 7-byte file header,
+    32 KiB blocks, each record a 7-byte header of crc32, length, type FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, parts, out = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            out.append(record)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("wandb", reason="make test installs wandb (the dev extras)")
+    pytest.importorskip("mlflow", reason="make test installs mlflow-skinny (the dev extras)")
+    pytest.importorskip("tensorboard", reason="make test installs tensorboard (the dev extras)")
+    from preftune.models.tiny import synthetic_corpus, synthetic_preferences, tiny_llama, train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_DIR", str(tmp))
+    mp.setenv("WANDB_SILENT", "true")
+    mp.setenv("MLFLOW_TRACKING_URI", (tmp / "mlruns").as_uri())
+    mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to write a file store
+    try:
+        tokenizer = train_tokenizer(synthetic_corpus(), vocab_size=300, out_dir=tmp / "tok")
+        result = preftune.dpo(tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4), tokenizer=tokenizer,
+                              train_data=synthetic_preferences(32, seed=1), eval_data=synthetic_preferences(8, seed=2),
+                              max_steps=4, log_every=2, eval_every=2, beta=0.2, output_dir=str(tmp / "run"), progress=False,
+                              report=False, report_to=["tensorboard", "wandb", "mlflow"], project="preftune-test", run_name="tracked")
+    finally:
+        mp.undo()
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"tmp": tmp, "result": result, "train": [m for m in lines if "loss" in m], "eval": [m for m in lines if "eval/loss" in m]}
+
+
+def test_tensorboard_receives_every_log_line(tracked_run: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tracked_run["result"].run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [m["step"] for m in tracked_run["train"]]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in tracked_run["train"]])
+    assert [e.value for e in events.Scalars("learning_rate")] == pytest.approx([m["lr"] for m in tracked_run["train"]])
+    assert [e.value for e in events.Scalars("eval_rewards/accuracies")] == pytest.approx(
+        [m["eval/rewards/accuracies"] for m in tracked_run["eval"]])
+
+
+def test_wandb_offline_receives_the_config_and_the_metrics(tracked_run: dict) -> None:
+    runs = sorted(tracked_run["tmp"].glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    records = wandb_records(runs[0])
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    assert config["loss.beta"] == 0.2 and config["train.max_steps"] == 4 and config["model.disable_dropout"] is True
+    by_step = {row["_step"]: row for row in history}
+    for line in tracked_run["train"]:
+        assert by_step[line["step"]]["loss"] == pytest.approx(line["loss"])
+        assert by_step[line["step"]]["learning_rate"] == pytest.approx(line["lr"])
+        assert by_step[line["step"]]["num_tokens"] == line["num_tokens"]
+    for line in tracked_run["eval"]:
+        assert by_step[line["step"]]["eval_loss"] == pytest.approx(line["eval/loss"])
+
+
+def test_mlflow_file_store_receives_the_config_and_the_metrics(tracked_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tracked_run["tmp"] / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("preftune-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked"
+    assert run.data.params["loss.beta"] == "0.2" and run.data.params["train.output_dir"].endswith("run")
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [m["step"] for m in tracked_run["train"]]
+    assert [m.value for m in losses] == pytest.approx([m["loss"] for m in tracked_run["train"]])
+    evals = client.get_metric_history(run.info.run_id, "eval_rewards/margins")
+    assert [m.value for m in evals] == pytest.approx([m["eval/rewards/margins"] for m in tracked_run["eval"]])
+
+
+def test_an_unknown_or_missing_tracker_is_a_clear_error(tmp_path: Path) -> None:
+    from preftune.config import DPOConfig, load_config
+    from preftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"report_to: unknown tracker\(s\) 'wandbb' \(known: tensorboard, wandb, mlflow\)"):
+        load_config(DPOConfig, None, ["--train.report_to=[wandbb]"])
