@@ -352,3 +352,13 @@ def test_explicit_csv_text_that_looks_like_json_stays_text(tmp_path: Path) -> No
     path = tmp_path / "e.csv"
     path.write_text('prompt,chosen,rejected\n"[{""role"": ""user""}]",a,b\n', encoding="utf-8")
     assert load_examples(path).examples[0].prompt == '[{"role": "user"}]'
+
+
+def test_whole_text_pairs_split_at_the_configured_marker_not_at_a_common_prefix(tmp_path: Path) -> None:
+    # Both responses begin with the same word: a common-prefix split would put "Sure" in the prompt.
+    path = tmp_path / "bot.jsonl"
+    path.write_text(json.dumps({"chosen": "User: hi\nBot: Sure thing", "rejected": "User: hi\nBot: Sure, no"}) + "\n")
+    (example,) = load_examples(path, prompt_marker="\nBot:").examples
+    assert (example.prompt, example.chosen, example.rejected) == ("User: hi\nBot:", " Sure thing", " Sure, no")
+    with pytest.raises(DataError, match="data.prompt_marker"):
+        load_examples(path)  # HH's marker is the default, and this file has none

@@ -143,22 +143,24 @@ def test_eos_exactly_once_at_the_end(tok: Tokenizer) -> None:
         one(tok, pair("Hello", " yes</s></s>", source="x.jsonl:3"))
 
 
-def test_chatml_turn_end_then_eos(tok: Tokenizer) -> None:
-    """ChatML closes a turn with <|im_end|>\\n; with EOS = </s>, the completion ends ...<|im_end|>\\n</s>."""
+def test_chatml_turn_end_is_kept_as_rendered(tok: Tokenizer) -> None:
+    """ChatML closes a turn with <|im_end|>\\n itself: kept as apply_chat_template renders it, no EOS appended."""
     prompt = [{"role": "user", "content": "Hello"}]
     r = one(tok, pair(prompt, [{"role": "assistant", "content": "world"}]))
-    assert tok.convert_ids_to_tokens(r.chosen_ids[-3:]) == ["<|im_end|>", "Ċ", "</s>"]
-    assert tok.decode(r.chosen_ids) == "world<|im_end|>\n</s>"
+    assert tok.convert_ids_to_tokens(r.chosen_ids[-2:]) == ["<|im_end|>", "Ċ"]
+    assert tok.decode(r.chosen_ids) == "world<|im_end|>\n"
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "world"}], tokenize=True)
+    assert r.prompt_ids + r.chosen_ids == list(full["input_ids"] if hasattr(full, "keys") else full)
 
 
 def test_template_that_ends_the_turn_with_eos_gets_no_second_one(tok: Tokenizer) -> None:
-    """EOS = <|im_end|> (Qwen style): the trailing newline is dropped and EOS is the last token, once."""
+    """EOS = <|im_end|> (Qwen style): the turn ends as rendered, with EOS once (then the template's newline)."""
     im_end = copy.deepcopy(tok)
     im_end.eos_token = "<|im_end|>"
     prompt = [{"role": "user", "content": "Hello"}]
     r = one(im_end, pair(prompt, [{"role": "assistant", "content": "world"}]))
-    assert r.chosen_ids == plain(im_end, "world<|im_end|>")
-    assert r.chosen_ids.count(im_end.eos_token_id) == 1 and r.chosen_ids[-1] == im_end.eos_token_id
+    assert r.chosen_ids == plain(im_end, "world<|im_end|>\n")
+    assert r.chosen_ids.count(im_end.eos_token_id) == 1
 
 
 # --------------------------------------------------------------------------- chat and system
@@ -178,11 +180,11 @@ def test_chat_prompt_with_system_and_several_turns(tok: Tokenizer) -> None:
     with_system = [{"role": "system", "content": "Be kind."}] + prompt
     prompt_text = tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
     assert prompt_text.startswith("<|im_start|>system\nBe kind.<|im_end|>\n")
-    # The tokenizer's own BOS goes in front (ChatML does not write one), then the rendered prompt.
-    assert r.prompt_ids == [tok.bos_token_id] + plain(tok, prompt_text)
-    assert tok.decode(r.chosen_ids) == "answer<|im_end|>\n</s>"
+    # The rendered prompt alone, as apply_chat_template gives it: ChatML writes no BOS, none is added.
+    assert r.prompt_ids == plain(tok, prompt_text)
+    assert tok.decode(r.chosen_ids) == "answer<|im_end|>\n"
     rejected_text = tok.apply_chat_template(with_system + rejected, tokenize=False)[len(prompt_text) :]
-    assert r.rejected_ids == plain(tok, rejected_text) + [tok.eos_token_id]
+    assert r.rejected_ids == plain(tok, rejected_text)
     assert encode_prompt(tok, prompt, "Be kind.") == r.prompt_ids
     # A system prompt equal to the prompt's own system message is not added twice.
     again = one(tok, pair(with_system, chosen, rejected, system="Be kind."))
@@ -192,7 +194,7 @@ def test_chat_prompt_with_system_and_several_turns(tok: Tokenizer) -> None:
 def test_mixed_text_and_messages_make_a_chat(tok: Tokenizer) -> None:
     r = one(tok, pair("Hello", [{"role": "assistant", "content": "world"}], " no"))
     assert r.prompt_ids == encode_prompt(tok, [{"role": "user", "content": "Hello"}])
-    assert tok.decode(r.rejected_ids) == " no<|im_end|>\n</s>"
+    assert tok.decode(r.rejected_ids) == " no<|im_end|>\n"
 
 
 def test_plain_prompt_with_system(tok: Tokenizer) -> None:
@@ -351,7 +353,7 @@ def test_unpaired_examples(tok: Tokenizer) -> None:
     assert fields == [(0, True, 2.0, "u:1"), (1, False, 1.0, "u:2")]
     assert result[0].prompt_ids == tok("Hello").input_ids
     assert result[0].completion_ids == plain(tok, " world") + [tok.eos_token_id]
-    assert tok.decode(result[1].completion_ids) == "yo<|im_end|>\n</s>"
+    assert tok.decode(result[1].completion_ids) == "yo<|im_end|>\n"
     assert set(report.truncation) == {"prompt_cut", "completion_cut", "dropped"} and report.kept == 2
     assert set(report.tokens) == {"prompt", "completion", "full"}
 

@@ -94,3 +94,13 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path: Path) -> None:
     assert policy.config.attention_dropout == 0.0
     kept = load_policy(ModelConfig(path=str(tmp_path), lora=lora, disable_dropout=False))
     assert kept.config.attention_dropout == 0.25 and any(m.p == 0.3 for m in kept.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_precision_auto_is_fp32_on_cpu_and_explicit_settings_win() -> None:
+    from preftune.config import TrainConfig
+    from preftune.models.load import use_bf16
+
+    assert TrainConfig().bf16 is None  # auto, TRL's default
+    expected = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert use_bf16(TrainConfig()) is expected
+    assert use_bf16(TrainConfig(bf16=True)) is True and use_bf16(TrainConfig(bf16=False)) is False

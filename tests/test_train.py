@@ -180,3 +180,32 @@ def test_bf16_autocast_run_then_fp32_run_in_one_process(tiny_model_dir: Path, pr
     first = [read_metrics(run)[0]["loss"] for run in (low, full)]
     assert first == pytest.approx([0.693147, 0.693147], abs=2e-2)
     assert all(torch.isfinite(torch.tensor(first)))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoints_load_with_from_pretrained(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path,
+                                               lora: bool) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    options = ["--model.lora.enabled=true", "--reference.strategy=adapter", "--model.lora.r=4"] if lora else []
+    run = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.max_steps=2",
+                             "--train.save_every=1", "--train.eval_every=null", "--train.lr=1e-2", *options))
+    checkpoint = run / "checkpoints" / "step-1"
+    trained = {name.removeprefix("model."): value for name, value in load_file(str(checkpoint / "weights.safetensors")).items()}
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(checkpoint))
+        params = {name.replace(".default", ""): p for name, p in model.named_parameters() if "lora_" in name}
+        assert {name.replace(".default", "") for name in trained} == set(params)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+        params = dict(model.named_parameters())
+    for name, value in trained.items():
+        assert torch.equal(params[name.replace(".default", "")].detach(), value), name  # the weights of step 1, not the final ones
+    if lora:  # lora_B starts at zero: trained adapters are not
+        assert any(bool(p.abs().sum() > 0) for n, p in params.items() if "lora_B" in n)
+    else:
+        base = dict(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).named_parameters())
+        assert not all(torch.equal(p, base[n]) for n, p in params.items())

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,8 +69,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
+    export: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically to ``folder`` (replacing nothing until complete)."""
+    """Write a checkpoint atomically to ``folder`` (replacing nothing until complete).
+
+    ``export`` writes the model as the stage saves its final one (``save_pretrained``), so a
+    checkpoint also loads with ``from_pretrained`` (``PeftModel.from_pretrained`` for LoRA) and
+    any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -81,7 +88,9 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    if export is not None:
+        export(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))  # last: its presence marks a complete checkpoint
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -43,6 +43,8 @@ class DataConfig:
     format: Literal["auto", "explicit", "conversational", "hh", "votes", "unpaired"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's name
     system: str | None = None  # a default system prompt for every record
+    # pairs of whole texts (chosen and rejected hold the prompt too): split after the last marker
+    prompt_marker: str = "\n\nAssistant:"
     on_error: Literal["error", "skip"] = "error"  # a malformed record stops the run, or is counted
     on_overflow: Literal["drop", "error"] = "drop"  # a record that cannot fit max_length
     max_length: int = 1024  # prompt + completion tokens
@@ -131,7 +133,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool = False  # bf16 autocast
+    bf16: bool | None = None  # bf16 autocast; null (auto, TRL's default): on where the GPU supports bf16, off on CPU
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size

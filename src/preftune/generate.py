@@ -27,6 +27,7 @@ from typing import Any
 
 from preftune.data.prompts import Prompt, PromptRecord, read_prompts
 from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.progress import batches
 
 
 @dataclass
@@ -49,6 +50,7 @@ class GenerationSettings:
     do_sample: bool | None = None
     seed: int = 0
     batch_size: int = 16
+    progress: bool = True  # a bar on stderr over the prompts
 
     @property
     def sampling(self) -> bool:
@@ -186,7 +188,7 @@ def generate_ids(
         model.eval()
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(settings.seed)
-            for start in range(0, len(order), settings.batch_size):
+            for start in batches(len(order), settings.batch_size, desc="generate", enabled=settings.progress):
                 batch = order[start : start + settings.batch_size]
                 input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
                 try:
@@ -212,8 +214,11 @@ def _systems(system: str | Sequence[str | None] | None, n: int) -> list[str | No
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS (what preftune appends in training) first, then the model's own EOS ids."""
-    ids = [tokenizer.eos_token_id]
+    """The tokenizer's EOS (what preftune appends in training) first, then the token the chat
+    template closes an assistant turn with, then the model's own EOS ids."""
+    from preftune.data.tokenize import turn_end_ids
+
+    ids = [tokenizer.eos_token_id] + [i for i in turn_end_ids(tokenizer) if i != tokenizer.eos_token_id]
     own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in own if isinstance(own, (list, tuple)) else [own]:
         if value is not None and value not in ids:

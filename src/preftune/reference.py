@@ -29,9 +29,10 @@ from torch import nn
 from preftune.config import DPOConfig
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
-from preftune.models.load import freeze, load_causal_lm
+from preftune.models.load import freeze, load_causal_lm, use_bf16
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
+from preftune.progress import batches
 
 CACHE_VERSION = 1
 
@@ -151,6 +152,7 @@ def load_or_compute_cache(
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], Any],
+    progress: bool = False,
 ) -> tuple[CachedReference, bool]:
     """The cached table for ``key``; computed (and written atomically) when absent.
 
@@ -173,7 +175,7 @@ def load_or_compute_cache(
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].shared_length)
     columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
+        for start in batches(len(pairs), batch_size, desc="reference cache", enabled=progress):
             batch = collate([pairs[i] for i in order[start : start + batch_size]])
             with autocast():
                 logps, tokens = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
@@ -256,8 +258,9 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     model_hash = hash_module(ref_model) if in_memory else hash_files(check_folder(ref_path, "reference model"), WEIGHT_FILES)
     tokenizer_hash = (hash_tokenizer(tokenizer) if tokenizer is not None
                       else hash_files(check_folder(cfg.model.tokenizer or cfg.model.path, "tokenizer"), TOKENIZER_FILES))
-    precision = f"{cfg.model.dtype}{'+bf16autocast' if cfg.train.bf16 else ''}"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.bf16 else nullcontext
+    bf16 = use_bf16(cfg.train)
+    precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     refs = []
     for split, pairs in (("train", train), ("eval", held)):
         if not pairs:  # no eval set: nothing to compute or cache
@@ -267,7 +270,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
         started = time.perf_counter()
         ref, warm = load_or_compute_cache(cache_dir=cfg.reference.cache_dir, key=key, pairs=pairs, scorer_factory=copy_scorer,
                                           collate=collate, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                                          device=device, autocast=autocast)
+                                          device=device, autocast=autocast, progress=cfg.train.progress)
         info[f"{split}_cache"] = {"path": str(ref.path), "warm": warm, "seconds": round(time.perf_counter() - started, 3)}
         refs.append(ref)
     return refs[0], refs[1], info

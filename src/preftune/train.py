@@ -42,6 +42,7 @@ from preftune.checkpoint import (
 from preftune.config import TrainConfig
 from preftune.errors import PreftuneError, TrainingError
 from preftune.optim import make_optimizer, make_scheduler
+from preftune.progress import batches
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -70,6 +71,7 @@ class Task:
     counts: CountFn = count_examples  # what loss_fn's means are over (see the module docstring)
     eval_set: Sequence[Any] | None = None
     save_final: Callable[[Path], None] | None = None  # write the final model to a folder
+    save_model: Callable[[Path], None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
 
@@ -121,7 +123,7 @@ def evaluate_held_out(task: Task, model: nn.Module, cfg: TrainConfig, accelerato
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(task.eval_set), size):
+        for start in batches(len(task.eval_set), size, desc="eval", enabled=cfg.progress):
             batch = _to_device(task.collate(list(task.eval_set[start : start + size])), accelerator.device)
             with accelerator.autocast():
                 loss, metrics = task.loss_fn(model, batch, sum_counts([batch], task.counts))
@@ -264,7 +266,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
             stopped_by = stopped_by or hooks.fire("on_evaluate", state.step, evaluated)
         if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
             last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
-                                              optimizer=optimizer, scheduler=scheduler, state=state)
+                                              optimizer=optimizer, scheduler=scheduler, state=state,
+                                              export=task.save_model or task.save_final)
             if cfg.save_total_limit:
                 prune_checkpoints(run_dir, cfg.save_total_limit)
             stopped_by = stopped_by or hooks.fire("on_save", state.step, {"path": str(last_checkpoint)})
@@ -323,7 +326,9 @@ def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    return accelerator_cls(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    from preftune.models.load import use_bf16
+
+    return accelerator_cls(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available())
 
 
 def _trackers(cfg: TrainConfig, run_dir: Path, hparams: dict[str, Any] | None) -> Any:

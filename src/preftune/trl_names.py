@@ -60,7 +60,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "resume_from_checkpoint": "train.resume_from",
     "seed": "train.seed",
     "full_determinism": "train.deterministic",
-    "bf16": "train.bf16",
+    "bf16": "train.bf16 (default null: auto, bf16 where the GPU supports it)",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "optim": "train.optimizer",
     "disable_tqdm": "train.progress (inverted)",

@@ -130,7 +130,8 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
 def _score(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.stages.score import score_file, summary_line
 
-    records, summary = score_file(args.model, args.data, fmt=args.format, batch_size=args.batch_size, on_error=args.on_error)
+    records, summary = score_file(args.model, args.data, fmt=args.format, batch_size=args.batch_size, on_error=args.on_error,
+                                  progress=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.out:
         Path(args.out).write_text(lines, encoding="utf-8")

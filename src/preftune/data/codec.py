@@ -36,25 +36,42 @@ class Codec:
             raise TokenizationError("cannot tell which special tokens this tokenizer adds around a text.")
         return cls(tokenizer, full[: starts[0]], getattr(tokenizer, "bos_token_id", None), eos_id, tokenizer.eos_token)
 
+    def closes_turn(self, ids: list[int]) -> bool:
+        """Whether ``ids`` end with a special token, whitespace after it aside."""
+        special = set(getattr(self.tokenizer, "all_special_ids", [])) | {self.eos_id}
+        end = len(ids)
+        while end and ids[end - 1] not in special and not self.tokenizer.decode(ids[end - 1 : end]).strip():
+            end -= 1
+        return bool(end) and ids[end - 1] in special
+
     def trim_after_eos(self, text: str) -> str:
         """Drop whitespace after a final EOS (ChatML's ``<|im_end|>\\n``) so EOS is last."""
         stripped = text.rstrip()
         return stripped if stripped.endswith(self.eos_text) else text
 
-    def prompts(self, texts: list[str], sources: list[str]) -> list[list[int]]:
+    def prompts(self, texts: list[str], sources: list[str], chat: list[bool] | None = None) -> list[list[int]]:
+        """Prompt ids: a plain-text prompt gets the tokenizer's prefix (BOS) unless its text brings
+        it; a chat-rendered prompt is the template's text alone, as ``apply_chat_template`` gives it."""
         n = len(self.prefix)
+        chat = chat or [False] * len(texts)
         out = []
-        for ids, where in zip(encode_texts(self.tokenizer, texts, special=False), sources):
-            if not (n and ids[:n] == self.prefix):  # the text brings its own BOS: do not double it
+        for ids, where, templated in zip(encode_texts(self.tokenizer, texts, special=False), sources, chat):
+            if not templated and not (n and ids[:n] == self.prefix):  # the text brings its own BOS: do not double it
                 ids = self.prefix + ids
             if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
                 raise TokenizationError(f"{where}: the prompt starts with BOS twice; its text already holds two.")
             out.append(ids)
         return out
 
-    def completions(self, texts: list[str], sources: list[str]) -> list[list[int]]:
+    def completions(self, texts: list[str], sources: list[str], chat: list[bool] | None = None) -> list[list[int]]:
+        """Completion ids ending with EOS once; a chat turn that the template closes with a special
+        token of its own (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, EOS) is kept as rendered."""
+        chat = chat or [False] * len(texts)
         out = []
-        for ids, where in zip(encode_texts(self.tokenizer, texts, special=False), sources):
+        for ids, where, templated in zip(encode_texts(self.tokenizer, texts, special=False), sources, chat):
+            if templated and self.closes_turn(ids):
+                out.append(ids)
+                continue
             if not ids or ids[-1] != self.eos_id:
                 ids = ids + [self.eos_id]
             elif len(ids) >= 2 and ids[-2] == self.eos_id:

@@ -98,16 +98,23 @@ def detect_format(raw: RawRecord, data: dict[str, Any]) -> str:
 
 
 def convert(
-    raw: RawRecord, data: dict[str, Any], fmt: str, *, system: str | None, columns: dict[str, str]
+    raw: RawRecord, data: dict[str, Any], fmt: str, *, system: str | None, columns: dict[str, str],
+    prompt_marker: str = HH_ASSISTANT,
 ) -> Converted:
-    """Apply format ``fmt`` to one record (fields already renamed); raise DataError if malformed."""
+    """Apply format ``fmt`` to one record (fields already renamed); raise DataError if malformed.
+
+    ``prompt_marker`` is where a pair of whole texts (format ``hh``) splits into prompt and
+    responses: after its last occurrence (HH's ``"\\n\\nAssistant:"`` by default)."""
     fields = _Fields(raw, data, columns)
+    fields.prompt_marker = prompt_marker
     return _CONVERTERS[fmt](fields, system)
 
 
 # --------------------------------------------------------------------------- field access
 class _Fields:
     """Typed access to a record's fields, with errors that name the file's own field names."""
+
+    prompt_marker: str = HH_ASSISTANT
 
     def __init__(self, raw: RawRecord, data: dict[str, Any], columns: dict[str, str]) -> None:
         self.raw = raw
@@ -268,12 +275,12 @@ def _split_shared_prefix(f: _Fields, chosen: list, rejected: list) -> tuple[list
 
 
 def _hh(f: _Fields, system: str | None) -> Converted:
-    chosen, rejected = f.text("chosen"), f.text("rejected")
+    chosen, rejected, marker = f.text("chosen"), f.text("rejected"), f.prompt_marker
     for field, text in (("chosen", chosen), ("rejected", rejected)):
-        if HH_ASSISTANT not in text:
-            problem = "has no '\\n\\nAssistant:' turn, so there is no prompt to split off"
+        if marker not in text:
+            problem = f"has no {marker!r} turn (data.prompt_marker), so there is no prompt to split off"
             raise f.error(field, problem, "no_assistant_marker")
-    prompt, mismatch = split_hh(chosen, rejected)
+    prompt, mismatch = split_hh(chosen, rejected, marker)
     if not (chosen.startswith(prompt) and rejected.startswith(prompt)):
         problem = "chosen and rejected are different conversations (they differ before the last Assistant turn)"
         raise f.error("rejected", problem, "prompt_diverges")

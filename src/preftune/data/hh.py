@@ -2,7 +2,10 @@
 
 Each side of an HH pair is a whole conversation of ``"\\n\\nHuman: ..."`` and
 ``"\\n\\nAssistant: ..."`` turns; the prompt is everything up to and including the last
-Assistant marker, the response what follows it.
+Assistant marker, the response what follows it. Other plain-text pairs whose chosen and rejected
+are whole texts split the same way at their own marker (``data.prompt_marker``), never at the
+longest common prefix of the two texts (which runs past the marker whenever both responses
+begin with the same word).
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN_MARKERS = ("Human:", "Assistant:")
 
 
-def hh_prompt(text: str) -> str:
+def hh_prompt(text: str, marker: str = HH_ASSISTANT) -> str:
     """HH's prompt of one transcript: up to and including its LAST ``"\\n\\nAssistant:"``.
 
     ``P(s) = s[: s.rfind("\\n\\nAssistant:") + len("\\n\\nAssistant:")]``, as in the data's
     ``edge_cases.json``; the caller checks the marker is present.
     """
-    return text[: text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)]
+    return text[: text.rfind(marker) + len(marker)]
 
 
-def split_hh(chosen: str, rejected: str) -> tuple[str, bool]:
+def split_hh(chosen: str, rejected: str, marker: str = HH_ASSISTANT) -> tuple[str, bool]:
     """The shared prompt of an HH pair, and whether the two sides disagreed about it.
 
     Normally ``hh_prompt(chosen) == hh_prompt(rejected)``. When a response contains a fake
@@ -32,7 +35,7 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, bool]:
     counted as ``prompt_mismatch``. If the longer transcript does not start with the shorter
     prompt, the two sides are different conversations: a ``prompt_diverges`` error.
     """
-    chosen_prompt, rejected_prompt = hh_prompt(chosen), hh_prompt(rejected)
+    chosen_prompt, rejected_prompt = hh_prompt(chosen, marker), hh_prompt(rejected, marker)
     if chosen_prompt == rejected_prompt:
         return chosen_prompt, False
     return min(chosen_prompt, rejected_prompt, key=len), True

@@ -45,6 +45,7 @@ def load_examples(
     on_error: str = "error",
     system: str | None = None,
     max_records: int | None = None,
+    prompt_marker: str = "\n\nAssistant:",
 ) -> LoadResult:
     """Read preference data from one or more files (or in-memory sources) and normalise it.
 
@@ -52,7 +53,8 @@ def load_examples(
     :data:`~preftune.data.formats.FORMATS`. ``columns`` maps our field names to the file's
     (``{"prompt": "question"}``). ``system`` is a default system prompt for records that bring
     none. ``max_records`` caps the records read from EACH file. Paired and unpaired files
-    cannot be mixed in one load.
+    cannot be mixed in one load. ``prompt_marker``: where pairs of whole texts split (see
+    :func:`~preftune.data.formats.convert`).
 
     ``report.records`` counts records read, ``report.kept == len(examples)``, and
     ``report.dropped`` maps each reason to the records left out for it.
@@ -73,7 +75,7 @@ def load_examples(
             try:
                 if raw.error:
                     raise raw.error
-                converted: Converted = convert(raw, data, fmt, system=system, columns=columns)
+                converted: Converted = convert(raw, data, fmt, system=system, columns=columns, prompt_marker=prompt_marker)
             except DataError as err:
                 if on_error == "error":
                     raise _with_hint(err) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from preftune.config import DataConfig
 from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
 from preftune.errors import DataError, PreftuneError
+from preftune.progress import status
 
 Records = Literal["pairs", "demonstrations", "unpaired"]
 
@@ -37,7 +39,8 @@ class Prepared:
     reports: dict[str, Any] = field(default_factory=dict)  # split -> DataReport as a dict
 
 
-def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, sources: dict[str, Any] | None = None) -> Prepared:
+def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, sources: dict[str, Any] | None = None,
+            progress: bool = False) -> Prepared:
     """Load ``data.train`` (and ``data.eval``), tokenize as ``records`` says, split, number.
 
     ``sources`` replaces a split's files with data already in memory (``{"train": dataset}``:
@@ -61,7 +64,9 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
             tokenized[split] = []
             continue
         result = load_examples(paths, format=data.format, columns=data.columns or None,
-                               on_error=data.on_error, system=data.system, max_records=data.max_records)
+                               on_error=data.on_error, system=data.system, max_records=data.max_records,
+                               prompt_marker=data.prompt_marker)
+        started = time.perf_counter()
         limits = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length,
                       on_overflow=data.on_overflow, report=result.report)
         if records == "pairs":
@@ -71,6 +76,7 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
         else:
             tokenized[split] = tokenize_unpaired(_unpaired_only(result.examples), tokenizer, **limits)
         reports[split] = dataclasses.asdict(result.report)
+        status(f"read and tokenized {split} records", result.report.records, time.perf_counter() - started, enabled=progress)
     train, held = tokenized["train"], tokenized["eval"]
     if not held and data.eval_fraction > 0:
         train, held = split_eval(train, data.eval_fraction, seed)

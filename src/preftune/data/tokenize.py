@@ -23,19 +23,26 @@ Ids
     prefixes every text with a space, ``Metaspace(prepend_scheme="first")``, gives a completion
     written without a leading space one anyway, as TRL's tokenization does too.)
 
-BOS
+Chat data: exactly ``apply_chat_template``
+    For chat examples the ids are the rendered template's and nothing else: the prompt's ids
+    equal ``apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)`` and prompt +
+    completion equal ``apply_chat_template(prompt + completion, tokenize=True)`` (tested on
+    ChatML, Llama-3, Mistral-instruct, Gemma and Zephyr styles). So no BOS is added that the
+    template does not write, and a turn the template closes with a special token of its own
+    (``<|im_end|>\\n``, ``<|eot_id|>``, ``<end_of_turn>\\n``, ``</s>``) is kept as rendered,
+    whitespace after it included, with no EOS appended; generation stops at that token too
+    (:func:`turn_end_ids`). Only a template whose assistant turn ends in no special token gets
+    EOS appended.
+
+BOS (plain text)
     The prompt gets the special tokens that the tokenizer's own post-processor puts before a
     text (usually BOS; nothing for tokenizers that add none), UNLESS the text already starts
-    with them, as when a chat template writes ``{{ bos_token }}``: BOS is never doubled. A
-    prompt that still starts with BOS twice is an error.
+    with them: BOS is never doubled. A prompt that still starts with BOS twice is an error.
 
-EOS
-    Each completion ends with EOS exactly once: appended unless the text already ends with it
-    (a template that closes the assistant turn with the EOS token). When the EOS token is
-    followed only by whitespace, e.g. ChatML's ``<|im_end|>\\n`` with ``eos_token =
-    "<|im_end|>"``, the whitespace is dropped so EOS is the last token. Otherwise the rendered
-    turn end is kept verbatim and EOS follows it (tiny ChatML with ``</s>``: ``...<|im_end|>\\n</s>``).
-    A completion ending with EOS twice is an error.
+EOS (plain text)
+    Each completion ends with EOS exactly once: appended unless the text already ends with it;
+    whitespace after a final EOS is dropped so EOS is the last token. A completion ending with
+    EOS twice is an error.
 
 Truncation (``max_length``, ``max_prompt_length``), in this order:
     1. A prompt longer than ``max_prompt_length`` keeps its END (left truncation); a leading
@@ -62,7 +69,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from preftune.data.codec import Codec
+from preftune.data.codec import Codec, encode_texts
 from preftune.data.records import (
     DataReport,
     PreferenceExample,
@@ -140,8 +147,26 @@ def tokenize_unpaired(
 def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> list[int]:
     """The ids of a prompt exactly as training sees them (no truncation): use it to generate."""
     codec = Codec.of(tokenizer)
-    text, _ = _render(tokenizer, prompt, system, (), "prompt", chat=isinstance(prompt, list))
-    return codec.prompts([text], ["prompt"])[0]
+    chat = isinstance(prompt, list)
+    text, _ = _render(tokenizer, prompt, system, (), "prompt", chat=chat)
+    return codec.prompts([text], ["prompt"], [chat])[0]
+
+
+def turn_end_ids(tokenizer: Any) -> list[int]:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``), as a list of one id; empty without a template or when
+    the turn ends in no special token. Generation stops there too."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    try:
+        _, (text,) = _render(tokenizer, [{"role": "user", "content": "x"}], None, ("y",), "probe", chat=True)
+    except TokenizationError:
+        return []
+    codec = Codec.of(tokenizer)
+    ids = encode_texts(tokenizer, [text], special=False)[0]
+    while ids and not codec.closes_turn(ids[-1:]) and codec.closes_turn(ids):
+        ids = ids[:-1]  # whitespace after the turn's end
+    return ids[-1:] if ids and codec.closes_turn(ids[-1:]) else []
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -160,16 +185,17 @@ def _tokenize(
     """Render, encode, check, measure and fit every row; returns (index, prompt, completions)."""
     _check_limits(max_length, max_prompt_length, on_overflow)
     codec = Codec.of(tokenizer)
-    prompt_texts, completion_texts, sources = [], [], []
+    prompt_texts, completion_texts, sources, chats = [], [], [], []
     for i, (prompt, system, completions, source) in enumerate(rows):
         where = f"record {source}" if source else f"example {i}"
         chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
         prompt_text, texts = _render(tokenizer, prompt, system, completions, where, chat=chat)
         prompt_texts.append(prompt_text)
-        completion_texts.extend(codec.trim_after_eos(t) for t in texts)
+        completion_texts.extend(t if chat else codec.trim_after_eos(t) for t in texts)
         sources.append(where)
-    prompts = codec.prompts(prompt_texts, sources)
-    flat = codec.completions(completion_texts, [w for w in sources for _ in names])
+        chats.append(chat)
+    prompts = codec.prompts(prompt_texts, sources, chats)
+    flat = codec.completions(completion_texts, [w for w in sources for _ in names], [c for c in chats for _ in names])
     k = len(names)
     completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
 

@@ -113,6 +113,14 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def use_bf16(train: Any) -> bool:
+    """``train.bf16``, with ``None`` meaning auto: bf16 autocast on a CUDA device that supports it,
+    fp32 on a CPU (where bf16 is slower on most processors and its accuracy cost buys nothing)."""
+    if train.bf16 is not None:
+        return bool(train.bf16)
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def has_adapter(model: nn.Module | None) -> bool:
     """Whether ``model`` is a peft model (its adapter can be switched off to give the reference)."""
     return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")

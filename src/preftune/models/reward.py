@@ -25,6 +25,7 @@ from preftune.errors import PreftuneError
 from preftune.logprobs import completion_logps
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.scorers import body_of, causal_lm_of
+from preftune.progress import batches
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -64,8 +65,8 @@ class RewardModel(nn.Module):
 
 
 
-def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path) -> None:
-    """Backbone (causal LM), tokenizer, head, metadata; and ``seq_cls/`` where possible."""
+def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path, *, seq_cls: bool = True) -> None:
+    """Backbone (causal LM), tokenizer, head, metadata; and ``seq_cls/`` where possible (and asked)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
     save_file({"weight": model.head.weight.detach().cpu().contiguous()}, str(folder / HEAD_FILE))
     meta = {"kind": "preftune-reward-model", "pooling": "last token with attention_mask 1", "hidden_size": model.head.in_features}
-    meta["seq_cls"] = _export_seq_cls(model, tokenizer, folder / "seq_cls")
+    meta["seq_cls"] = _export_seq_cls(model, tokenizer, folder / "seq_cls") if seq_cls else None
     (folder / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
@@ -124,7 +125,7 @@ def load_reward_model(path: str | Path, *, device: torch.device | None = None) -
 
 @torch.no_grad()
 def score_responses(model: RewardModel, tokenizer: Any, prompts: list[Any], responses: list[Any], *,
-                    batch_size: int = 16, system: str | None = None) -> list[float]:
+                    batch_size: int = 16, system: str | None = None, progress: bool = False) -> list[float]:
     """Rewards of (prompt, response) pairs, tokenized exactly as in training (EOS appended)."""
     from preftune.data.collate import collate_unpaired
     from preftune.data.records import UnpairedExample
@@ -137,7 +138,7 @@ def score_responses(model: RewardModel, tokenizer: Any, prompts: list[Any], resp
     items = tokenize_unpaired(examples, tokenizer, max_length=limit, max_prompt_length=None, on_overflow="error")
     device = next(model.parameters()).device
     out: list[float] = []
-    for start in range(0, len(items), batch_size):
+    for start in batches(len(items), batch_size, desc="score", enabled=progress):
         batch = collate_unpaired(items[start:start + batch_size], tokenizer.pad_token_id)
         rewards, _, _ = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         out.extend(rewards.tolist())

@@ -111,7 +111,8 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
     if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
         ref_model = copy.deepcopy(given.model)  # the reference is the policy as it starts: an exact copy
     run = start_run(cfg, given)
-    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources())
+    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources(),
+                   progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "pairs")
 
     policy = load_policy(cfg.model, given.model)

@@ -69,17 +69,19 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
     ``given`` holds what a Python caller passed in memory (the backbone, tokenizer, data)."""
     given = given or Given()
     run = start_run(cfg, given)
-    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources())  # as DPO
+    data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources(),
+                   progress=cfg.train.progress)  # as DPO
     record_data(run, data.reports, data.train, "pairs")
     model = RewardModel(load_policy(cfg.model, given.model), chunk_size=cfg.train.logprob_chunk_size)
 
-    def save_final(folder: Path) -> None:
-        save_reward_model(model, run.tokenizer, folder)
+    def save_final(folder: Path, seq_cls: bool = True) -> None:
+        save_reward_model(model, run.tokenizer, folder, seq_cls=seq_cls)
         write_config(run, folder)
 
     return Task(model=model, loss_fn=make_rm_loss(cfg), train_set=data.train,
                 collate=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id),
                 lengths=[p.length for p in data.train], counts=count_pairs, eval_set=data.eval, save_final=save_final,
+                save_model=lambda folder: save_final(folder, seq_cls=False),
                 group_by_length=cfg.data.group_by_length, output=model)
 
 

@@ -14,7 +14,7 @@ from preftune.data.records import PreferenceExample
 
 
 def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", batch_size: int = 16,
-               on_error: str = "error") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               on_error: str = "error", progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scored records and a summary (records, and for pairs accuracy and mean margin)."""
     import torch
 
@@ -30,7 +30,7 @@ def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", bat
         prompts = [ex.prompt for ex in examples]
         systems = {ex.system for ex in examples}
         rewards = _score(model, tokenizer, prompts * 2, [ex.chosen for ex in examples] + [ex.rejected for ex in examples],
-                         [ex.system for ex in examples] * 2, batch_size, systems)
+                         [ex.system for ex in examples] * 2, batch_size, systems, progress)
         n = len(examples)
         records = []
         for i, ex in enumerate(examples):
@@ -41,24 +41,26 @@ def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", bat
         summary["mean_margin"] = sum(r["margin"] for r in records) / max(1, n)
         return records, summary
     rewards = _score(model, tokenizer, [ex.prompt for ex in examples], [ex.completion for ex in examples],
-                     [ex.system for ex in examples], batch_size, {ex.system for ex in examples})
+                     [ex.system for ex in examples], batch_size, {ex.system for ex in examples}, progress)
     records = [{"source": ex.source, "prompt": ex.prompt, "completion": ex.completion, "reward": r}
                for ex, r in zip(examples, rewards)]
     summary["mean_reward"] = sum(rewards) / max(1, len(rewards))
     return records, summary
 
 
-def _score(model: Any, tokenizer: Any, prompts: list, responses: list, systems: list, batch_size: int, distinct: set) -> list[float]:
+def _score(model: Any, tokenizer: Any, prompts: list, responses: list, systems: list, batch_size: int, distinct: set,
+           progress: bool) -> list[float]:
     from preftune.models.reward import score_responses
 
     if len(distinct) <= 1:
-        return score_responses(model, tokenizer, prompts, responses, batch_size=batch_size, system=next(iter(distinct), None))
+        return score_responses(model, tokenizer, prompts, responses, batch_size=batch_size, system=next(iter(distinct), None),
+                               progress=progress)
     # records with different system prompts: score each group, keep the order
     out: list[float] = [0.0] * len(prompts)
     for system in distinct:
         idx = [i for i, s in enumerate(systems) if s == system]
         scores = score_responses(model, tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
-                                 batch_size=batch_size, system=system)
+                                 batch_size=batch_size, system=system, progress=progress)
         for i, value in zip(idx, scores):
             out[i] = value
     return out

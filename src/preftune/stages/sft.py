@@ -47,7 +47,8 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
     ``given`` holds what a Python caller passed in memory (model, tokenizer, data)."""
     given = given or Given()
     run = start_run(cfg, given)
-    data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed, sources=given.sources())
+    data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed, sources=given.sources(),
+                   progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "examples")
 
     policy = load_policy(cfg.model, given.model)

@@ -1,0 +1,27 @@
+"""Progress on stderr for every step that can take more than a few seconds.
+
+:func:`batches` walks a list in batches with a tqdm bar (items and rate); :func:`status` prints
+one line with a rate once a step is done. Both are silent when progress is off (``train.progress
+= false``, or a caller that passes ``enabled=False``) and for steps too short to matter.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+
+def batches(total: int, batch_size: int, *, desc: str, enabled: bool = True) -> Iterator[int]:
+    """The start index of each batch of ``batch_size`` in ``range(total)``, with a bar counting items."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="item", leave=False, disable=not enabled, file=sys.stderr) as bar:
+        for start in range(0, total, batch_size):
+            yield start
+            bar.update(min(batch_size, total - start))
+
+
+def status(what: str, count: int, seconds: float, *, enabled: bool = True, at_least: float = 2.0) -> None:
+    """``preftune: WHAT: COUNT in S s (R/s)`` on stderr, when enabled and the step took ``at_least`` seconds."""
+    if enabled and seconds >= at_least:
+        print(f"preftune: {what}: {count} in {seconds:.1f} s ({count / seconds:.0f}/s)", file=sys.stderr)
