@@ -15,7 +15,8 @@ def batches(total: int, batch_size: int, *, desc: str, enabled: bool = True) -> 
     """The start index of each batch of ``batch_size`` in ``range(total)``, with a bar counting items."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit="item", leave=False, disable=not enabled, file=sys.stderr) as bar:
+    # delay: a step that ends within two seconds shows nothing (no flicker of short bars inside a run)
+    with tqdm(total=total, desc=desc, unit="item", leave=False, disable=not enabled, file=sys.stderr, delay=2.0) as bar:
         for start in range(0, total, batch_size):
             yield start
             bar.update(min(batch_size, total - start))
