@@ -107,3 +107,10 @@ def test_shipped_configs_load() -> None:
         stage = path.name.split("-")[0]  # dpo-tiny.yaml -> the dpo stage
         assert stage in STAGES, f"{path.name} should start with a stage name ({', '.join(STAGES)})"
         load_config(STAGES[stage], path)
+
+
+def test_the_shipped_accelerate_config_loads() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / "ddp.yaml"))
+    assert config.distributed_type == "MULTI_GPU" and config.num_processes == 2

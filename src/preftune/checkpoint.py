@@ -37,6 +37,7 @@ class LoopState:
     batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     examples_seen: int = 0
     tokens_seen: int = 0
+    global_batch: int = 0  # items per global micro-batch (batch_size x processes); 0: not recorded
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,6 +71,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
     export: Callable[[Path], None] | None = None,
+    rng: list[dict[str, object]] | None = None,
 ) -> Path:
     """Write a checkpoint atomically to ``folder`` (replacing nothing until complete).
 
@@ -87,7 +89,8 @@ def save_checkpoint(
     save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    # one RNG state per process, in rank order (gathered by the caller when there are several)
+    torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
     if export is not None:
         export(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))  # last: its presence marks a complete checkpoint
@@ -127,8 +130,15 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
+    global_batch: int = 0,
 ) -> LoopState:
-    """Restore weights, optimizer, scheduler and RNG from ``folder``; return the loop state."""
+    """Restore weights, optimizer, scheduler and this process's RNG from ``folder``; return the loop state.
+
+    The data position is counted in global micro-batches, so a run resumes on another number of
+    processes only when the global batch (``batch_size x processes``) is the same; otherwise the
+    position would point at other examples, and the resume is refused.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -144,6 +154,9 @@ def load_checkpoint(
     except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
         raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
                             f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
+    if global_batch and state.global_batch and state.global_batch != global_batch:
+        raise TrainingError(f"checkpoint '{folder}' was written with a global batch of {state.global_batch} "
+                            f"(batch_size x processes); this run has {global_batch}. Resume with the same global batch.")
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
@@ -158,5 +171,6 @@ def load_checkpoint(
             params[name].copy_(value)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
-    set_rng_state(rng)
+    ranks = rng.get("ranks", [rng])  # an older checkpoint holds one state
+    set_rng_state(ranks[rank % len(ranks)])
     return state

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from preftune.config import DPOConfig
+from preftune.distributed import all_gather, barrier, world
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
 from preftune.models.load import freeze, load_causal_lm, use_bf16
@@ -156,7 +157,9 @@ def load_or_compute_cache(
 ) -> tuple[CachedReference, bool]:
     """The cached table for ``key``; computed (and written atomically) when absent.
 
-    Returns the reference and whether it was read from disk (a warm cache).
+    Returns the reference and whether it was read from disk (a warm cache). With several
+    processes each scores every n-th batch, the rows are gathered on every process, and the main
+    process writes the file once.
     """
     from safetensors.torch import load_file, save_file
 
@@ -174,23 +177,32 @@ def load_or_compute_cache(
     # Scored in order of length, so each batch holds similar lengths and little padding is computed.
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].shared_length)
     columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    rank, processes = world()
+    scored: list[int] = []  # positions in `order` this process scored
     with torch.no_grad():
-        for start in batches(len(pairs), batch_size, desc="reference cache", enabled=progress):
+        for number, start in enumerate(batches(len(pairs), batch_size, desc="reference cache", enabled=progress and rank == 0)):
+            if number % processes != rank:
+                continue
+            scored.extend(order[start : start + batch_size])
             batch = collate([pairs[i] for i in order[start : start + batch_size]])
             with autocast():
                 logps, tokens = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
             pair = split_pair(logps.float().cpu(), tokens.cpu())
             for name in columns:
                 columns[name].append(getattr(pair, name))
-    where = torch.tensor(order)
+    local = {name: torch.cat(values) if values else torch.empty(0) for name, values in columns.items()}
+    parts = all_gather((scored, local))
+    where = torch.tensor([i for indices, _ in parts for i in indices])
     table = {}
-    for name, values in columns.items():
-        scored = torch.cat(values)
-        table[name] = torch.empty_like(scored).index_copy_(0, where, scored)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key, "rows": str(len(pairs))})
-    os.replace(tmp, path)
+    for name in columns:
+        values = torch.cat([part[name] for _, part in parts if len(part[name])])
+        table[name] = torch.empty_like(values).index_copy_(0, where, values)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key, "rows": str(len(pairs))})
+        os.replace(tmp, path)
+    barrier()
     del scorer
     return CachedReference(table, path), False
 

@@ -37,9 +37,11 @@ from preftune.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    rng_state,
     save_checkpoint,
 )
 from preftune.config import TrainConfig
+from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
@@ -100,40 +102,83 @@ class MetricWindow:
             self.counts[name] = self.counts.get(name, 0) + value.numel()
 
     def means(self) -> dict[str, float]:
-        return {name: self.sums[name] / self.counts[name] for name in self.sums if self.counts[name]}
+        """The means over the window, over every process (each holds its own examples' sums)."""
+        sums, counts = self.sums, self.counts
+        if world()[1] > 1:
+            sums, counts = {}, {}
+            for their_sums, their_counts in all_gather((self.sums, self.counts)):
+                for name, value in their_sums.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + their_counts[name]
+        return {name: sums[name] / counts[name] for name in sorted(sums) if counts[name]}
 
 
 
-def epoch_batches(task: Task, cfg: TrainConfig, epoch: int) -> list[list[int]]:
+def epoch_batches(task: Task, cfg: TrainConfig, epoch: int, processes: int = 1) -> list[list[int]]:
+    """The epoch's GLOBAL micro-batches (``batch_size`` per process, so ``batch_size x processes``
+    items each), length-grouped over the whole set exactly as one process with that batch would."""
     from preftune.data.collate import LengthGroupedBatchSampler
 
     sampler = LengthGroupedBatchSampler(
-        task.lengths, cfg.batch_size, seed=cfg.seed, shuffle=True, group_by_length=task.group_by_length
+        task.lengths, cfg.batch_size * processes, seed=cfg.seed, shuffle=True, group_by_length=task.group_by_length
     )
     sampler.set_epoch(epoch)
     return list(sampler)
 
 
+def shard(indices: list[int], rank: int, processes: int) -> list[int]:
+    """This process's contiguous part of a global micro-batch (parts differ in size by one at most)."""
+    base, extra = divmod(len(indices), processes)
+    start = rank * base + min(rank, extra)
+    return indices[start : start + base + (1 if rank < extra else 0)]
+
+
+def _check_shards(n_items: int, cfg: TrainConfig, processes: int) -> None:
+    """Every process needs an example in every micro-batch (DDP runs the step on all of them)."""
+    if processes == 1:
+        return
+    tail = n_items % (cfg.batch_size * processes)
+    if n_items < processes or 0 < tail < processes:
+        raise PreftuneError(
+            f"{n_items} training items in global batches of {cfg.batch_size} x {processes} processes leave a last batch of "
+            f"{tail or n_items} for {processes} processes; choose train.batch_size so that each process gets at least one "
+            "example of every batch (or run on fewer processes)."
+        )
+
+
 def evaluate_held_out(task: Task, model: nn.Module, cfg: TrainConfig, accelerator: Any) -> dict[str, float]:
-    """Mean metrics over the held-out set, in a fixed order, without gradients."""
+    """Mean metrics over the held-out set, in a fixed order, without gradients.
+
+    ``eval/loss`` is the loss of the whole held-out set as one batch (each batch's share of the
+    set's totals, summed), so it does not depend on how the set is batched or split; the other
+    metrics are per-example means. With several processes each scores every n-th item and the
+    means are taken over all of them; the model runs unwrapped (no DDP collectives in a loop
+    whose length differs between processes).
+    """
     if not task.eval_set:
         return {}
+    rank, processes = world()
+    items = list(task.eval_set)[rank::processes]
     size = cfg.eval_batch_size or cfg.batch_size
     window = MetricWindow()
     was_training = model.training
     model.eval()
+    net = accelerator.unwrap_model(model)
+    starts = range(0, len(items), size)
+    # The set's totals first (collating is cheap next to the forward passes), then each batch's share.
+    local = sum_counts([task.collate(items[start : start + size]) for start in starts], task.counts) if items else {}
+    names = sorted(set().union(*all_gather(sorted(local))))
+    totals = {name: all_sum(local.get(name, torch.tensor(0.0))) for name in names}
+    loss_sum = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
-        for start in batches(len(task.eval_set), size, desc="eval", enabled=cfg.progress):
-            batch = _to_device(task.collate(list(task.eval_set[start : start + size])), accelerator.device)
+        for start in batches(len(items), size, desc="eval", enabled=cfg.progress and rank == 0):
+            batch = _to_device(task.collate(items[start : start + size]), accelerator.device)
             with accelerator.autocast():
-                loss, metrics = task.loss_fn(model, batch, sum_counts([batch], task.counts))
-            window.add({"loss": loss.detach().expand(_batch_size(metrics)), **metrics})
+                loss, metrics = task.loss_fn(net, batch, totals)
+            loss_sum += float(loss.detach())
+            window.add(metrics)
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in window.means().items()}
-
-
-def _batch_size(metrics: dict[str, torch.Tensor]) -> int:
-    return max((v.numel() for v in metrics.values()), default=1)
+    return {"eval/loss": float(all_sum(loss_sum)), **{f"eval/{k}": v for k, v in window.means().items()}}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -173,13 +218,15 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _new_accelerator(Accelerator, cfg)
+    rank, processes = world()
+    _check_shards(len(task.train_set), cfg, processes)
     params = [p for p in task.model.parameters() if p.requires_grad]
     if not params:
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     model, optimizer = accelerator.prepare(task.model, optimizer)
 
-    batches_per_epoch = math.ceil(len(task.train_set) / cfg.batch_size)
+    batches_per_epoch = math.ceil(len(task.train_set) / (cfg.batch_size * processes))
     if batches_per_epoch == 0:
         raise PreftuneError("the training set is empty after loading and truncation: nothing to train on.")
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -189,13 +236,20 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     state = LoopState()
     resume = _resolve_resume(cfg, run_dir)
     if resume is not None:
-        state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                                rank=rank, global_batch=cfg.batch_size * processes)
+    state.global_batch = cfg.batch_size * processes
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, state.step)
     trackers = _trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
     last_checkpoint = resume
     watch = DisplacementWatch()
     hooks = Callbacks(callbacks)
+
+    def fire(event: str, step: int, metrics: dict[str, Any]) -> str | None:
+        """Callbacks run on the main process; its answer (stop or not) holds for every process."""
+        answer = hooks.fire(event, step, metrics) if rank == 0 else None
+        return all_gather(answer)[0] if processes > 1 else answer
     stopped_by: str | None = None
     last_record: dict[str, Any] = {}
     window = MetricWindow()
@@ -205,20 +259,26 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     tokens_at_start = state.tokens_seen
 
     while state.step < total_steps:
-        batches = epoch_batches(task, cfg, state.epoch)
+        batches = epoch_batches(task, cfg, state.epoch, processes)
         # The micro-batches of this epoch not consumed yet, in groups of grad_accum.
         remaining = batches[state.batches_in_epoch :]
         if not remaining:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             continue
-        group = remaining[: cfg.grad_accum]
-        micro_batches = [_to_device(task.collate([task.train_set[j] for j in indices]), accelerator.device) for indices in group]
-        totals = sum_counts(micro_batches, task.counts)
+        group = remaining[: cfg.grad_accum]  # global micro-batches; this process trains on its shard of each
+        local = [shard(indices, rank, processes) for indices in group]
+        micro_batches = [_to_device(task.collate([task.train_set[j] for j in indices]), accelerator.device) for indices in local]
+        # The step's totals over every process: each share is then of the GLOBAL batch's loss.
+        totals = {name: all_sum(value) for name, value in sum_counts(micro_batches, task.counts).items()}
         step_loss = torch.zeros((), device=accelerator.device)
-        for i, (indices, batch) in enumerate(zip(group, micro_batches)):
+        step_tokens = 0
+        for i, batch in enumerate(micro_batches):
             with accelerator.autocast():
                 loss, metrics = task.loss_fn(model, batch, totals)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float()
+            if processes > 1:  # every process stops together, or none does
+                finite = all_sum(finite.cpu()) == processes
+            if not finite:
                 kept = (f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint
                         else "no checkpoint was written yet (set train.save_every)")
                 raise TrainingError(
@@ -227,14 +287,17 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
                 )
             # loss is this micro-batch's share of the step's loss (divided by the step's totals),
             # so the shares add up to the full batch's loss and its gradient (module docstring).
+            # DDP averages gradients over the processes; the shares are of the global loss, so scale back.
             with _no_sync(accelerator, model, last=i == len(group) - 1):
-                accelerator.backward(loss)
+                accelerator.backward(loss * processes if processes > 1 else loss)
             step_loss = step_loss + loss.detach().float()
             window.add(metrics)
-            state.examples_seen += len(indices)
             # real (non-padding) tokens; packed batches carry a 4D mask and say it themselves
-            state.tokens_seen += int(batch["real_tokens"].sum() if "real_tokens" in batch else batch["attention_mask"].sum())
-        window.add({"loss": step_loss.expand(sum(len(indices) for indices in group))})
+            step_tokens += int(batch["real_tokens"].sum() if "real_tokens" in batch else batch["attention_mask"].sum())
+        step_loss = all_sum(step_loss)  # the global batch's loss
+        window.add({"loss": step_loss.expand(sum(len(indices) for indices in local))})
+        state.examples_seen += sum(len(indices) for indices in group)
+        state.tokens_seen += int(all_sum(torch.tensor(float(step_tokens))))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -244,7 +307,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
         if state.batches_in_epoch >= len(batches):
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         window.add({"grad_norm": torch.as_tensor(float(grad_norm))})
-        stopped_by = hooks.fire("on_step_end", state.step, {"loss": float(step_loss), "grad_norm": float(grad_norm),
+        stopped_by = fire("on_step_end", state.step, {"loss": float(step_loss), "grad_norm": float(grad_norm),
                                                              "lr": scheduler.get_last_lr()[0]})
 
         last = state.step == total_steps or stopped_by is not None
@@ -257,20 +320,22 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
                       "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
             _log(record, metrics_path, trackers, accelerator)
             last_record = record
-            stopped_by = stopped_by or hooks.fire("on_log", state.step, record)
+            stopped_by = stopped_by or fire("on_log", state.step, record)
             watch.update(means, state.step)
             bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
             evaluated = evaluate_held_out(task, model, cfg, accelerator)
             _log({"step": state.step, **evaluated}, metrics_path, trackers, accelerator)
-            stopped_by = stopped_by or hooks.fire("on_evaluate", state.step, evaluated)
-        if cfg.save_every and state.step % cfg.save_every == 0 and accelerator.is_main_process:
-            last_checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step-{state.step}", model=accelerator.unwrap_model(model),
-                                              optimizer=optimizer, scheduler=scheduler, state=state,
-                                              export=task.save_model or task.save_final)
-            if cfg.save_total_limit:
-                prune_checkpoints(run_dir, cfg.save_total_limit)
-            stopped_by = stopped_by or hooks.fire("on_save", state.step, {"path": str(last_checkpoint)})
+            stopped_by = stopped_by or fire("on_evaluate", state.step, evaluated)
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            rngs = all_gather(rng_state())  # every process's, written once by the main one
+            last_checkpoint = run_dir / "checkpoints" / f"step-{state.step}"
+            if accelerator.is_main_process:
+                save_checkpoint(last_checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                                state=state, export=task.save_model or task.save_final, rng=rngs)
+                if cfg.save_total_limit:
+                    prune_checkpoints(run_dir, cfg.save_total_limit)
+            stopped_by = stopped_by or fire("on_save", state.step, {"path": str(last_checkpoint)})
         bar.update(1)
         if stopped_by is not None:
             break
@@ -279,7 +344,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     final_eval = evaluate_held_out(task, model, cfg, accelerator)
     if final_eval:
         _log({"step": state.step, **final_eval}, metrics_path, trackers, accelerator)
-        hooks.fire("on_evaluate", state.step, final_eval)
+        fire("on_evaluate", state.step, final_eval)
     if trackers is not None:
         trackers.finish()
     accelerator.wait_for_everyone()

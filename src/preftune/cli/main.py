@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from preftune.cli.verbs import VERBS, Verb
+from preftune.distributed import world
 from preftune.errors import PreftuneError
 
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if overrides and not verb.takes_overrides:
             raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")
+        processes = world()[1]
+        if processes > 1 and not verb.takes_overrides:  # the training verbs are the ones that run data-parallel
+            raise PreftuneError(f"`preftune {verb.name}` runs in one process; it was launched in {processes}. "
+                                "Only dpo, sft and rm train across processes.")
         return verb.run(args, overrides)
     except PreftuneError as err:
         if args.debug:

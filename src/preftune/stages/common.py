@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from preftune import distributed
 from preftune.config import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
@@ -65,14 +66,21 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     it was loaded from, when the config names none."""
     given = given or Given()
     validate(cfg)
+    rank, processes = distributed.start()
     if given.model is not None and not cfg.model.path:
         cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
     if given.tokenizer is None and given.model is not None and not (cfg.model.tokenizer or cfg.model.path):
         raise PreftuneError("a model was passed in without a tokenizer, and the config names no tokenizer folder: pass tokenizer=...")
     run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    mark(run_dir, "running")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        mark(run_dir, "running")
+        if processes > 1:
+            train = cfg.train
+            print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
+                  f"{processes * train.batch_size * train.grad_accum} per optimizer step (data parallel)", file=sys.stderr)
+    distributed.barrier()
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     tokenizer = given.tokenizer
     if tokenizer is None:
@@ -105,8 +113,9 @@ def recorded(cfg: Any) -> Iterator[None]:
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
-    """Write ``data_report.json``; stop when nothing is left to train on."""
-    (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
+    """Write ``data_report.json`` (the main process); stop when nothing is left to train on."""
+    if distributed.is_main():
+        (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
     if not train:
         raise PreftuneError(f"no training {what} are left after loading and truncation; see {run.dir / 'data_report.json'}.")
 

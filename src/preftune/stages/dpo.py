@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from preftune import distributed
 from preftune.config import DPOConfig
 from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
 from preftune.data.prepare import prepare
@@ -127,7 +128,8 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
     ref_info["layout"] = "prefix_shared" if shared else "concatenated"
     if why_not:
         ref_info["prefix_sharing_off"] = why_not
-    (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
+    if distributed.is_main():
+        (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
 
     train_fn = make_loss_fn(cfg, train_ref, extra_terms)
     eval_fn = make_loss_fn(cfg, eval_ref, extra_terms)

@@ -1,0 +1,68 @@
+"""The few collective steps data-parallel training needs, over accelerate's process group.
+
+preftune has no communication code of its own beyond these calls: ``accelerate`` (under
+``torchrun`` or ``accelerate launch``) starts the process group (gloo on CPU, NCCL on GPU) and
+wraps the model in DDP; here are the reductions of counts and metrics, and the gathering of
+small Python objects (RNG states, reference-cache rows). With one process every function is a
+no-op that returns its input.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from preftune.errors import PreftuneError
+
+#: What preftune runs across processes today: plain data parallelism.
+UNSUPPORTED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): from the started process group, else from the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def start() -> tuple[int, int]:
+    """Join the launcher's process group (through accelerate) and refuse what is not supported yet."""
+    for variable, name in UNSUPPORTED.items():
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
+            raise PreftuneError(f"{name} is not supported yet ({variable} is set by the launcher); preftune runs data-parallel "
+                                "(DDP) across processes: launch with torchrun, or accelerate launch with the DDP config.")
+    if world()[1] > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return world()
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process (a copy; float64 on CPU for counts and sums)."""
+    if world()[1] == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    out = value.detach().to(device=device, dtype=torch.float64).clone()
+    torch.distributed.all_reduce(out)
+    return out.to(device=value.device, dtype=value.dtype)
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if world()[1] == 1:
+        return [obj]
+    out: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,139 @@
+"""Data-parallel training on this machine: CPU, gloo, launched with torchrun.
+
+Two processes with a global batch of 8 (4 each) give the losses at every step and the final
+weights of one process with batch 8; a run stopped and resumed on two processes (or resumed on
+one with the same global batch) ends the same; two "nodes" on one machine give the result of two
+processes on one node; what is not supported is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DPO_TINY, REPO, assert_same_weights, read_metrics, weights, write_jsonl
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+QUIET = ["--train.progress=false", "--train.report=false", "--train.log_every=1", "--train.lr=1e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+def preftune(*args: str, processes: int = 1, nodes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`preftune ARGS` in one process, or under torchrun (processes per node, nodes on this machine)."""
+    if processes == 1 and nodes == 1:
+        command = [[sys.executable, "-m", "preftune.cli", *args]]
+    else:
+        port = free_port()
+        command = [[*TORCHRUN, f"--nnodes={nodes}", f"--nproc-per-node={processes}", f"--node-rank={node}",
+                    "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "preftune.cli", *args] for node in range(nodes)]
+    running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for c in command]
+    results = []
+    for p in running:
+        out, err = p.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    if check:
+        for r in results:
+            assert r.returncode == 0, r.stderr[-3000:]
+    return results[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from preftune.models.tiny import synthetic_preferences
+
+    folder = tmp_path_factory.mktemp("dp-data")
+    return write_jsonl(folder / "train.jsonl", synthetic_preferences(48, seed=1)), write_jsonl(folder / "eval.jsonl",
+                                                                                          synthetic_preferences(10, seed=2))
+
+
+def dpo(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    return ["dpo", str(DPO_TINY), f"--model.path={model}", f"--data.train={data[0]}", f"--data.eval={data[1]}",
+            f"--train.output_dir={out}", "--train.save_every=null", "--train.eval_every=3", *QUIET, *extra]
+
+
+def assert_same_runs(a: Path, b: Path) -> None:
+    lines_a, lines_b = read_metrics(a), read_metrics(b)
+    assert [m["step"] for m in lines_a] == [m["step"] for m in lines_b]
+    for x, y in zip(lines_a, lines_b):
+        for key in ("loss", "eval/loss", "rewards/margins", "grad_norm", "nll"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-5), (x["step"], key)
+        if "num_tokens" in x:
+            assert x["num_tokens"] == y["num_tokens"]  # every example trained on once: none twice
+    assert_same_weights(weights(a / "final"), weights(b / "final"), atol=1e-5)
+
+
+def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.batch_size=8"))
+    two = preftune(*dpo(tiny_model_dir, data, tmp_path / "two", "--train.max_steps=6", "--train.batch_size=4"), processes=2)
+    assert "2 processes x batch 4 x grad_accum 1 = global batch 8" in two.stderr
+    assert json.loads((tmp_path / "two" / "reference.json").read_text())["layout"] == "prefix_shared"
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    def sft(out: Path, batch: int) -> list[str]:
+        return ["sft", str(REPO / "configs" / "sft-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
+                f"--data.eval={data[1]}", f"--train.output_dir={out}", "--train.max_steps=4", "--train.grad_accum=2",
+                f"--train.batch_size={batch}", "--train.save_every=null", "--train.eval_every=null", *QUIET]
+
+    preftune(*sft(tmp_path / "one", 4))
+    preftune(*sft(tmp_path / "two", 2), processes=2)
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    constant = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.save_every=3"]
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "straight", "--train.max_steps=6", "--train.batch_size=4", *constant), processes=2)
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=3", "--train.batch_size=4", *constant), processes=2)
+    rng = __import__("torch").load(tmp_path / "stopped" / "checkpoints" / "step-3" / "rng.pt", weights_only=True)
+    assert len(rng["ranks"]) == 2  # every process's RNG
+    resumed = dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=6", "--train.resume_from=latest", *constant)
+    preftune(*resumed, "--train.batch_size=4", processes=2)
+    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "stopped" / "final"), atol=1e-5)
+    # one process with the same global batch continues the same data position
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=3", "--train.batch_size=4", *constant), processes=2)
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.resume_from=latest", "--train.batch_size=8",
+                  *constant))
+    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "one" / "final"), atol=1e-5)
+    # another global batch would point at other examples: refused
+    refused = preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=9", "--train.resume_from=latest",
+                            "--train.batch_size=4", *constant), check=False)
+    assert refused.returncode == 2 and "global batch of 8" in refused.stderr and "this run has 4" in refused.stderr
+
+
+def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "procs", "--train.max_steps=3", "--train.batch_size=4"), processes=2)
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "nodes", "--train.max_steps=3", "--train.batch_size=4"), processes=1, nodes=2)
+    assert_same_runs(tmp_path / "procs", tmp_path / "nodes")
+
+
+def test_what_is_not_supported_is_refused_in_one_line(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    report = preftune("report", str(tmp_path), processes=2, check=False)
+    assert report.returncode != 0 and "`preftune report` runs in one process; it was launched in 2" in report.stderr
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    try:
+        fsdp = preftune(*dpo(tiny_model_dir, data, tmp_path / "fsdp", "--train.max_steps=1"), check=False)
+    finally:
+        del os.environ["ACCELERATE_USE_FSDP"]
+    assert fsdp.returncode == 2 and "FSDP is not supported yet" in fsdp.stderr and "Traceback" not in fsdp.stderr
+    odd = write_jsonl(tmp_path / "nine.jsonl", [json.loads(line) for line in data[0].read_text().splitlines()[:9]])
+    uneven = preftune(*dpo(tiny_model_dir, (odd, data[1]), tmp_path / "odd", "--train.max_steps=1", "--train.batch_size=4"),
+                      processes=2, check=False)
+    assert uneven.returncode != 0 and "leave a last batch of 1 for 2 processes" in uneven.stderr
