@@ -168,8 +168,8 @@ def test_import_is_light_and_exports_only_the_public_names() -> None:
     code = "import sys, preftune; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
-    assert set(preftune.__all__) == {"dpo", "sft", "reward_model", "Result", "DPOConfig", "SFTConfig", "RMConfig",
-                                     "load_config", "PreftuneError", "__version__"}
+    assert set(preftune.__all__) == {"dpo", "sft", "reward_model", "kto", "Result", "DPOConfig", "SFTConfig", "RMConfig",
+                                     "KTOConfig", "load_config", "PreftuneError", "__version__"}
     assert callable(preftune.dpo) and preftune.DPOConfig.__name__ == "DPOConfig"
     with pytest.raises(AttributeError):
         preftune.run_dpo  # noqa: B018

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.config import DPOConfig, RMConfig, SFTConfig, build_config, to_dict
+from preftune.config import DPOConfig, KTOConfig, RMConfig, SFTConfig, build_config, to_dict
 from preftune.errors import ConfigError
 from preftune.trl_names import trl_hint
 
@@ -64,6 +64,15 @@ def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import sft as stage
 
     cfg, given = _prepare(SFTConfig, config, settings, model, train_data, eval_data, tokenizer, None)
+    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
+
+
+def kto(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None, ref_model: Any = None,
+        config: KTOConfig | None = None, callbacks: Sequence[Any] = (), **settings: Any) -> Result:
+    """Train a policy with KTO on unpaired records (``prompt``, ``completion``, ``label``)."""
+    from preftune.stages import kto as stage
+
+    cfg, given = _prepare(KTOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
     return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
 
 

@@ -19,9 +19,9 @@ from preftune.errors import ConfigError
 from preftune.trl_names import TRL_LOSS_TYPES, trl_hint
 from preftune.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
 
-__all__ = ["STAGES", "DPOConfig", "DataConfig", "LoraConfig", "LossConfig", "ModelConfig", "RMConfig", "RMLossConfig",
-           "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig", "build_config", "from_dict", "load_config", "parse_overrides",
-           "to_dict", "to_yaml", "validate"]
+__all__ = ["STAGES", "DPOConfig", "DataConfig", "KTOConfig", "KTOLossConfig", "KTOOptions", "LoraConfig", "LossConfig",
+           "ModelConfig", "RMConfig", "RMLossConfig", "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig",
+           "build_config", "from_dict", "load_config", "parse_overrides", "to_dict", "to_yaml", "validate"]
 
 
 #: train.report_to's trackers -> the package each needs (preftune.trackers starts them)
@@ -196,7 +196,39 @@ class RMConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rm", lr=1e-5))
 
 
-STAGES: dict[str, type] = {"dpo": DPOConfig, "sft": SFTConfig, "rm": RMConfig}
+@dataclass
+class KTOLossConfig:
+    """KTO's objective (Ethayarajh et al. 2024): beta and the weights of the two kinds of example."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    @property
+    def name(self) -> str:  # what the reference and the loss registry call it
+        return "kto"
+
+
+@dataclass
+class KTOOptions:
+    """KTO's data: unpaired records (prompt, completion, label)."""
+
+    split_pairs: bool = False  # also take preference pairs, each as a desirable and an undesirable record
+
+
+@dataclass
+class KTOConfig:
+    """`preftune kto`: KTO on unpaired (thumbs-up / thumbs-down) feedback."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
+    kto: KTOOptions = field(default_factory=KTOOptions)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/kto", lr=5e-7))
+
+
+STAGES: dict[str, type] = {"dpo": DPOConfig, "sft": SFTConfig, "rm": RMConfig, "kto": KTOConfig}
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -247,7 +279,9 @@ def validate(cfg: Any, where: str = "") -> None:
         if check is not None:
             problems.extend(f"{name}.{problem}" for problem in check(section))
     if isinstance(cfg, DPOConfig) and cfg.loss.name == "kto":
-        problems.append("loss.name=kto trains on unpaired data; `preftune dpo` takes the paired losses")
+        problems.append("loss.name=kto trains on unpaired data: use `preftune kto` (preftune.kto from Python)")
+    if isinstance(cfg, KTOConfig) and cfg.train.batch_size < 2:
+        problems.append("train.batch_size must be at least 2 for KTO: its KL baseline is a mean over the micro-batch")
     if problems:
         raise ConfigError(where + "; ".join(problems) + ".")
 
@@ -322,9 +356,14 @@ def _loss_problems(loss: LossConfig) -> list[str]:
     return problems
 
 
+def _kto_loss_problems(loss: KTOLossConfig) -> list[str]:
+    problems = [] if loss.beta > 0 else ["beta must be positive"]
+    return problems + [f"{name} must be positive" for name in ("desirable_weight", "undesirable_weight") if not getattr(loss, name) > 0]
+
+
 def _rm_loss_problems(loss: RMLossConfig) -> list[str]:
     return [f"{name} must be >= 0" for name in ("lm_weight", "center_weight") if getattr(loss, name) < 0]
 
 
 _CHECKS = {DataConfig: _data_problems, TrainConfig: _train_problems, LossConfig: _loss_problems,
-           RMLossConfig: _rm_loss_problems}
+           RMLossConfig: _rm_loss_problems, KTOLossConfig: _kto_loss_problems}

@@ -258,6 +258,7 @@ VERBS: tuple[Verb, ...] = (
     _stage_verb("dpo", "train a policy with DPO or another preference loss"),
     _stage_verb("sft", "supervised fine-tuning on completions (prompt tokens masked)"),
     _stage_verb("rm", "train a reward model (Bradley-Terry on preference pairs)"),
+    _stage_verb("kto", "train a policy with KTO on unpaired (desirable / undesirable) records"),
     Verb("score", "score prompt/response records or preference pairs with a reward model", _score_arguments, _score),
     Verb("generate", "sample completions for prompts (transformers generation)", _generate_arguments, _generate),
     Verb("eval", "evaluate a policy against its reference: rewards, KL, perplexity, win rate", _eval_arguments, _eval),

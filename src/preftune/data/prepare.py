@@ -6,7 +6,9 @@
 - ``demonstrations`` (SFT): prompt/completion records as they are, the chosen side of
   preference pairs, and desirable unpaired records (undesirable ones are left out and counted
   under ``dropped['undesirable']``);
-- ``unpaired`` (KTO): unpaired records with their desirable flag.
+- ``unpaired`` (KTO): unpaired records with their desirable flag (preference pairs too, each as
+  a desirable and an undesirable record, with ``split_pairs``); :func:`mismatched_pairs` then
+  gives each its KL row.
 
 Held-out data is ``data.eval`` when given, else a seeded ``data.eval_fraction`` split of the
 training data (:func:`split_eval`, which ``preftune eval`` re-makes to find the same pairs).
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from preftune.config import DataConfig
-from preftune.data.records import DataReport, PreferenceExample, UnpairedExample
+from preftune.data.records import DataReport, PreferenceExample, TokenizedPair, TokenizedUnpaired, UnpairedExample
 from preftune.errors import DataError, PreftuneError
 from preftune.progress import status
 
@@ -40,7 +42,7 @@ class Prepared:
 
 
 def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, sources: dict[str, Any] | None = None,
-            progress: bool = False) -> Prepared:
+            progress: bool = False, split_pairs: bool = False) -> Prepared:
     """Load ``data.train`` (and ``data.eval``), tokenize as ``records`` says, split, number.
 
     ``sources`` replaces a split's files with data already in memory (``{"train": dataset}``:
@@ -74,7 +76,7 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
         elif records == "demonstrations":
             tokenized[split] = tokenize_unpaired(as_demonstrations(result.examples, result.report), tokenizer, **limits)
         else:
-            tokenized[split] = tokenize_unpaired(_unpaired_only(result.examples), tokenizer, **limits)
+            tokenized[split] = tokenize_unpaired(_unpaired(result.examples, result.report, split_pairs), tokenizer, **limits)
         reports[split] = dataclasses.asdict(result.report)
         status(f"read and tokenized {split} records", result.report.records, time.perf_counter() - started, enabled=progress)
     train, held = tokenized["train"], tokenized["eval"]
@@ -99,12 +101,49 @@ def as_demonstrations(examples: Sequence[PreferenceExample | UnpairedExample], r
     return out
 
 
-def _unpaired_only(examples: Sequence[PreferenceExample | UnpairedExample]) -> list[UnpairedExample]:
+def _unpaired(examples: Sequence[PreferenceExample | UnpairedExample], report: DataReport, split_pairs: bool) -> list[UnpairedExample]:
+    """Unpaired records; with ``split_pairs`` a pair gives a desirable (chosen) and an undesirable
+    (rejected) record, counted in ``report.findings['split_pairs']``."""
     paired = [ex for ex in examples if isinstance(ex, PreferenceExample)]
+    if paired and not split_pairs:
+        raise DataError(f"{len(paired)} record(s) are preference pairs (first: {paired[0].source}); KTO takes unpaired "
+                        "records (prompt, completion, label): set kto.split_pairs=true to use each pair as one of each.")
+    out: list[UnpairedExample] = []
+    for ex in examples:
+        if isinstance(ex, UnpairedExample):
+            out.append(ex)
+            continue
+        for completion, desirable in ((ex.chosen, True), (ex.rejected, False)):
+            out.append(UnpairedExample(prompt=ex.prompt, completion=completion, desirable=desirable, system=ex.system,
+                                       weight=ex.weight, source=ex.source))
     if paired:
-        raise DataError(f"{len(paired)} record(s) are preference pairs (first: {paired[0].source}); "
-                        "this stage takes unpaired records (prompt, completion, label).")
-    return list(examples)  # type: ignore[arg-type]
+        report.findings["split_pairs"] = len(paired)  # records kept: the pairs; examples trained on: twice as many
+    return out
+
+
+def mismatched_pairs(items: list[TokenizedUnpaired], max_length: int, seed: int) -> list[TokenizedPair]:
+    """KTO's rows: each record's prompt with its own completion ("chosen") and with the completion
+    of another record ("rejected": the mismatched pair of its KL estimate), as :class:`TokenizedPair`,
+    so the collators, scorers and reference cache work unchanged. ``preference`` is 1.0 for a
+    desirable record and 0.0 for an undesirable one.
+
+    The partner is fixed per record (a seeded derangement of the set), so a record's KL row is the
+    same in every batch and its reference log-prob can be cached; the baseline is still the mean
+    over the micro-batch's KL rows, detached, as in the paper. A partner completion that does not
+    fit ``max_length`` after the prompt keeps its first tokens (at least one).
+    """
+    if len(items) < 2:
+        raise PreftuneError("KTO's KL baseline needs at least 2 records (each is paired with another one's completion).")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    rows = []
+    for i, item in enumerate(items):
+        other = items[partner[i]].completion_ids[: max(1, max_length - len(item.prompt_ids))]
+        rows.append(TokenizedPair(prompt_ids=item.prompt_ids, chosen_ids=item.completion_ids, rejected_ids=other,
+                                  index=item.index, preference=1.0 if item.desirable else 0.0, weight=item.weight,
+                                  source=item.source))
+    return rows
 
 
 def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

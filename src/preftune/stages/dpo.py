@@ -22,14 +22,22 @@ from torch import nn
 
 from preftune import distributed
 from preftune.config import DPOConfig
-from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
+from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.data.prepare import prepare
-from preftune.data.records import TokenizedPair
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
 from preftune.models.load import has_adapter, load_policy
-from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
+from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
-from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
+from preftune.stages.common import (
+    Given,
+    count_weight,
+    policy_saver,
+    record_data,
+    recorded,
+    start_run,
+    train,
+    use_prefix_sharing,
+)
 from preftune.train import Task
 
 
@@ -39,10 +47,6 @@ def loss_hparams(cfg: DPOConfig) -> dict[str, Any]:
     values = dataclasses.asdict(cfg.loss)
     return {name: values[name] for name in names if name in values}
 
-
-def count_weight(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A preference loss is a weighted mean over pairs: its denominator is the sum of weights."""
-    return {"weight": batch["weight"].sum()}
 
 
 def make_loss_fn(
@@ -82,18 +86,6 @@ def make_loss_fn(
 
     return loss_fn
 
-
-def use_prefix_sharing(cfg: DPOConfig, policy: nn.Module, pairs: Sequence[TokenizedPair]) -> tuple[bool, str | None]:
-    """``data.prefix_sharing``, unless the attention or the data cannot take it: (on, why off)."""
-    if not cfg.data.prefix_sharing:
-        return False, None
-    implementation = getattr(causal_lm_of(policy).config, "_attn_implementation", None) or "eager"
-    if implementation not in MASKED_ATTENTION:
-        return False, f"attention '{implementation}' takes no 4D mask (set model.attn_implementation=sdpa or eager)"
-    empty = sum(1 for p in pairs if not p.prompt_ids)
-    if empty:
-        return False, f"{empty} pair(s) have an empty prompt"
-    return True, None
 
 
 def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Sequence[ExtraTerm] = (),
