@@ -140,6 +140,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every N optimizer steps
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     resume_from: str | None = None  # a checkpoint folder, or "latest"
+    overwrite: bool = False  # replace a run already in output_dir (else: refused, or continued with resume_from)
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
     project: str = "preftune"  # the W&B project / MLflow experiment
     run_name: str | None = None  # the tracker's run name; default: the output folder's name

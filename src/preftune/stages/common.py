@@ -13,6 +13,9 @@ the task and leaves the rest.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -75,9 +78,9 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         raise PreftuneError("a model was passed in without a tokenizer, and the config names no tokenizer folder: pass tokenizer=...")
     run_dir = Path(cfg.train.output_dir)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(run_dir, cfg.train)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        mark(run_dir, "running")
+        mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
         if processes > 1:
             train = cfg.train
             print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
@@ -94,6 +97,54 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
 
 
 STATUS_FILE = "status.json"
+#: What a run writes into its folder (removed by train.overwrite, and only that)
+RUN_FILES = ("config.yaml", STATUS_FILE, "data_report.json", "reference.json", "metrics.jsonl", "report.html", "final",
+             "checkpoints", "plots", "tensorboard")
+#: ... and what is worth keeping: a run that trained
+TRAINED_FILES = ("metrics.jsonl", "final", "checkpoints")
+
+
+def claim_folder(run_dir: Path, train: Any) -> None:
+    """Make ``run_dir`` this run's: never two runs at once in one folder, never a finished run
+    overwritten by accident (``train.resume_from`` continues it, ``train.overwrite`` replaces it)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PreftuneError(f"train.output_dir '{run_dir}' is a file, not a folder.")
+    status = _read_status(run_dir)
+    if status.get("status") == "running" and status.get("host") == socket.gethostname() and _alive(status.get("pid")):
+        raise PreftuneError(f"another preftune run (pid {status['pid']}) is writing to '{run_dir}'; wait for it, or choose "
+                            "another train.output_dir.")
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    trained = [name for name in held if name in TRAINED_FILES]  # a run that stopped before training leaves nothing to keep
+    if held and not train.resume_from:
+        if trained and not train.overwrite:
+            what = status.get("status", "unknown state")
+            step = f" at step {status['step']}" if status.get("step") else ""
+            raise PreftuneError(f"'{run_dir}' already holds a run ({what}{step}; {', '.join(trained)}); choose another "
+                                "train.output_dir, continue it with train.resume_from=latest, or replace it with train.overwrite=true.")
+        for name in held:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def mark(run_dir: Path, status: str, **info: Any) -> None:
@@ -103,13 +154,13 @@ def mark(run_dir: Path, status: str, **info: Any) -> None:
 
 @contextmanager
 def recorded(cfg: Any) -> Iterator[None]:
-    """Mark the run folder ``failed`` (with the error) when the body raises; nothing to mark when
-    the run folder was never started (a config error)."""
+    """Mark the run folder ``failed`` (with the error) when the body raises, if this process had
+    started the run there (not when the folder was refused, nor before the run began)."""
     try:
         yield
     except BaseException as err:
         run_dir = Path(cfg.train.output_dir)
-        if (run_dir / STATUS_FILE).is_file():
+        if _read_status(run_dir).get("pid") == os.getpid():
             mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
 
