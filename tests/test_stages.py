@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dpo_config, weights
 
+from conftest import dpo_config, weights
 from preftune.errors import PreftuneError
 from preftune.stages.dpo import run as run_dpo
 
