@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DPO_TINY
+from conftest import DPO_TINY, REPO
 from preftune.cli.main import build_parser, main
 from preftune.cli.verbs import VERBS
 from preftune.config import DPOConfig, load_config
@@ -102,3 +102,32 @@ def test_cli_errors_are_short_and_clean(tmp_path: Path, tiny_model_dir: Path, pr
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_silent_acceptance_is_gone(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from preftune.cli.main import main
+
+    # eval settings out of range
+    assert main(["eval", str(tiny_model_dir), "--beta", "0", "--out", str(tmp_path / "e")]) == 2
+    assert "beta must be positive" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "--max-pairs", "-1", "--out", str(tmp_path / "e")]) == 2
+    assert "max_pairs must be at least 1" in capsys.readouterr().err
+    # generate into a folder
+    assert main(["generate", str(tiny_model_dir), str(preference_files[1]), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file to write" in capsys.readouterr().err
+    # a column mapped to a field the file does not have is not replaced by the file's own field
+    assert main(["data", "inspect", str(preference_files[1]), "--columns", "prompt=question", "--json"]) == 2
+    assert "question" in capsys.readouterr().err
+    # records dropped because they cannot fit are said on the console, not only in the report
+    import json
+
+    records = [json.loads(line) for line in preference_files[0].read_text().splitlines()]
+    records.append({"prompt": "word " * 300, "chosen": " yes", "rejected": " no"})  # longer than max_length on its own
+    data = tmp_path / "one-too-long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["dpo", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data}",
+                 f"--train.output_dir={tmp_path / 'cut'}", "--data.max_prompt_length=null", "--train.max_steps=1",
+                 "--train.progress=false", "--train.report=false", "--data.eval=[]"]) == 0
+    err = capsys.readouterr().err
+    assert f"preftune: train data: kept 64 of {len(records)} records; dropped 1 too_long" in err

@@ -211,3 +211,22 @@ def test_json_array_values_split_across_tiny_chunks(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(jsonarray, "CHUNK_CHARS", chunk)
     text = ' [12345, -6.5e3 ,{"a": [1, 2, {"b": "x\\"y"}]}, "str", true, null, 0]  \n'
     assert list(jsonarray.JsonArrayReader(io.StringIO(text), "t.json").values()) == json.loads(text)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"prompt": "a", "prompt": "b", "chosen": "c", "rejected": "d"}', "the key 'prompt' appears twice"),
+    ('{"prompt": "\\ud800", "chosen": "c", "rejected": "d"}', "lone surrogate"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_json_the_standard_allows_but_no_tokenizer_takes_is_a_located_error(tmp_path: Path, text: str, problem: str,
+                                                                            layout: str) -> None:
+    good = '{"prompt": "p", "chosen": "c", "rejected": "r"}'
+    path = tmp_path / f"data.{layout}"
+    path.write_text(f"{good}\n{text}\n" if layout == "jsonl" else f"[{good}, {text}]", encoding="utf-8")
+    if layout == "jsonl":  # one bad line: that record is the error (skippable with on_error=skip)
+        records = list(read_records(path))
+        assert records[0].error is None and problem in str(records[1].error) and "line 2" in str(records[1].error)
+    else:  # inside an array nothing after it can be trusted: the file stops there, naming the element
+        with pytest.raises(DataError, match=f"record 1: invalid JSON: .*{problem}"):
+            list(read_records(path))

@@ -209,3 +209,16 @@ def test_checkpoints_load_with_from_pretrained(tiny_model_dir: Path, preference_
     else:
         base = dict(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).named_parameters())
         assert not all(torch.equal(p, base[n]) for n, p in params.items())
+
+
+def test_resume_after_a_kill_that_cut_the_last_metrics_line(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    common = ["--train.save_every=2", "--train.eval_every=null", "--train.scheduler=constant", "--train.log_every=1"]
+    straight = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "straight", "--train.max_steps=4", *common))
+    stopped = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "stopped", "--train.max_steps=2", *common))
+    metrics = stopped / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "lo', encoding="utf-8")  # what a kill mid-write leaves
+    resumed = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, stopped, "--train.max_steps=4", *common,
+                                 "--train.resume_from=latest"))
+    assert [m["step"] for m in read_metrics(resumed)] == [m["step"] for m in read_metrics(straight)]
+    assert_same_weights(weights(straight / "final"), weights(resumed / "final"), atol=0)

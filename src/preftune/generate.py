@@ -311,10 +311,11 @@ def run_generate(
     """
     import torch
 
-    # Folder resolution is shared with `preftune eval`, which defines it (see describe_model).
     from preftune.models.load import describe_model, load_model
 
     settings.check()
+    if Path(out).is_dir():  # found out now, not after every prompt has been sampled
+        raise PreftuneError(f"--out '{out}' is a folder; give a file to write, e.g. {Path(out) / 'samples.jsonl'}")
     records = [PromptRecord(r.prompt, r.system or system, r.source)
                for path in prompt_files for r in read_prompts(path, max_records=max_records)]
     if not records:

@@ -173,6 +173,8 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PreftuneError(f"'{run_dir}' is not a run folder.")
+    if not any((run_dir / name).is_file() for name in ("config.yaml", "metrics.jsonl")) and not any(run_dir.glob("eval*.json")):
+        raise PreftuneError(f"'{run_dir}' is not a run folder (it holds no config.yaml, metrics.jsonl or eval*.json).")
     metrics = read_metrics(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").is_file() else {}
     data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")) if (run_dir / "data_report.json").is_file() else {}

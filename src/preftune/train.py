@@ -371,11 +371,21 @@ def _log(record: dict[str, Any], path: Path, trackers: Any, accelerator: Any) ->
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget logged lines past the checkpoint (they will be logged again)."""
+    """On resume, forget logged lines past the checkpoint (they will be logged again), and a last
+    line cut short by the kill that stopped the run; a damaged line before it is an error."""
     if not path.exists():
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # written in part when the run was killed: logged again from the checkpoint
+            raise TrainingError(f"{path}, line {number}: not a JSON line; the run folder is damaged (resume elsewhere).") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

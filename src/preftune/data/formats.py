@@ -65,6 +65,8 @@ def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, A
     for ours, theirs in columns.items():
         if theirs in data:
             renamed[ours] = data[theirs]
+        else:  # the mapped field is missing: never fall back on the file's own field of our name
+            renamed.pop(ours, None)
     return renamed
 
 

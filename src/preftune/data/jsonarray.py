@@ -20,6 +20,39 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's four whitespace characters
 _DELIMITER = re.compile(r"[ \t\n\r,\]}]")  # what can end a number
 
 
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json: an object that names a key twice is an error, not its last value."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def check_decoded(text: str, value: Any) -> None:
+    """Raise ValueError for text the JSON standard allows but no tokenizer takes: a lone surrogate
+    (``\\ud800`` escaped without its pair)."""
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid Unicode escape: a lone surrogate (\\ud800-\\udfff without its pair)") from None
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicated keys, lone surrogates and nesting too deep for the parser."""
+    try:
+        value = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    check_decoded(text, value)
+    return value
+
 class JsonArrayReader:
     """Decode ``[value, value, ...]`` from a text stream, one element at a time.
 
@@ -31,7 +64,7 @@ class JsonArrayReader:
     def __init__(self, stream: IO[str], name: str) -> None:
         self.stream = stream
         self.name = name
-        self.decoder = json.JSONDecoder()
+        self.decoder = json.JSONDecoder(object_pairs_hook=no_duplicate_keys)
         self.buf = ""
         self.pos = 0
         self.eof = False
@@ -86,10 +119,15 @@ class JsonArrayReader:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
+                check_decoded(self.buf[self.pos : end], value)
             except json.JSONDecodeError as err:
                 if self.eof:
                     line = self.line + self.buf.count("\n", 0, err.pos)
                     self._fail(index, f"invalid JSON: {err.msg} (line {line})")
+            except RecursionError:
+                self._fail(index, "invalid JSON: nested too deeply to read")
+            except ValueError as err:  # a duplicated key, a lone surrogate
+                self._fail(index, f"invalid JSON: {err}")
             else:
                 # Only a number can decode "successfully" while cut short ("-6.5e3" read as
                 # "-6" when the buffer ends in "-6."): accept it once a delimiter follows it.

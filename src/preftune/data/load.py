@@ -68,6 +68,11 @@ def load_examples(
         fmt = None if format == "auto" else format
         for raw in read_records(path, max_records=max_records):
             builder.record_read()
+            missing = [(ours, theirs) for ours, theirs in columns.items() if theirs not in raw.data] if not raw.error else []
+            if missing:  # never fall back on the file's own field of our name
+                ours, theirs = missing[0]
+                raw.error = raw.error_at(f"has no field '{theirs}' (columns maps '{ours}' to it)", field=theirs,
+                                         reason="missing_field")
             data = None if raw.error else rename_columns(raw.data, columns)
             if fmt is None and data is not None:
                 fmt = detect_format(raw, data)  # not skippable: the whole file depends on it

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from preftune.data.jsonarray import JsonArrayReader
+from preftune.data.jsonarray import JsonArrayReader, strict_loads
 from preftune.errors import DataError
 
 #: extension (after an optional ``.gz``) -> reader kind
@@ -246,11 +246,14 @@ def _decode_line(raw: bytes, name: str, line_no: int, index: int, hint: str) -> 
         )
         return record
     try:
-        value = json.loads(text)
+        value = strict_loads(text)
     except json.JSONDecodeError as err:
         record.error = record.error_at(
             f"invalid JSON: {err.msg} (column {err.colno}){hint}", reason="invalid_json"
         )
+        return record
+    except ValueError as err:  # a duplicated key, a lone surrogate, nesting too deep
+        record.error = record.error_at(f"invalid JSON: {err}", reason="invalid_json")
         return record
     if not isinstance(value, dict):
         record.error = record.error_at(

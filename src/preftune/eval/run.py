@@ -18,7 +18,7 @@ import torch
 
 from preftune.data.prompts import PromptRecord, read_prompts
 from preftune.data.records import TokenizedPair
-from preftune.errors import PreftuneError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.eval.metrics import (
     kl_from_samples,
     perplexity_details,
@@ -61,6 +61,20 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 16
 
+    def check(self) -> None:
+        """Raise ConfigError naming every setting out of range (a zero beta, a negative count)."""
+        problems = []
+        if self.beta is not None and not self.beta > 0:
+            problems.append("beta must be positive")
+        for name in ("max_length", "max_prompt_length", "max_pairs", "num_samples", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.max_prompts is not None and self.max_prompts < 0:
+            problems.append("max_prompts must be at least 0 (0: no samples)")
+        if problems:
+            raise ConfigError("eval settings: " + "; ".join(problems) + ".")
+
 
 
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
@@ -76,6 +90,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     from preftune.eval.judges import function_judge, reward_model_judge, win_rate
 
     started = time.perf_counter()
+    settings.check()
     if not settings.policy:
         raise PreftuneError("no policy given: name a model, run or checkpoint folder.")
     source = describe_model(settings.policy)

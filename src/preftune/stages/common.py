@@ -166,9 +166,18 @@ def recorded(cfg: Any) -> Iterator[None]:
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
-    """Write ``data_report.json`` (the main process); stop when nothing is left to train on."""
+    """Write ``data_report.json`` (the main process) and say on stderr what was dropped or cut;
+    stop when nothing is left to train on."""
     if distributed.is_main():
         (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
+        for split, report in reports.items():
+            dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
+            cut = {k: v for k, v in report.get("truncation", {}).items() if v and k != "dropped"}
+            if dropped or cut:
+                parts = [f"kept {report['kept']} of {report['records']} records"]
+                parts += [f"dropped {', '.join(f'{v} {k}' for k, v in dropped.items())}"] if dropped else []
+                parts += [f"cut {', '.join(f'{v} {k}' for k, v in cut.items())}"] if cut else []
+                print(f"preftune: {split} data: {'; '.join(parts)} (see {run.dir / 'data_report.json'})", file=sys.stderr)
     if not train:
         raise PreftuneError(f"no training {what} are left after loading and truncation; see {run.dir / 'data_report.json'}.")
 
