@@ -139,3 +139,14 @@ def write_judges_module(folder: Path) -> Path:
     path = folder / "my_judges.py"
     path.write_text(JUDGES, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin and wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

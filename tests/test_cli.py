@@ -6,6 +6,7 @@ test_cli_eval.py `generate`, `eval` and `report`).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -117,11 +118,11 @@ def test_silent_acceptance_is_gone(tiny_model_dir: Path, preference_files: tuple
     assert main(["generate", str(tiny_model_dir), str(preference_files[1]), "--out", str(tmp_path)]) == 2
     assert "is a folder; give a file to write" in capsys.readouterr().err
     # a column mapped to a field the file does not have is not replaced by the file's own field
-    assert main(["data", "inspect", str(preference_files[1]), "--columns", "prompt=question", "--json"]) == 2
-    assert "question" in capsys.readouterr().err
+    assert main(["data", "inspect", str(preference_files[1]), "--columns", "prompt=question", "--on-error", "error"]) == 2
+    assert "has no field 'question' (columns maps 'prompt' to it)" in capsys.readouterr().err
+    assert main(["data", "inspect", str(preference_files[1]), "--columns", "prompt=question", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["dropped"] == {"missing_field": 32}
     # records dropped because they cannot fit are said on the console, not only in the report
-    import json
-
     records = [json.loads(line) for line in preference_files[0].read_text().splitlines()]
     records.append({"prompt": "word " * 300, "chosen": " yes", "rejected": " no"})  # longer than max_length on its own
     data = tmp_path / "one-too-long.jsonl"

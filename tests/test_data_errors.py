@@ -187,7 +187,7 @@ def test_a_5mb_record_loads(tmp_path: Path, name: str) -> None:
 # --------------------------------------------------------------------------- the command line
 def test_cli_error_is_one_message_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path / "bad.jsonl", _lines(GOOD, "{oops"))
-    assert main(["data", "inspect", str(path)]) == 2
+    assert main(["data", "inspect", str(path), "--on-error", "error"]) == 2  # stop where training stops
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("preftune: error: ") and f"{path}, line 2: invalid JSON" in captured.err
@@ -197,4 +197,4 @@ def test_cli_error_is_one_message_and_exit_2(tmp_path: Path, capsys: pytest.Capt
 def test_cli_debug_shows_the_exception(tmp_path: Path) -> None:
     path = _write(tmp_path / "bad.jsonl", _lines("{oops"))
     with pytest.raises(PreftuneError):
-        main(["--debug", "data", "inspect", str(path)])
+        main(["--debug", "data", "inspect", str(path), "--on-error", "error"])

@@ -60,9 +60,15 @@ def test_text_output_lists_counts_and_locations(small: Path, capsys: pytest.Capt
         assert any(line.split()[:1] == [name] for line in lines), name
 
 
-def test_default_on_error_stops_like_training_does(small: Path) -> None:
-    with pytest.raises(DataError, match="line 4: invalid JSON"):
-        inspect(str(small))
+def test_by_default_every_record_is_checked_and_the_exit_status_says_training_would_refuse(
+        small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert inspect(str(small), "--json") == 1  # the whole picture, and a status that says "not trainable as is"
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["dropped"] == {"identical_pairs": 1, "invalid_json": 1}
+    assert "1 malformed record(s): training (data.on_error: error) would stop at the first" in captured.err
+    with pytest.raises(DataError, match="line 4: invalid JSON"):  # --on-error error: stop where training stops
+        inspect(str(small), "--on-error", "error")
+    assert inspect(str(small), "--on-error", "skip", "--json") == 0
 
 
 def test_columns_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,13 +36,7 @@ def sharpened(tokenizer, seed: int = 0):  # noqa: ANN001, ANN201 - test helper
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -104,3 +104,48 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_settings_win() -> None:
     expected = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert use_bf16(TrainConfig()) is expected
     assert use_bf16(TrainConfig(bf16=True)) is True and use_bf16(TrainConfig(bf16=False)) is False
+
+
+def test_a_damaged_weights_file_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, folder)
+    weights_file = next(folder.glob("*.safetensors"))
+    weights_file.write_bytes(weights_file.read_bytes()[: 200])  # a download cut short
+    with pytest.raises(PreftuneError, match="could not load a causal LM from"):
+        load_causal_lm(ModelConfig(path=str(folder)))
+
+
+def test_data_beyond_the_models_vocabulary_is_a_clear_error(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from preftune.stages.dpo import run as run_dpo
+
+    folder = tmp_path / "bigger-tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.add_tokens([f"newtoken{i}" for i in range(50)])
+    tokenizer.save_pretrained(str(folder))
+    data = tmp_path / "new-words.jsonl"
+    data.write_text('{"prompt": "newtoken7 says", "chosen": " newtoken40", "rejected": " no"}\n' * 4)
+    from conftest import dpo_config
+
+    with pytest.raises(PreftuneError, match=r"token id \d+, but the model's vocabulary has \d+ rows"):
+        run_dpo(dpo_config(folder, data, None, tmp_path / "run", "--train.max_steps=1", "--train.batch_size=2"))
+
+
+def test_remote_code_is_never_enabled_by_a_run_folders_config(tiny_model_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from preftune.models import load
+
+    run = tmp_path / "downloaded-run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir), "trust_remote_code": True}}))
+    seen = []
+    real = load.load_causal_lm
+    monkeypatch.setattr(load, "load_causal_lm", lambda cfg, path=None: seen.append(cfg.trust_remote_code) or real(cfg, path))
+    load.load_model(load.describe_model(run))
+    load.load_model(load.describe_model(run), trust_remote_code=True)  # only the caller can ask for it
+    assert seen == [False, True]

@@ -8,7 +8,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
 from preftune.errors import PreftuneError
@@ -67,13 +66,7 @@ def embedded_pngs(page: Page) -> list[bytes]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def short_run(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str) -> Path:

@@ -222,3 +222,35 @@ def test_resume_after_a_kill_that_cut_the_last_metrics_line(tiny_model_dir: Path
                                  "--train.resume_from=latest"))
     assert [m["step"] for m in read_metrics(resumed)] == [m["step"] for m in read_metrics(straight)]
     assert_same_weights(weights(straight / "final"), weights(resumed / "final"), atol=0)
+
+
+def test_a_non_finite_gradient_is_never_applied_and_the_last_checkpoint_is_good(tiny_model_dir: Path,
+                                                                               preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def nan_gradient_on_second_step(policy: object, reference: object) -> torch.Tensor:
+        calls["n"] += 1
+        zero = policy.chosen - policy.chosen.detach()  # value 0, gradient 1
+        return zero.abs().sqrt().sum() if calls["n"] == 2 else zero.sum()  # sqrt at 0: a finite value, a NaN gradient
+
+    cfg = dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.save_every=1", "--train.max_steps=4",
+                     "--train.eval_every=null")
+    with pytest.raises(TrainingError, match=r"step 2: the gradient norm is nan .*last good checkpoint is .*step-1"):
+        run_dpo(cfg, extra_terms=[nan_gradient_on_second_step])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-1" / "weights.safetensors"))
+    assert all(bool(torch.isfinite(v).all()) for v in saved.values())
+    resumed = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.save_every=1",
+                                 "--train.max_steps=2", "--train.eval_every=null", "--train.resume_from=latest"))
+    assert all(bool(torch.isfinite(v).all()) for v in weights(resumed / "final").values())
+
+
+def test_the_stop_message_says_when_the_first_checkpoint_is_due(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    def nan(policy: object, reference: object) -> torch.Tensor:
+        return torch.tensor(float("nan"))
+
+    cfg = dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.save_every=5", "--train.eval_every=null")
+    with pytest.raises(TrainingError, match=r"no checkpoint was written yet \(the first is due at step 5\)"):
+        run_dpo(cfg, extra_terms=[nan])

@@ -303,6 +303,7 @@ def run_generate(
     *,
     system: str | None = None,
     max_records: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """`preftune generate`: completions for every prompt of ``prompt_files``, written as JSONL to ``out``.
 
@@ -322,7 +323,7 @@ def run_generate(
         raise DataError("no prompts in the given files", file=", ".join(map(str, prompt_files)), reason="empty")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = describe_model(model)
-    lm, tokenizer = load_model(source, device=device)
+    lm, tokenizer = load_model(source, device=device, trust_remote_code=trust_remote_code)
     output = generate_ids(lm, tokenizer, [r.prompt for r in records], settings, system=[r.system for r in records])
     texts = [[decode(tokenizer, ids, output.stop_ids) for ids in group] for group in output.completion_ids]
     return write_generations(out, generation_records(records, texts, settings, model=str(source.path)))

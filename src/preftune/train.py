@@ -279,11 +279,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
             if processes > 1:  # every process stops together, or none does
                 finite = all_sum(finite.cpu()) == processes
             if not finite:
-                kept = (f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint
-                        else "no checkpoint was written yet (set train.save_every)")
                 raise TrainingError(
                     f"step {state.step + 1}: the loss is {loss.item()} (not finite); training stopped before "
-                    f"the update, and {kept}. Lower train.lr, check the data, or use train.max_grad_norm."
+                    f"the update, and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, check the data, or use "
+                    "train.max_grad_norm."
                 )
             # loss is this micro-batch's share of the step's loss (divided by the step's totals),
             # so the shares add up to the full batch's loss and its gradient (module docstring).
@@ -299,6 +298,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
         state.examples_seen += sum(len(indices) for indices in group)
         state.tokens_seen += int(all_sum(torch.tensor(float(step_tokens))))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if not math.isfinite(float(grad_norm)):  # a finite loss can still have an inf/NaN gradient: never apply it
+            raise TrainingError(f"step {state.step + 1}: the gradient norm is {float(grad_norm)} (not finite); training stopped "
+                                f"before the update, and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -352,6 +354,16 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
         task.save_final(run_dir / "final")
     metrics = {k: v for k, v in {**last_record, **final_eval}.items() if k != "step"}
     return Fitted(state, metrics, stopped_by)
+
+
+def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
+    """What is left to resume from after a stop (every checkpoint holds finite weights: no update
+    with a non-finite loss or gradient is ever applied)."""
+    if last_checkpoint:
+        return f"the last good checkpoint is '{last_checkpoint}'"
+    if cfg.save_every:
+        return f"no checkpoint was written yet (the first is due at step {cfg.save_every})"
+    return "no checkpoint was written (set train.save_every to keep some)"
 
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:

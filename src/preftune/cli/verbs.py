@@ -80,8 +80,10 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="+", help="data files (.jsonl, .json, .csv, .tsv, each also .gz; .parquet) or `datasets` folders")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="input format (default: detected)")
     parser.add_argument("--columns", default="", metavar="OURS=THEIRS,...", help="rename fields, e.g. prompt=question,chosen=better")
-    parser.add_argument("--on-error", default=defaults.on_error, choices=("error", "skip"),
-                        help="a malformed record stops the command (error, the default, as in training) or is skipped and counted")
+    parser.add_argument("--on-error", default=None, choices=("error", "skip"),
+                        help="by default every record is checked and the malformed ones are counted by reason, and the exit "
+                        "status is 1 when training (data.on_error: error) would refuse the file; error: stop at the first, "
+                        "as training does; skip: count them and exit 0, as training with data.on_error: skip would")
     parser.add_argument("--max-records", type=int, default=None, metavar="N", help="read at most N records per file")
     parser.add_argument("--tokenizer", default=None, metavar="DIR", help="a tokenizer folder: also report token lengths and truncation")
     parser.add_argument("--max-length", type=int, default=defaults.max_length, metavar="N",
@@ -95,13 +97,14 @@ def _inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load (and optionally tokenize) the data, print the report."""
     from preftune.data.inspect import (
         format_report,
+        malformed_count,
         parse_columns,
         report_dict,
         tokenize_for_report,
     )
     from preftune.data.load import load_examples
 
-    result = load_examples(args.path, format=args.format, columns=parse_columns(args.columns), on_error=args.on_error,
+    result = load_examples(args.path, format=args.format, columns=parse_columns(args.columns), on_error=args.on_error or "skip",
                            max_records=args.max_records)
     if args.tokenizer:
         from preftune.models.tokenizer import load_tokenizer
@@ -113,6 +116,11 @@ def _inspect(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         print(format_report(summary), end="")
+    malformed = malformed_count(result.report)
+    if malformed and args.on_error is None:
+        print(f"preftune: {malformed} malformed record(s): training (data.on_error: error) would stop at the first; "
+              "with data.on_error: skip it trains on the rest", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -155,13 +163,15 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
                       ("--num-samples", int), ("--seed", int), ("--batch-size", int)))
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="sample (default: when temperature > 0 and num_beams == 1)")
+    _trust_flag(parser)
 
 
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.generate import GenerationSettings, run_generate
 
     settings = GenerationSettings(**_given(GenerationSettings, args))
-    path = run_generate(args.model, args.prompts, args.out, settings, system=args.system, max_records=args.max_records)
+    path = run_generate(args.model, args.prompts, args.out, settings, system=args.system, max_records=args.max_records,
+                        trust_remote_code=bool(args.trust_remote_code))
     print(f"wrote {path}")
     return 0
 
@@ -183,6 +193,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                       ("--max-prompts", int), ("--num-samples", int), ("--max-new-tokens", int), ("--seed", int),
                       ("--batch-size", int)))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    _trust_flag(parser)
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="run the Python files of the model folder (transformers' trust_remote_code); never taken "
+                        "from a run folder's own config.yaml")
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:

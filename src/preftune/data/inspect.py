@@ -89,3 +89,12 @@ def tokenize_for_report(examples: list, report: DataReport, tokenizer: Any, *, m
     tokenize_fn = tokenize_unpaired if unpaired else tokenize_pairs
     tokenize_fn(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                 on_overflow="drop", report=report)
+
+
+#: Records every run leaves out by design (counted, never an error): no preference, or cannot fit.
+BY_DESIGN = ("identical_pairs", "ties", "too_long", "undesirable")
+
+
+def malformed_count(report: DataReport) -> int:
+    """Records left out because they are malformed: those training with ``on_error: error`` refuses."""
+    return sum(count for reason, count in report.dropped.items() if reason not in BY_DESIGN)

@@ -60,6 +60,7 @@ class EvalSettings:
     max_new_tokens: int = 64
     seed: int = 0
     batch_size: int = 16
+    trust_remote_code: bool = False  # run the model folder's own Python (never taken from a run's config.yaml)
 
     def check(self) -> None:
         """Raise ConfigError naming every setting out of range (a zero beta, a negative count)."""
@@ -102,8 +103,9 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     if out_dir is None:
         raise PreftuneError("where should eval.json go? Give an output folder (out=FOLDER); only run folders have a default.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy, tokenizer = load_model(source, device=device)
-    reference, _ = load_model(describe_model(reference_path), device=device, like=source)
+    remote = settings.trust_remote_code
+    policy, tokenizer = load_model(source, device=device, trust_remote_code=remote)
+    reference, _ = load_model(describe_model(reference_path), device=device, like=source, trust_remote_code=remote)
     data = _data_config(source, settings)
     beta = settings.beta if settings.beta is not None else _run_beta(source)
     results: dict[str, Any] = {"checkpoint": label, "step": source.step, "policy": str(source.path), "reference": str(reference_path),

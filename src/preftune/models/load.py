@@ -18,7 +18,7 @@ from torch import nn
 
 from preftune.config import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
-from preftune.models.scorers import SequenceLogps
+from preftune.models.scorers import SequenceLogps, causal_lm_of
 from preftune.models.tokenizer import check_folder, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,9 +45,30 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError) as err:
-        raise PreftuneError(f"could not load a causal LM from '{folder}': {err}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise PreftuneError(f"could not load a causal LM from '{folder}': {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - safetensors' own error for a damaged or cut file, and the like
+        raise PreftuneError(f"could not load a causal LM from '{folder}' (a damaged or incomplete weights file?): "
+                            f"{type(err).__name__}: {err}") from None
     return model
+
+
+def check_vocabulary(model: nn.Module, rows: Any, where: str) -> None:
+    """Every token id of the data must have a row in the model's embedding (a tokenizer larger than
+    its model would index past it, deep inside torch)."""
+    size = causal_lm_of(model).get_input_embeddings().num_embeddings
+    highest = max((max(ids) for row in rows for ids in _ids_of(row) if ids), default=-1)
+    if highest >= size:
+        raise PreftuneError(f"the {where} hold token id {highest}, but the model's vocabulary has {size} rows: the tokenizer "
+                            "does not belong to this model (or its added tokens were never given embeddings: "
+                            "model.resize_token_embeddings).")
+
+
+def _ids_of(row: Any) -> list[list[int]]:
+    names = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+    if isinstance(row, list):  # a packed row of examples
+        return [getattr(x, n) for x in row for n in names if hasattr(x, n)]
+    return [getattr(row, n) for n in names if hasattr(row, n)]
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
@@ -194,13 +215,17 @@ def _model_config(source: ModelSource) -> Any:
     return from_dict(ModelConfig, source.run_config["model"]) if "model" in source.run_config else ModelConfig()
 
 
-def load_model(source: ModelSource, *, device: torch.device | None = None, like: ModelSource | None = None) -> tuple[nn.Module, Any]:
+def load_model(source: ModelSource, *, device: torch.device | None = None, like: ModelSource | None = None,
+               trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """The causal LM (frozen, eval mode; adapters merged) and its tokenizer.
 
-    Loading settings (dtype, attention, remote code) come from the run's model config, or from
-    ``like``'s (a reference is loaded as its policy is, so the two compare at one precision).
+    Loading settings (dtype, attention) come from the run's model config, or from ``like``'s (a
+    reference is loaded as its policy is, so the two compare at one precision). Remote code is
+    never enabled by a run folder's own config.yaml (a downloaded run folder could run its
+    Python): only by the caller's ``trust_remote_code``.
     """
     cfg = _model_config(source if like is None or "model" in source.run_config else like)
+    cfg.trust_remote_code = trust_remote_code
     if source.kind == "model":
         model = load_causal_lm(cfg, str(source.path))
     elif source.kind == "adapter":

@@ -25,7 +25,7 @@ from preftune.config import DPOConfig
 from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.data.prepare import prepare
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
-from preftune.models.load import has_adapter, load_policy
+from preftune.models.load import check_vocabulary, has_adapter, load_policy
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
 from preftune.stages.common import (
@@ -109,6 +109,7 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
     record_data(run, data.reports, data.train, "pairs")
 
     policy = load_policy(cfg.model, given.model)
+    check_vocabulary(policy, data.train + data.eval, "data")
     shared, why_not = use_prefix_sharing(cfg, policy, data.train + data.eval)
     if why_not:
         print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)

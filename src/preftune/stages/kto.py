@@ -29,7 +29,7 @@ from preftune.config import KTOConfig
 from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
-from preftune.models.load import has_adapter, load_policy
+from preftune.models.load import check_vocabulary, has_adapter, load_policy
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
 from preftune.stages.common import (
@@ -76,6 +76,7 @@ def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:
     eval_rows = mismatched_pairs(data.eval, cfg.data.max_length, cfg.train.seed + 1) if data.eval else []
 
     policy = load_policy(cfg.model, given.model)
+    check_vocabulary(policy, train_rows + eval_rows, "data")
     ref_model = given.ref_model
     if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
         import copy

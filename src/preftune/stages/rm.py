@@ -22,7 +22,7 @@ from preftune.data.collate import collate_pairs
 from preftune.data.prepare import prepare
 from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import bradley_terry, sft_nll
-from preftune.models.load import load_policy
+from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.reward import RewardModel, save_reward_model
 from preftune.stages.common import Given, record_data, recorded, start_run, train, write_config
 from preftune.train import Task
@@ -73,6 +73,7 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
                    progress=cfg.train.progress)  # as DPO
     record_data(run, data.reports, data.train, "pairs")
     model = RewardModel(load_policy(cfg.model, given.model), chunk_size=cfg.train.logprob_chunk_size)
+    check_vocabulary(model.lm, data.train + data.eval, "data")
 
     def save_final(folder: Path, seq_cls: bool = True) -> None:
         save_reward_model(model, run.tokenizer, folder, seq_cls=seq_cls)

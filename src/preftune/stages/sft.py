@@ -23,7 +23,7 @@ from preftune.data.collate import collate_packed, collate_unpaired, pack
 from preftune.data.prepare import prepare
 from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
-from preftune.models.load import load_policy
+from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.scorers import SequenceLogps
 from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
 from preftune.train import Task
@@ -64,6 +64,7 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
         train_items, eval_items = list(data.train), list(data.eval)
         collate = partial(collate_unpaired, pad_token_id=pad)
         lengths = [x.length for x in data.train]
+    check_vocabulary(policy, train_items + eval_items, "data")
     return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens,
                 eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
                 output=policy)
