@@ -18,8 +18,6 @@ mean (SFT) alike.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
@@ -45,6 +43,7 @@ from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
+from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -86,31 +85,6 @@ def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Ten
             value = torch.as_tensor(value, dtype=torch.float32)
             totals[name] = totals[name] + value if name in totals else value
     return totals
-
-
-class MetricWindow:
-    """Running means of metrics over a logging window (per example, or per micro-batch)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for name, value in metrics.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.sum())
-            self.counts[name] = self.counts.get(name, 0) + value.numel()
-
-    def means(self) -> dict[str, float]:
-        """The means over the window, over every process (each holds its own examples' sums)."""
-        sums, counts = self.sums, self.counts
-        if world()[1] > 1:
-            sums, counts = {}, {}
-            for their_sums, their_counts in all_gather((self.sums, self.counts)):
-                for name, value in their_sums.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                    counts[name] = counts.get(name, 0) + their_counts[name]
-        return {name: sums[name] / counts[name] for name in sorted(sums) if counts[name]}
 
 
 
@@ -240,8 +214,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
                                 rank=rank, global_batch=cfg.batch_size * processes)
     state.global_batch = cfg.batch_size * processes
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, state.step)
-    trackers = _trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
+    truncate_metrics(metrics_path, state.step)
+    trackers = start_trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
     last_checkpoint = resume
     watch = DisplacementWatch()
     hooks = Callbacks(callbacks)
@@ -320,14 +294,14 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
             record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / len(batches), **means,
                       "lr": scheduler.get_last_lr()[0], "num_tokens": state.tokens_seen,
                       "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
-            _log(record, metrics_path, trackers, accelerator)
+            log_record(record, metrics_path, trackers, accelerator)
             last_record = record
             stopped_by = stopped_by or fire("on_log", state.step, record)
             watch.update(means, state.step)
             bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in means})
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
             evaluated = evaluate_held_out(task, model, cfg, accelerator)
-            _log({"step": state.step, **evaluated}, metrics_path, trackers, accelerator)
+            log_record({"step": state.step, **evaluated}, metrics_path, trackers, accelerator)
             stopped_by = stopped_by or fire("on_evaluate", state.step, evaluated)
         if cfg.save_every and state.step % cfg.save_every == 0:
             rngs = all_gather(rng_state())  # every process's, written once by the main one
@@ -345,7 +319,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
 
     final_eval = evaluate_held_out(task, model, cfg, accelerator)
     if final_eval:
-        _log({"step": state.step, **final_eval}, metrics_path, trackers, accelerator)
+        log_record({"step": state.step, **final_eval}, metrics_path, trackers, accelerator)
         fire("on_evaluate", state.step, final_eval)
     if trackers is not None:
         trackers.finish()
@@ -373,33 +347,6 @@ def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
-def _log(record: dict[str, Any], path: Path, trackers: Any, accelerator: Any) -> None:
-    if not accelerator.is_main_process:
-        return
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    if trackers is not None:
-        trackers.log(record)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget logged lines past the checkpoint (they will be logged again), and a last
-    line cut short by the kill that stopped the run; a damaged line before it is an error."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # written in part when the run was killed: logged again from the checkpoint
-            raise TrainingError(f"{path}, line {number}: not a JSON line; the run folder is damaged (resume elsewhere).") from None
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
 
 def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
     """An Accelerator with this run's precision, also when an earlier run in the process set another.
@@ -417,16 +364,6 @@ def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
 
     return accelerator_cls(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available())
 
-
-def _trackers(cfg: TrainConfig, run_dir: Path, hparams: dict[str, Any] | None) -> Any:
-    """The trackers of ``train.report_to`` (and ``train.tensorboard``), or None when there are none."""
-    from preftune.trackers import Trackers
-
-    names = list(cfg.report_to) + (["tensorboard"] if cfg.tensorboard else [])
-    if not names:
-        return None
-    return Trackers(names, run_dir, project=cfg.project, run_name=cfg.run_name or run_dir.name,
-                    config=hparams if hparams is not None else {"train": dataclasses.asdict(cfg)})
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

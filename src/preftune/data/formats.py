@@ -104,24 +104,19 @@ def convert(
     prompt_marker: str = HH_ASSISTANT,
 ) -> Converted:
     """Apply format ``fmt`` to one record (fields already renamed); raise DataError if malformed.
-
-    ``prompt_marker`` is where a pair of whole texts (format ``hh``) splits into prompt and
-    responses: after its last occurrence (HH's ``"\\n\\nAssistant:"`` by default)."""
-    fields = _Fields(raw, data, columns)
-    fields.prompt_marker = prompt_marker
-    return _CONVERTERS[fmt](fields, system)
+    Whole-text pairs (``hh``) split after the last ``prompt_marker``."""
+    return _CONVERTERS[fmt](_Fields(raw, data, columns, prompt_marker), system)
 
 
 # --------------------------------------------------------------------------- field access
 class _Fields:
     """Typed access to a record's fields, with errors that name the file's own field names."""
 
-    prompt_marker: str = HH_ASSISTANT
-
-    def __init__(self, raw: RawRecord, data: dict[str, Any], columns: dict[str, str]) -> None:
+    def __init__(self, raw: RawRecord, data: dict[str, Any], columns: dict[str, str], prompt_marker: str = HH_ASSISTANT) -> None:
         self.raw = raw
         self.data = data
         self.columns = columns
+        self.prompt_marker = prompt_marker
 
     def error(self, field: str, problem: str, reason: str) -> DataError:
         if field.split("[")[0] in self.columns:
