@@ -29,10 +29,8 @@ from torch import nn
 
 from preftune import distributed
 from preftune.config import to_dict, to_yaml, validate
-from preftune.data.collate import MASKED_ATTENTION
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
-from preftune.models.scorers import causal_lm_of
 from preftune.train import Fitted, Task, fit, seed_everything
 
 
@@ -222,18 +220,6 @@ def write_report_or_warn(run_dir: Path) -> None:
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report did not
         warnings.warn(f"the run finished and its model is saved, but report.html could not be written: {err}", stacklevel=2)
 
-
-def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:
-    """``data.prefix_sharing``, unless the attention or the data cannot take it: (on, why off)."""
-    if not cfg.data.prefix_sharing:
-        return False, None
-    implementation = getattr(causal_lm_of(policy).config, "_attn_implementation", None) or "eager"
-    if implementation not in MASKED_ATTENTION:
-        return False, f"attention '{implementation}' takes no 4D mask (set model.attn_implementation=sdpa or eager)"
-    empty = sum(1 for p in pairs if not p.prompt_ids)
-    if empty:
-        return False, f"{empty} pair(s) have an empty prompt"
-    return True, None
 
 
 def count_weight(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

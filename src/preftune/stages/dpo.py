@@ -8,36 +8,21 @@ its log-probs, and applies the configured loss of :mod:`preftune.losses`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
-import sys
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from preftune import distributed
 from preftune.config import DPOConfig
-from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.data.prepare import prepare
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
-from preftune.models.load import check_vocabulary, has_adapter, load_policy
-from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
-from preftune.reference import Reference, build_reference, resolve_reference_strategy
-from preftune.stages.common import (
-    Given,
-    count_weight,
-    policy_saver,
-    record_data,
-    recorded,
-    start_run,
-    train,
-    use_prefix_sharing,
-)
+from preftune.models.load import check_vocabulary, load_policy
+from preftune.reference import Reference
+from preftune.stages.common import Given, record_data, recorded, start_run, train
+from preftune.stages.pairs import pair_task, reference_strategy
 from preftune.train import Task
 
 
@@ -98,45 +83,15 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
     benchmarks' full-logits baseline); prefix-shared rows always use :class:`SharedPrefixLogps`.
     """
     given = given or Given()
-    adapter = cfg.model.lora.enabled or has_adapter(given.model)
-    strategy = resolve_reference_strategy(cfg, adapter=adapter, given_reference=given.ref_model is not None)
-    ref_model = given.ref_model
-    if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
-        ref_model = copy.deepcopy(given.model)  # the reference is the policy as it starts: an exact copy
+    strategy, ref_model = reference_strategy(cfg, given)
     run = start_run(cfg, given)
     data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "pairs")
-
     policy = load_policy(cfg.model, given.model)
     check_vocabulary(policy, data.train + data.eval, "data")
-    shared, why_not = use_prefix_sharing(cfg, policy, data.train + data.eval)
-    if why_not:
-        print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
-    scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
-    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
-    collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
-    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, data.train, data.eval, collate, run.device, scorer_cls,
-                                                    ref_model=ref_model, tokenizer=given.tokenizer)
-    ref_info["layout"] = "prefix_shared" if shared else "concatenated"
-    if why_not:
-        ref_info["prefix_sharing_off"] = why_not
-    if distributed.is_main():
-        (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
-
-    train_fn = make_loss_fn(cfg, train_ref, extra_terms)
-    eval_fn = make_loss_fn(cfg, eval_ref, extra_terms)
-
-    # Eval batches hold eval-set indices, so they must read the eval reference.
-    def loss_fn(model: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return (train_fn if model.training else eval_fn)(model, batch, totals)
-
-    # Length grouping sorts by what one row holds: P+C+R shared, P+max(C, R) concatenated.
-    lengths = [p.shared_length if shared else p.length for p in data.train]
-    return Task(model=scorer, loss_fn=loss_fn, train_set=data.train, collate=collate, lengths=lengths, counts=count_weight,
-                eval_set=data.eval, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy)
-
+    return pair_task(cfg, run, given, policy, data.train, data.eval, lambda reference: make_loss_fn(cfg, reference, extra_terms),
+                     strategy=strategy, ref_model=ref_model, scorer_cls=scorer_cls)
 
 def run(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""

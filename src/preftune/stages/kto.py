@@ -15,33 +15,19 @@ scorers and references as DPO's pairs, so the reference cache works for KTO too.
 
 from __future__ import annotations
 
-import json
-import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from preftune import distributed
 from preftune.config import KTOConfig
-from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
-from preftune.models.load import check_vocabulary, has_adapter, load_policy
-from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
-from preftune.reference import Reference, build_reference, resolve_reference_strategy
-from preftune.stages.common import (
-    Given,
-    count_weight,
-    policy_saver,
-    record_data,
-    recorded,
-    start_run,
-    train,
-    use_prefix_sharing,
-)
+from preftune.models.load import check_vocabulary, load_policy
+from preftune.reference import Reference
+from preftune.stages.common import Given, record_data, recorded, start_run, train
+from preftune.stages.pairs import pair_task, reference_strategy
 from preftune.train import Task
 
 
@@ -66,42 +52,17 @@ def make_loss_fn(cfg: KTOConfig, reference: Reference) -> Any:
 def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:
     """Everything the loop needs to train ``cfg``; writes config.yaml, data_report.json, reference.json."""
     given = given or Given()
-    strategy = resolve_reference_strategy(cfg, adapter=cfg.model.lora.enabled or has_adapter(given.model),
-                                          given_reference=given.ref_model is not None)
+    strategy, ref_model = reference_strategy(cfg, given)
     run = start_run(cfg, given)
     data = prepare(cfg.data, run.tokenizer, records="unpaired", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress, split_pairs=cfg.kto.split_pairs)
     record_data(run, data.reports, data.train, "records")
     train_rows = mismatched_pairs(data.train, cfg.data.max_length, cfg.train.seed)
     eval_rows = mismatched_pairs(data.eval, cfg.data.max_length, cfg.train.seed + 1) if data.eval else []
-
     policy = load_policy(cfg.model, given.model)
     check_vocabulary(policy, train_rows + eval_rows, "data")
-    ref_model = given.ref_model
-    if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
-        import copy
-
-        ref_model = copy.deepcopy(given.model)
-    shared, why_not = use_prefix_sharing(cfg, policy, train_rows + eval_rows)
-    if why_not and distributed.is_main():
-        print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
-    scorer_cls = SharedPrefixLogps if shared else SequenceLogps
-    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
-    collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
-    train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
-                                                    ref_model=ref_model, tokenizer=given.tokenizer)
-    ref_info["layout"] = "prefix_shared" if shared else "concatenated"
-    if distributed.is_main():
-        (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
-    train_fn, eval_fn = make_loss_fn(cfg, train_ref), make_loss_fn(cfg, eval_ref)
-
-    def loss_fn(model: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return (train_fn if model.training else eval_fn)(model, batch, totals)
-
-    lengths = [p.shared_length if shared else p.length for p in train_rows]
-    return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
-                eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length, output=policy)
-
+    return pair_task(cfg, run, given, policy, train_rows, eval_rows, lambda reference: make_loss_fn(cfg, reference),
+                     strategy=strategy, ref_model=ref_model)
 
 def run(cfg: KTOConfig) -> Path:
     """Train as ``cfg`` says; return the run folder (final model in ``final/``)."""
