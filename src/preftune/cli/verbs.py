@@ -240,6 +240,32 @@ def _report(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- plan
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a training config (YAML); its model.path is read for config.json only, no weights")
+    parser.add_argument("--stage", default="dpo", choices=("dpo", "sft", "rm"), help="the stage the config is for (default dpo)")
+    parser.add_argument("--devices", type=int, default=1, help="devices (GPUs) for DDP and FSDP/ZeRO-3 (default 1)")
+    parser.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. 80GiB, 24GB (default 80GiB)")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt tokens per row (default data.max_prompt_length)")
+    parser.add_argument("--completion-tokens", type=int, help="completion tokens (default data.max_length - prompt)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from preftune.config import STAGES, load_config
+    from preftune.errors import PreftuneError
+    from preftune.plan import base_setup, format_plan, load_shape, parse_bytes, plan
+
+    if args.devices < 1:
+        raise PreftuneError(f"--devices must be at least 1, got {args.devices}")
+    cfg = load_config(STAGES[args.stage], args.config, overrides)
+    shape = load_shape(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    base = base_setup(cfg, args.stage, prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens)
+    result = plan(shape, base, args.devices, parse_bytes(args.device_memory))
+    print(json.dumps(result, indent=1) if args.json else format_plan(result), end="\n" if args.json else "")
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
@@ -280,6 +306,8 @@ VERBS: tuple[Verb, ...] = (
     Verb("generate", "sample completions for prompts (transformers generation)", _generate_arguments, _generate),
     Verb("eval", "evaluate a policy against its reference: rewards, KL, perplexity, win rate", _eval_arguments, _eval),
     Verb("report", "write RUN_DIR/report.html (plots embedded) and RUN_DIR/plots/*.png", _report_arguments, _report),
+    Verb("plan", "estimate per-device memory of a training step for each strategy (from config.json alone)", _plan_arguments,
+         _plan, takes_overrides=True),
     Verb("demo", "the whole pipeline (SFT, reward model, DPO, evaluation) on an embedded task, in minutes on a CPU",
          _demo_arguments, _demo),
 )

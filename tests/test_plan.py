@@ -1,0 +1,145 @@
+"""`preftune plan`: per-device memory from config.json alone, checked against measured peaks.
+
+The measured peak is the most live tensor bytes during a real `preftune.dpo` run of two steps
+on CPU (the policy's parameters, which exist before, plus every allocation and free of the CPU
+allocator recorded by torch's profiler with ``profile_memory``, replayed in time order). The plan's
+estimate for the same model, batch and lengths must be within 25% of it, for every strategy that
+runs on CPU: single (frozen copy as reference), cached reference, LoRA, gradient checkpointing,
+bf16 autocast, and the concatenated layout.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+#: name -> (hidden, layers, heads, intermediate, vocab): the tiny model and the 34M benchmark model
+MODELS = {"tiny": (32, 2, 4, 128, 512), "34m": (512, 8, 8, 1376, 8192)}
+PROMPT_WORDS, COMPLETION_WORDS, BATCH = 96, 64, 4  # one token per word, plus BOS and EOS
+
+
+def llama(name: str):  # noqa: ANN201
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, mlp, vocab = MODELS[name]
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=False,
+                                        attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def records(n: int, words: int = COMPLETION_WORDS) -> list[dict[str, str]]:
+    from preftune.models.tiny import BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS
+
+    rng = random.Random(0)
+    text = lambda pool, k: " ".join(rng.choice(pool) for _ in range(k))  # noqa: E731
+    return [{"prompt": text(NEUTRAL_WORDS, PROMPT_WORDS), "chosen": " " + text(GOOD_WORDS, words),
+             "rejected": " " + text(BAD_WORDS, words)} for _ in range(n)]
+
+
+def measured_peak(fn, baseline: int) -> int:  # noqa: ANN001
+    """``baseline`` + the highest running total of CPU allocations minus frees while ``fn`` runs."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    running = peak = 0
+    for _, size in sorted(allocations):
+        running += size
+        peak = max(peak, running)
+    return baseline + peak
+
+
+STRATEGIES = {
+    "single": ({}, {}),
+    "cached reference": ({"reference": {"strategy": "cache"}}, {"reference": "cache"}),
+    "lora": ({"lora": {"enabled": True, "target_modules": ["q_proj", "v_proj"]}}, {"lora": ("q_proj", "v_proj"), "reference": "adapter"}),
+    "gradient checkpointing": ({"gradient_checkpointing": True}, {"checkpointing": True}),
+    "bf16 autocast": ({"bf16": True}, {"bf16": True}),
+    "concatenated": ({"prefix_sharing": False}, {"prefix_sharing": False}),
+}
+CASES = [("tiny", s) for s in STRATEGIES] + [("34m", s) for s in ("single", "lora", "gradient checkpointing")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # noqa: ANN201
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
+
+    return train_tokenizer(synthetic_corpus())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_name", "strategy"), CASES)
+def test_estimate_within_25_percent_of_measured_peak(model_name: str, strategy: str, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    import preftune
+    from preftune.plan import Setup, estimate, shape_of
+
+    settings, setup = STRATEGIES[strategy]
+    if "reference" in settings:
+        settings = {"reference": {**settings["reference"], "cache_dir": str(tmp_path / "cache")}}
+    model = llama(model_name)
+    data = records(2 * BATCH)
+    assert len(tokenizer(data[0]["prompt"])["input_ids"]) == PROMPT_WORDS + 1  # one token a word, and BOS
+    baseline = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = measured_peak(lambda: preftune.dpo(model, train_data=data, tokenizer=tokenizer, output_dir=str(tmp_path / "run"),
+                                              batch_size=BATCH, max_steps=2, progress=False, report=False, max_length=512,
+                                              max_prompt_length=256, **settings), baseline)
+    base = Setup("single", "dpo", BATCH, PROMPT_WORDS + 1, COMPLETION_WORDS + 1, True, 1024, "float32", "adamw")
+    planned = estimate(shape_of(model.config), replace(base, **setup))["peak"]
+    assert planned == pytest.approx(peak, rel=0.25), (model_name, strategy, planned / 2**20, peak / 2**20)
+
+
+def test_shapes_and_sharding_arithmetic() -> None:
+    from preftune.plan import Setup, estimate, largest_batch, parse_bytes, shape_of
+
+    model = llama("34m")
+    shape = shape_of(model.config)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    base = Setup("single", "dpo", 4, 128, 64, True, 1024, "float32", "adamw")
+    single, fsdp = estimate(shape, base), estimate(shape, replace(base, sharding="fsdp", devices=8))
+    assert fsdp["parameters"] * 8 >= single["parameters"] > fsdp["parameters"] * 7
+    assert estimate(shape, replace(base, sharding="ddp", devices=8))["peak"] == single["peak"] + single["gradients"]
+    memory = parse_bytes("2GiB")
+    best = largest_batch(shape, base, memory)
+    assert estimate(shape, replace(base, batch=best))["peak"] <= memory < estimate(shape, replace(base, batch=best + 1))["peak"]
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("24GB") == 24 * 10**9
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+
+
+def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = llama("34m")
+    model.config.to_json_file(str(folder / "config.json"))  # no weights: the plan reads the config only
+    args = ["plan", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={folder}", "--devices", "8", "--device-memory", "1GiB"]
+    table = run_cli(*args)
+    assert table.returncode == 0, table.stderr
+    for name in ("single", "DDP x8", "FSDP/ZeRO-3 x8", "LoRA", "cached reference", "gradient checkpointing", "bf16 autocast"):
+        assert name in table.stdout
+    result = json.loads(run_cli(*args, "--json").stdout)
+    rows = {r["strategy"]: r for r in result["strategies"]}
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert rows["FSDP/ZeRO-3 x8"]["bytes"]["optimizer"] < rows["single"]["bytes"]["optimizer"] / 7
+    assert rows["LoRA"]["largest_batch"] >= rows["single"]["largest_batch"]
+    bad = run_cli(*args[:2], f"--model.path={folder}", "--device-memory", "lots")
+    assert bad.returncode != 0 and "--device-memory 'lots'" in bad.stderr and "Traceback" not in bad.stderr
