@@ -1,0 +1,56 @@
+"""The shipped accelerate configs (configs/accelerate/): each parses with accelerate's own config
+loader (no deepspeed needed), and a launch in a mode preftune does not support yet is refused at
+start in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+CONFIGS = REPO / "configs" / "accelerate"
+#: file -> (accelerate's distributed_type, what else it must say)
+EXPECTED = {"ddp.yaml": ("MULTI_GPU", {}), "fsdp.yaml": ("FSDP", {"fsdp_version": 2, "fsdp_reshard_after_forward": True,
+                                                                  "fsdp_state_dict_type": "FULL_STATE_DICT"}),
+            "zero2.yaml": ("DEEPSPEED", {"zero_stage": 2}), "zero3.yaml": ("DEEPSPEED", {"zero_stage": 3})}
+#: distributed_type -> the variable `accelerate launch` sets for it (accelerate/utils/launch.py)
+LAUNCH_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def test_every_shipped_config_is_tested() -> None:
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_with_accelerates_loader(name: str) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / name))
+    kind, settings = EXPECTED[name]
+    assert isinstance(config, ClusterConfig) and config.distributed_type.value == kind and config.num_processes >= 2
+    section = config.fsdp_config if kind == "FSDP" else config.deepspeed_config
+    for key, value in settings.items():
+        assert section[key] == value, (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp.yaml", "zero3.yaml"])
+def test_launch_with_an_unsupported_config_is_refused_in_one_line(name: str, tiny_model_dir: Path,
+                                                                  preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    variable = LAUNCH_ENV[load_config_from_file(str(CONFIGS / name)).distributed_type.value]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), variable: "true"}
+    run = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", str(REPO / "configs" / "dpo-tiny.yaml"),
+                          f"--model.path={tiny_model_dir}", f"--data.train={preference_files[0]}",
+                          f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if "not supported yet" in line]
+    assert len(lines) == 1 and (variable in lines[0]), run.stderr[-2000:]
+    assert not (tmp_path / "run" / "final").exists()
