@@ -74,7 +74,7 @@ STRATEGIES = {
     "bf16 autocast": ({"bf16": True}, {"bf16": True}),
     "concatenated": ({"prefix_sharing": False}, {"prefix_sharing": False}),
 }
-CASES = [("tiny", s) for s in STRATEGIES] + [("34m", s) for s in ("single", "lora", "gradient checkpointing")]
+CASES = [("tiny", s) for s in STRATEGIES] + [("34m", s) for s in ("single", "lora")]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of `
 - **log-prob chunks** (:mod:`preftune.logprobs`): ``2 x c x V x 4`` bytes of fp32 logits and their
   exponentials, ``c = min(train.logprob_chunk_size, scored tokens)``, plus in the backward
   pass the head's fp32 gradient ``V x h x 4`` when the head trains;
-- **bf16 autocast** keeps a bf16 copy of every trainable matrix for the step (``2 x T`` bytes).
+- **bf16 autocast** over fp32 weights keeps a bf16 copy of every trainable matrix for the step (``2 x T`` bytes).
 
 The step's peak is ``parameters + reference + optimizer + max(activations + chunks, gradients +
 chunks)`` (the gradients fill as the activations are freed; measured so). DDP adds a second copy of
@@ -173,7 +173,8 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
     state = {"adamw": 2, "rmsprop": 1, "sgd": 0}[s.optimizer]
     parts = {"parameters": total * p, "gradients": trainable * p, "optimizer": state * trainable * p,
              "reference": total * p if s.reference == "copy" else 0}
-    resid, act = (4, 2) if s.bf16 else (p, p)
+    mixed = s.bf16 and s.dtype == "float32"  # autocast over fp32 weights; over bf16 weights it changes nothing
+    resid, act = (4, 2) if mixed else (p, p)
     full = not s.lora
     rows, width, scored = rows_and_width(s)
     tokens = rows * width
@@ -190,7 +191,7 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
         parts["activations"] = tokens * L * layer + outside
     chunk = min(s.chunk, max(scored, 1)) * V * 4 * 2
     parts["logprob_chunks"] = chunk + (V * h * 4 if full else 0)
-    parts["autocast_copies"] = 2 * trainable if s.bf16 else 0
+    parts["autocast_copies"] = 2 * trainable if mixed else 0
     if s.sharding == "ddp":
         parts["ddp_buckets"] = parts["gradients"]
     if s.sharding == "fsdp":
