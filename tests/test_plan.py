@@ -143,3 +143,23 @@ def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path) -> None:
     assert rows["LoRA"]["largest_batch"] >= rows["single"]["largest_batch"]
     bad = run_cli(*args[:2], f"--model.path={folder}", "--device-memory", "lots")
     assert bad.returncode != 0 and "--device-memory 'lots'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from preftune.errors import PreftuneError
+    from preftune.plan import load_shape, shape_of
+
+    sha = "b" * 40
+    repo = tmp_path / "cache" / "models--org--big-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    model = llama("tiny")
+    model.config.to_json_file(str(repo / "snapshots" / sha / "config.json"))  # no weights in the cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_shape("org/big-model") == shape_of(model.config)
+    with pytest.raises(PreftuneError, match="'org/other' is not a local path"):
+        load_shape("org/other")
+    with pytest.raises(PreftuneError, match="not a folder, nor a Hugging Face hub id"):
+        load_shape(str(tmp_path / "missing" / "x"))

@@ -39,13 +39,14 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).expanduser().exists()
 
 
-def snapshot(repo_id: str, what: str, *, repo_type: str = "model") -> Path:
-    """The local snapshot folder of ``repo_id`` (fetched into the cache unless offline)."""
+def snapshot(repo_id: str, what: str, *, repo_type: str = "model", patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of ``repo_id`` (fetched into the cache unless offline); ``patterns``
+    narrows what is fetched (the planner needs ``config.json`` only, never the weights)."""
     from huggingface_hub import snapshot_download
 
     offline = env_true("HF_HUB_OFFLINE") or (repo_type == "dataset" and env_true("HF_DATASETS_OFFLINE"))
     cache = hub_cache_dir()
-    patterns = MODEL_FILES if repo_type == "model" else DATASET_FILES
+    patterns = patterns or (MODEL_FILES if repo_type == "model" else DATASET_FILES)
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, cache_dir=str(cache), local_files_only=offline,
                                    allow_patterns=patterns)

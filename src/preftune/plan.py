@@ -104,11 +104,17 @@ def shape_of(config: Any) -> Shape:
 
 def load_shape(path: str, *, trust_remote_code: bool = False) -> Shape:
     """The model's shape from its ``config.json`` alone (a folder or a hub-cache id): no weights are read."""
+    from pathlib import Path
+
     from transformers import AutoConfig
 
-    from preftune.models.tokenizer import check_folder
+    from preftune.hub import looks_like_repo_id, snapshot
 
-    folder = check_folder(path, "model folder")
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        if not str(path) or not looks_like_repo_id(str(path)):
+            raise PreftuneError(f"model.path '{path}' is not a folder, nor a Hugging Face hub id (org/name).")
+        folder = snapshot(str(path), "model", patterns=["config.json"])
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
