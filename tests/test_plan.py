@@ -10,7 +10,9 @@ bf16 autocast, and the concatenated layout.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from conftest import REPO
 
 #: name -> (hidden, layers, heads, intermediate, vocab): the tiny model and the 34M benchmark model
 MODELS = {"tiny": (32, 2, 4, 128, 512), "34m": (512, 8, 8, 1376, 8192)}
-PROMPT_WORDS, COMPLETION_WORDS, BATCH = 96, 64, 4  # one token per word, plus BOS and EOS
+PROMPT_WORDS, COMPLETION_WORDS = 96, 64  # one token per word, plus BOS and EOS
+BATCH = {"tiny": 4, "34m": 2}  # pairs per process: the 34M model's steps are the slow ones
 
 
 def llama(name: str):  # noqa: ANN201
@@ -35,6 +38,13 @@ def llama(name: str):  # noqa: ANN201
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                                         num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=False,
                                         attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+@functools.cache
+def tiny_tokenizer():  # noqa: ANN201
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
+
+    return train_tokenizer(synthetic_corpus())
 
 
 def records(n: int, words: int = COMPLETION_WORDS) -> list[dict[str, str]]:
@@ -74,35 +84,56 @@ STRATEGIES = {
     "bf16 autocast": ({"bf16": True}, {"bf16": True}),
     "concatenated": ({"prefix_sharing": False}, {"prefix_sharing": False}),
 }
-CASES = [("tiny", s) for s in STRATEGIES] + [("34m", s) for s in ("single", "lora")]
+CASES = ([("tiny", "dpo", s) for s in STRATEGIES] + [("34m", "dpo", s) for s in ("single", "lora")]
+         + [("tiny", stage, s) for stage in ("sft", "rm") for s in ("single", "gradient checkpointing")])
 
 
-@pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
-    from preftune.models.tiny import synthetic_corpus, train_tokenizer
-
-    return train_tokenizer(synthetic_corpus())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("model_name", "strategy"), CASES)
-def test_estimate_within_25_percent_of_measured_peak(model_name: str, strategy: str, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1) -> tuple[int, int]:
+    """(planned peak, measured peak) in bytes of two steps of ``stage`` with ``strategy``, per process."""
     import preftune
     from preftune.plan import Setup, estimate, shape_of
 
     settings, setup = STRATEGIES[strategy]
     if "reference" in settings:
-        settings = {"reference": {**settings["reference"], "cache_dir": str(tmp_path / "cache")}}
+        settings = {"reference": {**settings["reference"], "cache_dir": str(out / "cache")}}
+    tokenizer = tiny_tokenizer()
     model = llama(model_name)
-    data = records(2 * BATCH)
+    batch = BATCH[model_name]
+    data = records(2 * batch * processes)
     assert len(tokenizer(data[0]["prompt"])["input_ids"]) == PROMPT_WORDS + 1  # one token a word, and BOS
+    if stage == "sft":
+        data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in data]
+    train = {"dpo": preftune.dpo, "sft": preftune.sft, "rm": preftune.reward_model}[stage]
     baseline = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = measured_peak(lambda: preftune.dpo(model, train_data=data, tokenizer=tokenizer, output_dir=str(tmp_path / "run"),
-                                              batch_size=BATCH, max_steps=2, progress=False, report=False, max_length=512,
-                                              max_prompt_length=256, **settings), baseline)
-    base = Setup("single", "dpo", BATCH, PROMPT_WORDS + 1, COMPLETION_WORDS + 1, True, 1024, "float32", "adamw")
-    planned = estimate(shape_of(model.config), replace(base, **setup))["peak"]
-    assert planned == pytest.approx(peak, rel=0.25), (model_name, strategy, planned / 2**20, peak / 2**20)
+    peak = measured_peak(lambda: train(model, train_data=data, tokenizer=tokenizer, output_dir=str(out / "run"), batch_size=batch,
+                                       max_steps=2, progress=False, report=False, max_length=512, max_prompt_length=256,
+                                       **settings), baseline)
+    base = Setup("single", stage, batch, PROMPT_WORDS + 1, COMPLETION_WORDS + 1, True, 1024, "float32", "adamw",
+                 reference="copy" if stage == "dpo" else "none", sharding="ddp" if processes > 1 else "none", devices=processes)
+    return estimate(shape_of(model.config), replace(base, **setup))["peak"], peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_name", "stage", "strategy"), CASES)
+def test_estimate_within_25_percent_of_measured_peak(model_name: str, stage: str, strategy: str, tmp_path: Path) -> None:
+    planned, peak = measure(model_name, stage, strategy, tmp_path)
+    assert planned == pytest.approx(peak, rel=0.25), (model_name, stage, strategy, planned / 2**20, peak / 2**20)
+
+
+@pytest.mark.slow
+def test_ddp_estimate_per_process_within_25_percent(tmp_path: Path) -> None:
+    """Two processes (torchrun, gloo), each measuring its own peak: this file run as a script."""
+    port = __import__("socket").create_server(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={free}", __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    peaks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("[")]
+    assert len(peaks) == 2
+    for planned, peak in peaks:
+        assert planned == pytest.approx(peak, rel=0.25), (planned / 2**20, peak / 2**20)
 
 
 def test_shapes_and_sharding_arithmetic() -> None:
@@ -121,28 +152,27 @@ def test_shapes_and_sharding_arithmetic() -> None:
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("24GB") == 24 * 10**9
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from preftune.cli.main import main
 
-
-def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     model = llama("34m")
     model.config.to_json_file(str(folder / "config.json"))  # no weights: the plan reads the config only
     args = ["plan", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={folder}", "--devices", "8", "--device-memory", "1GiB"]
-    table = run_cli(*args)
+    table = subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert table.returncode == 0, table.stderr
     for name in ("single", "DDP x8", "FSDP/ZeRO-3 x8", "LoRA", "cached reference", "gradient checkpointing", "bf16 autocast"):
         assert name in table.stdout
-    result = json.loads(run_cli(*args, "--json").stdout)
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     rows = {r["strategy"]: r for r in result["strategies"]}
     assert result["params"] == sum(p.numel() for p in model.parameters())
     assert rows["FSDP/ZeRO-3 x8"]["bytes"]["optimizer"] < rows["single"]["bytes"]["optimizer"] / 7
     assert rows["LoRA"]["largest_batch"] >= rows["single"]["largest_batch"]
-    bad = run_cli(*args[:2], f"--model.path={folder}", "--device-memory", "lots")
-    assert bad.returncode != 0 and "--device-memory 'lots'" in bad.stderr and "Traceback" not in bad.stderr
+    assert main([*args[:2], f"--model.path={folder}", "--device-memory", "lots"]) != 0
+    assert "--device-memory 'lots' is not a memory size" in capsys.readouterr().err
 
 
 def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,3 +193,7 @@ def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch
         load_shape("org/other")
     with pytest.raises(PreftuneError, match="not a folder, nor a Hugging Face hub id"):
         load_shape(str(tmp_path / "missing" / "x"))
+
+
+if __name__ == "__main__":  # under torchrun, by test_ddp_estimate_per_process_within_25_percent: one JSON line per process
+    print(json.dumps(measure("tiny", "dpo", "single", Path(sys.argv[1]), processes=int(os.environ["WORLD_SIZE"]))))
