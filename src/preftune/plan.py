@@ -37,10 +37,13 @@ the gradients (its all-reduce buckets; ``gradient_as_bucket_view`` off, accelera
 FSDP / ZeRO-3 divide parameters, gradients, optimizer state and the reference by the devices and
 add two gathered layers (the one running and the next, prefetched); activations are not sharded.
 
-Checked (``tests/test_plan.py``) against the peak of live tensor bytes of real ``preftune dpo``
-steps on CPU, recorded by torch's profiler (``profile_memory``: every allocation and free of the
-CPU allocator, replayed in time order): single, cached reference, LoRA, gradient checkpointing
-and bf16 autocast, within 25%. DDP and FSDP / ZeRO-3 figures are estimates, not measured here.
+Checked (``tests/test_plan.py``) against the peak of live tensor bytes of real training steps on
+CPU (``preftune.dpo``, ``sft``, ``reward_model``), recorded by torch's profiler (``profile_memory``:
+every allocation and free of the CPU allocator, replayed in time order, plus the parameters that
+exist before): DPO single, cached reference, LoRA, gradient checkpointing, bf16 autocast and the
+concatenated layout, SFT, RM, and DDP per process (2 processes, gloo), within 25%. FSDP / ZeRO-3
+figures are estimates, not measured here; GPU kernels' workspaces and the CUDA caching
+allocator's fragmentation are not modelled.
 """
 
 from __future__ import annotations
