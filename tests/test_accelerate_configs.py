@@ -38,19 +38,39 @@ def test_config_loads_with_accelerates_loader(name: str) -> None:
         assert section[key] == value, (name, key)
 
 
+def dpo_args(model: Path, data: Path, out: Path) -> list[str]:
+    return ["-m", "preftune.cli", "dpo", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={model}", f"--data.train={data}",
+            f"--train.output_dir={out}", "--train.max_steps=1"]
+
+
+def assert_refused_in_one_line(run: subprocess.CompletedProcess, variable: str, out: Path) -> None:
+    lines = [line for line in run.stderr.splitlines() if "not supported yet" in line]
+    assert run.returncode != 0 and len(lines) == 1 and variable in lines[0], run.stderr[-2000:]
+    assert lines[0].startswith("preftune: error:") and not (out / "final").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fsdp.yaml", "zero3.yaml"])
-def test_launch_with_an_unsupported_config_is_refused_in_one_line(name: str, tiny_model_dir: Path,
-                                                                  preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_accelerate_launch_with_the_fsdp_config_is_refused_in_one_line(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """The real launcher (one process: this machine has no GPU for eight), with the shipped config."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+                          "--num_processes", "1", *dpo_args(tiny_model_dir, preference_files[0], tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert_refused_in_one_line(run, "ACCELERATE_USE_FSDP", tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero2.yaml", "zero3.yaml"])
+def test_a_deepspeed_launch_is_refused_in_one_line(name: str, tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    """`accelerate launch` with a DeepSpeed config stops before preftune where deepspeed is not installed (here);
+    where it is, the launcher sets the variable of the config's distributed_type: preftune then refuses."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     variable = LAUNCH_ENV[load_config_from_file(str(CONFIGS / name)).distributed_type.value]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), variable: "true"}
-    run = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", str(REPO / "configs" / "dpo-tiny.yaml"),
-                          f"--model.path={tiny_model_dir}", f"--data.train={preference_files[0]}",
-                          f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=1"],
+    run = subprocess.run([sys.executable, *dpo_args(tiny_model_dir, preference_files[0], tmp_path / "run")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    lines = [line for line in run.stderr.splitlines() if "not supported yet" in line]
-    assert len(lines) == 1 and (variable in lines[0]), run.stderr[-2000:]
-    assert not (tmp_path / "run" / "final").exists()
+    assert_refused_in_one_line(run, variable, tmp_path / "run")
