@@ -150,6 +150,14 @@ def test_shapes_and_sharding_arithmetic() -> None:
     best = largest_batch(shape, base, memory)
     assert estimate(shape, replace(base, batch=best))["peak"] <= memory < estimate(shape, replace(base, batch=best + 1))["peak"]
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("24GB") == 24 * 10**9
+    from transformers import MixtralConfig
+
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="mixture of 8 experts"):
+        shape_of(MixtralConfig(num_local_experts=8))
+    with pytest.raises(PreftuneError, match="not a memory size"):
+        parse_bytes("80 parsecs")
 
 
 def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -93,6 +93,10 @@ class Shape:
 def shape_of(config: Any) -> Shape:
     """The :class:`Shape` of a transformers ``PretrainedConfig`` (Llama, Qwen2, Mistral and kin)."""
     text = getattr(config, "text_config", None) or config
+    experts = max(int(getattr(text, name, None) or 0) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if experts > 1:
+        raise PreftuneError(f"the model ({text.model_type}) is a mixture of {experts} experts; the planner knows dense decoders "
+                            "only (Llama, Qwen2, Mistral and kin), and would undercount its parameters.")
     try:
         hidden, layers, heads = int(text.hidden_size), int(text.num_hidden_layers), int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
