@@ -256,6 +256,10 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.errors import PreftuneError
     from preftune.plan import base_setup, format_plan, load_shape, parse_bytes, plan
 
+    from preftune.distributed import world
+
+    if world()[1] > 1:
+        raise PreftuneError(f"`preftune plan` runs in one process; it was launched in {world()[1]}. Run it alone, with --devices N.")
     if args.devices < 1:
         raise PreftuneError(f"--devices must be at least 1, got {args.devices}")
     cfg = load_config(STAGES[args.stage], args.config, overrides)
