@@ -253,10 +253,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.config import STAGES, load_config
+    from preftune.distributed import world
     from preftune.errors import PreftuneError
     from preftune.plan import base_setup, format_plan, load_shape, parse_bytes, plan
-
-    from preftune.distributed import world
 
     if world()[1] > 1:
         raise PreftuneError(f"`preftune plan` runs in one process; it was launched in {world()[1]}. Run it alone, with --devices N.")
