@@ -11,7 +11,8 @@ lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of `
 - **optimizer** AdamW ``2 T x p`` (exp_avg, exp_avg_sq in the parameter's dtype), RMSprop ``T x p``, SGD 0;
 - **reference** ``P x p`` for a frozen copy; 0 for the adapter switched off, the on-disk cache, or none;
 - **activations**: what the policy's forward keeps for the backward pass, per token of a row
-  (measured on CPU with the tiny and 34M models, SDPA attention, and fitted exactly by)::
+  (measured on CPU for seven Llama shapes and three key/value widths, SDPA attention, and
+  fitted to within a few bytes per token by)::
 
       L x [ resid x (2h + 2h if the norms train)                         norm inputs, normalised states
             + act x (2h + 2kv + 3m                                        q, k, v, attention out; MLP gate, SiLU, up
@@ -23,8 +24,8 @@ lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of `
   with ``resid`` = ``act`` = ``p`` (``resid`` 4 and ``act`` 2 under bf16 autocast: the residual
   stream stays fp32) and ``W`` the row width. Gradient checkpointing keeps ``L x resid x h`` per
   token plus one layer recomputed in full during the backward pass. Tokens: DPO and RM score
-  ``2B`` rows of ``prompt + completion`` (``B`` rows of ``prompt + 2 completions`` with prefix sharing),
-  SFT ``B`` rows. Attention is taken as a fused kernel (SDPA's flash / memory-efficient, or
+  ``2B`` rows of ``prompt + completion`` (DPO with prefix sharing: ``B`` rows of ``prompt + 2
+  completions``), SFT ``B`` rows, all padded to the configured lengths. Attention is taken as a fused kernel (SDPA's flash / memory-efficient, or
   FlashAttention): no ``heads x W x W`` scores are kept; eager attention keeps them and is not planned.
 - **log-prob chunks** (:mod:`preftune.logprobs`): ``2 x c x V x 4`` bytes of fp32 logits and their
   exponentials, ``c = min(train.logprob_chunk_size, scored tokens)``, plus in the backward
@@ -36,6 +37,7 @@ chunks)`` (the gradients fill as the activations are freed; measured so). DDP ad
 the gradients (its all-reduce buckets; ``gradient_as_bucket_view`` off, accelerate's default).
 FSDP / ZeRO-3 divide parameters, gradients, optimizer state and the reference by the devices and
 add two gathered layers (the one running and the next, prefetched); activations are not sharded.
+The reference's forward pass and the cache pass run without gradients and hold less than the step.
 
 Checked (``tests/test_plan.py``) against the peak of live tensor bytes of real training steps on
 CPU (``preftune.dpo``, ``sft``, ``reward_model``), recorded by torch's profiler (``profile_memory``:
