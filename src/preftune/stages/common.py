@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from preftune import distributed
+from preftune.checkpoint import resolve_resume
 from preftune.config import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
@@ -77,6 +78,8 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     run_dir = Path(cfg.train.output_dir)
     if rank == 0:
         claim_folder(run_dir, cfg.train)
+        # a resume is checked before anything is written: the checkpoint intact, the config the same
+        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
         if processes > 1:
