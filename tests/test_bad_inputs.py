@@ -186,6 +186,8 @@ CASES: dict[str, Case] = {
     "setting: eval_fraction 2": Case(lambda ws: ws.dpo("--data.eval_fraction=2"), r"eval_fraction"),
     # ---- run folders
     "run: output_dir is a file": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.root / 'a-file'}"), r"a-file.*is a file"),
+    "run: output_dir inside a file": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.root / 'a-file' / 'run'}"),
+                                          r"a-file/run': not a directory"),
     "run: a finished run": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.done}"), r"done.*already holds a run"),
     "run: resume from nothing": Case(lambda ws: ws.dpo("--train.resume_from=latest"), r"holds no complete checkpoint"),
     "run: resume from a missing path": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.done}",
@@ -193,6 +195,8 @@ CASES: dict[str, Case] = {
     "run: resume under another config": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.done}", "--train.resume_from=latest",
                                                                 "--train.batch_size=4", "--train.lr=0.5"),
                                              r"another config.*train\.lr \(0\.001 -> 0\.5\)"),
+    "run: resume with another global batch": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.done}", "--train.resume_from=latest",
+                                                                    "--train.batch_size=8"), r"global batch of 4.*this run has 8"),
     "run: resume from a folder that is no checkpoint": Case(lambda ws: ws.dpo(f"--train.output_dir={ws.done}",
                                                                              f"--train.resume_from={ws.root / 'empty-folder'}"),
                                                             r"empty-folder.*no manifest\.json"),

@@ -37,9 +37,11 @@ MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 #: The settings a resume may change (dotted, as in overrides); any other difference from the
 #: checkpoint's config is refused. They say how long to train, where and how often to log,
-#: evaluate and save, and what to show; none changes what one optimizer step computes.
+#: evaluate and save, and what to show; none changes what one optimizer step computes. The batch
+#: per process may change with the number of processes: their product, the global batch, is
+#: checked on its own (:func:`load_checkpoint`).
 RESUME_MAY_CHANGE = (
-    "train.max_steps", "train.epochs", "train.output_dir", "train.resume_from", "train.overwrite",
+    "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
     "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.progress", "train.report",
 )
@@ -233,7 +235,7 @@ def config_differences(folder: Path, config: dict[str, Any]) -> list[str]:
 
 
 def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = None,
-                   say: Callable[[str], None] | None = None) -> Path | None:
+                   say: Callable[[str], None] | None = None, global_batch: int = 0) -> Path | None:
     """The checkpoint ``train.resume_from`` names (``latest``: the newest intact one, each newer one
     passed over told to ``say``), checked intact and written under ``config`` but for
     :data:`RESUME_MAY_CHANGE`; None when not resuming."""
@@ -247,11 +249,11 @@ def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = No
             raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint{why}.")
     else:
         found = Path(train.resume_from)
-    check_resume(found, config)
+    check_resume(found, config, global_batch)
     return found
 
 
-def check_resume(folder: Path, config: dict[str, Any] | None) -> None:
+def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0) -> None:
     """Refuse ``folder`` unless it is an intact checkpoint written under ``config`` (but for :data:`RESUME_MAY_CHANGE`)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -264,6 +266,17 @@ def check_resume(folder: Path, config: dict[str, Any] | None) -> None:
         raise TrainingError(f"checkpoint '{folder}' was written under another config; a resume may change only "
                             f"{', '.join(RESUME_MAY_CHANGE)}. Different: {'; '.join(differences)}. Use the run's own config "
                             "(its config.yaml), or start a new run in another train.output_dir.")
+    try:
+        saved_batch = json.loads((folder / STATE_FILE).read_text()).get("global_batch", 0)
+    except (OSError, ValueError, AttributeError):
+        saved_batch = 0
+    _check_global_batch(folder, saved_batch, global_batch)
+
+
+def _check_global_batch(folder: Path, saved: int, now: int) -> None:
+    if now and saved and saved != now:
+        raise TrainingError(f"checkpoint '{folder}' was written with a global batch of {saved} "
+                            f"(batch_size x processes); this run has {now}. Resume with the same global batch.")
 
 
 def load_checkpoint(
@@ -299,9 +312,7 @@ def load_checkpoint(
     except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
         raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
                             f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
-    if global_batch and state.global_batch and state.global_batch != global_batch:
-        raise TrainingError(f"checkpoint '{folder}' was written with a global batch of {state.global_batch} "
-                            f"(batch_size x processes); this run has {global_batch}. Resume with the same global batch.")
+    _check_global_batch(folder, state.global_batch, global_batch)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]

@@ -38,7 +38,6 @@ from preftune.checkpoint import (
     resolve_resume,
     rng_state,
     save_checkpoint,
-    trainable_state,
 )
 from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
@@ -206,7 +205,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     state = LoopState()
-    resume = resolve_resume(cfg, run_dir, hparams)
+    resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes)
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                 rank=rank, global_batch=cfg.batch_size * processes)
@@ -232,7 +231,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
 
     def checkpoint() -> Path:
         """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes)."""
-        bad = non_finite(trainable_state(accelerator.unwrap_model(model)))
+        bad = non_finite({n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad})
         if bad:
             raise TrainingError(f"step {state.step}: the weights are not finite ({', '.join(bad[:3])}); no checkpoint written, "
                                 f"and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
@@ -324,6 +323,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
             if last_checkpoint != run_dir / "checkpoints" / f"step-{state.step}":
                 last_checkpoint = checkpoint()
             bar.close()
+            if trackers is not None:
+                trackers.finish()
             raise Interrupted(f"stopped by {signals.name} after step {state.step}: checkpoint '{last_checkpoint}'; continue with "
                               "--train.resume_from=latest and the same config.", signals.received or 15)
         if stopped_by is not None:

@@ -87,7 +87,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         claim_folder(run_dir, cfg.train)
         _SETUP[run_dir.resolve()] = _Setup.of(run_dir, created)
         # a resume is checked before anything is written: the checkpoint intact, the config the same
-        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None)
+        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None, global_batch=cfg.train.batch_size * processes)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
         if processes > 1:
