@@ -27,7 +27,7 @@ from preftune.errors import DataError
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".jsonl.gz", ".parquet", ".ndjson")
 FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "response1", "response2", "annotator1",
           "instruction", "input", "system", "role", "content", "weight", "question", "response")
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 text = st.text(max_size=12)
 scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True, allow_infinity=True) | text
