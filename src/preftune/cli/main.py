@@ -1,7 +1,10 @@
 """`preftune VERB ...`: parse the command line from the verb table, call the verb.
 
-Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError`; it is
-printed as one short paragraph and the exit status is 2. ``--debug`` shows the traceback.
+Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError` (or an
+``OSError`` about a path the user named); it is printed as one short paragraph and the exit
+status is 2. ``--debug``, anywhere on the command line, shows the traceback instead. SIGINT and
+SIGTERM end the command with one line and the shell's status (130, 143); during training the
+loop first finishes its step and writes a checkpoint (:mod:`preftune.interrupts`).
 """
 
 from __future__ import annotations
