@@ -180,5 +180,4 @@ def test_the_run_folder_says_how_the_run_ended(tiny, tmp_path: Path) -> None:  #
     assert json.loads((done.run_dir / "status.json").read_text()) == {"status": "finished", "step": 1, "stopped_by": None}
     with pytest.raises(preftune.PreftuneError, match="chosen"):
         preftune.dpo(new_model(tiny), train_data=[{"prompt": "a", "rejected": "b"}], tokenizer=tiny, output_dir=str(tmp_path / "bad"), **QUIET)
-    status = json.loads((tmp_path / "bad" / "status.json").read_text())
-    assert status["status"] == "failed" and "chosen" in status["error"]
+    assert not (tmp_path / "bad").exists()  # a run that fails before training leaves no folder behind

@@ -3,7 +3,10 @@
 A save/load round trip restores the trainable weights, the optimizer's and the scheduler's
 states, the RNG streams and the loop state, so training continues exactly; every file is read
 as plain data (a crafted pickle does not run); the latest complete checkpoint is found by
-number; pruning keeps the newest; a checkpoint of other trainable parameters is refused.
+number; pruning keeps the newest; a checkpoint of other trainable parameters is refused. Every
+checkpoint holds a manifest (sizes and sha256 of its files, written last): a folder whose manifest
+is missing or does not match is never resumed from; a resume under another config is refused,
+naming the settings that differ.
 """
 
 from __future__ import annotations
@@ -18,16 +21,21 @@ import torch
 from torch import nn
 
 from preftune.checkpoint import (
+    MANIFEST_FILE,
+    RESUME_MAY_CHANGE,
     STATE_FILE,
     WEIGHTS_FILE,
     LoopState,
+    check_resume,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
     trainable_state,
+    write_manifest,
 )
 from preftune.errors import TrainingError
 
@@ -71,7 +79,8 @@ def test_save_and_load_restore_weights_optimizer_scheduler_rng_and_loop_state(tm
     state = LoopState(step=3, epoch=1, batches_in_epoch=5, examples_seen=24, tokens_seen=321)
     folder = save_checkpoint(tmp_path / "checkpoints" / "step-3", model=model, optimizer=optimizer, scheduler=scheduler, state=state)
     assert folder == tmp_path / "checkpoints" / "step-3"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE,
+                                                                MANIFEST_FILE])
     assert [p.name for p in folder.parent.iterdir()] == ["step-3"]  # no step-3.tmp left behind
     assert json.loads((folder / STATE_FILE).read_text())["tokens_seen"] == 321
 
@@ -150,6 +159,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path: 
     _, folder = make_checkpoint(tmp_path / "step-3")
     marker = tmp_path / "MARKER"
     torch.save({"python": RunsACommand(f"touch {marker}")}, folder / name)
+    write_manifest(folder)  # whoever crafts the file can rewrite the manifest too
     model = tiny(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer, scheduler = trainer(model)
@@ -169,6 +179,8 @@ def fake_checkpoint(root: Path, name: str, complete: bool = True) -> Path:
     folder.mkdir(parents=True)
     if complete:
         (folder / STATE_FILE).write_text("{}")
+        (folder / WEIGHTS_FILE).write_text("w")
+        write_manifest(folder)
     return folder
 
 
@@ -179,7 +191,7 @@ def test_latest_checkpoint_is_the_highest_complete_step(tmp_path: Path) -> None:
     fake_checkpoint(tmp_path, "step-2")
     ten = fake_checkpoint(tmp_path, "step-10")  # by number: step-10 is after step-2
     fake_checkpoint(tmp_path, "step-12.tmp")  # a save killed before its rename
-    fake_checkpoint(tmp_path, "step-15", complete=False)  # no state.json
+    fake_checkpoint(tmp_path, "step-15", complete=False)  # no manifest
     fake_checkpoint(tmp_path, "step-x")
     fake_checkpoint(tmp_path, "best")
     (tmp_path / "checkpoints" / "step-20").write_text("a file, not a folder")
@@ -217,3 +229,85 @@ def test_a_folder_without_state_is_not_a_checkpoint(tmp_path: Path) -> None:
     optimizer, scheduler = trainer(model)
     with pytest.raises(TrainingError, match="is not a preftune checkpoint"):
         load_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+# --------------------------------------------------------------------------- manifest
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    _, folder = make_checkpoint(tmp_path / "checkpoints" / "step-3")
+    files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_FILE)
+    for name, entry in files.items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "a changed byte", "a cut file", "a missing file", "a bad manifest"])
+def test_a_checkpoint_without_a_valid_manifest_is_never_resumed_from(tmp_path: Path, damage: str, capsys) -> None:  # noqa: ANN001
+    make_checkpoint(tmp_path / "checkpoints" / "step-2")
+    _, newest = make_checkpoint(tmp_path / "checkpoints" / "step-5")
+    weights_file = newest / WEIGHTS_FILE
+    if damage == "no manifest":
+        (newest / MANIFEST_FILE).unlink()
+    elif damage == "a changed byte":
+        data = bytearray(weights_file.read_bytes())
+        data[-1] ^= 1
+        weights_file.write_bytes(bytes(data))
+    elif damage == "a cut file":
+        weights_file.write_bytes(weights_file.read_bytes()[:-10])
+    elif damage == "a missing file":
+        (newest / "optimizer.pt").unlink()
+    else:
+        (newest / MANIFEST_FILE).write_text("{not json")
+    # latest skips it, saying why, and takes the older intact one
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-2"
+    assert "skipping checkpoint" in capsys.readouterr().err
+    # named explicitly, it is refused
+    model = tiny(0)
+    optimizer, scheduler = trainer(model)
+    with pytest.raises(TrainingError, match="is not resumed from"):
+        load_checkpoint(newest, model=model, optimizer=optimizer, scheduler=scheduler)
+
+    class Train:
+        resume_from = str(newest)
+
+    with pytest.raises(TrainingError, match="is not resumed from"):
+        resolve_resume(Train, tmp_path)
+
+
+def test_latest_with_no_intact_checkpoint_says_why(tmp_path: Path) -> None:
+    _, only = make_checkpoint(tmp_path / "checkpoints" / "step-1")
+    (only / MANIFEST_FILE).unlink()
+
+    class Train:
+        resume_from = "latest"
+
+    with pytest.raises(TrainingError, match=r"holds no complete checkpoint .*step-1.*no manifest.json"):
+        resolve_resume(Train, tmp_path, say=lambda line: None)
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
+    model = tiny(0)
+    optimizer, scheduler = trainer(model)
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    with pytest.raises(TrainingError, match=r"not all finite \(2.bias\)"):
+        save_checkpoint(tmp_path / "step-1", model=model, optimizer=optimizer, scheduler=scheduler, state=LoopState(step=1))
+    assert not (tmp_path / "step-1").exists() and not (tmp_path / "step-1.tmp").exists()
+
+
+def test_a_resume_under_another_config_names_what_differs(tmp_path: Path) -> None:
+    config = {"train": {"lr": 1e-3, "max_steps": 10, "save_every": 2, "batch_size": 4}, "loss": {"beta": 0.1}}
+    model = tiny(0)
+    optimizer, scheduler = trainer(model)
+    folder = save_checkpoint(tmp_path / "step-1", model=model, optimizer=optimizer, scheduler=scheduler,
+                             state=LoopState(step=1), config=config)
+    check_resume(folder, config)  # the same config
+    longer = {"train": {**config["train"], "max_steps": 50, "save_every": 5}, "loss": {"beta": 0.1}}
+    check_resume(folder, longer)  # what a resume may change
+    assert "train.max_steps" in RESUME_MAY_CHANGE and "train.lr" not in RESUME_MAY_CHANGE
+    other = {"train": {**config["train"], "lr": 1e-2}, "loss": {"beta": 0.5}, "data": {"train": "x.jsonl"}}
+    with pytest.raises(TrainingError, match=r"another config.*data.train \('<unset>' -> 'x.jsonl'\); loss.beta \(0.1 -> 0.5\); "
+                                            r"train.lr \(0.001 -> 0.01\)"):
+        check_resume(folder, other)

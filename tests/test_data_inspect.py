@@ -95,7 +95,7 @@ def test_cli_json_on_real_data_matches_the_loader(capsys: pytest.CaptureFixture[
 def test_not_a_tokenizer_folder_is_a_clear_error(small: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty-folder"
     empty.mkdir()
-    with pytest.raises(PreftuneError, match="is not a tokenizer folder"):
+    with pytest.raises(PreftuneError, match="holds no tokenizer"):
         inspect(str(small), "--on-error", "skip", "--tokenizer", str(empty))
     with pytest.raises(PreftuneError, match="is not a folder"):
         inspect(str(small), "--on-error", "skip", "--tokenizer", str(tmp_path / "nope"))

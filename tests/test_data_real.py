@@ -259,3 +259,29 @@ def test_pandalm_oddities_named_in_its_readme_are_all_seen() -> None:
     )
     assert soft[0.667] == split_2_1 > 0
     assert set(soft) == {1.0, 0.667}
+
+
+# --------------------------------------------------------------------------- data inspect, as a user runs it
+def _raw_count(path: Path) -> int:
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    return len(json.loads(path.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize("name", [*(f"hh-rlhf/{n}" for n in HH_FILES), "pandalm-testset/testset-v1.json"])
+def test_data_inspect_reports_the_whole_file_without_on_error(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Read in place, no --on-error: every record is checked and counted, and the exit status says
+    whether training (data.on_error: error) would accept the file as it is."""
+    from preftune.cli.main import main
+
+    path = SHARED_DATA / name
+    code = main(["data", "inspect", str(path), "--json"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["records"] == _raw_count(path)
+    assert summary["records"] == summary["kept"] + sum(summary["dropped"].values())
+    malformed = summary["dropped"].get("non_string", 0)
+    assert code == (1 if malformed else 0), captured.err
+    if name.startswith("pandalm"):  # its six non-string responses are all counted, not just the first
+        assert malformed == 6 and "6 malformed record(s)" in captured.err

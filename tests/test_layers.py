@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.models",),
     ("preftune.reference", "preftune.checkpoint"),
     ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.trackers", "preftune.runlog", "preftune.generate",
-     "preftune.plan"),
+     "preftune.plan", "preftune.interrupts"),
     ("preftune.eval",),
     ("preftune.stages",),
     ("preftune.demo",),

@@ -5,19 +5,26 @@ A checkpoint is a folder ``checkpoints/step-N/`` holding the trainable weights
 CPU generator and every CUDA device's) and the loop's position in the data (``state.json``).
 Every file is read back as plain data (``torch.load(weights_only=True)``): a checkpoint cannot
 run code when it is resumed. It is written under a temporary name and renamed into
-place, so a run killed mid-save never leaves a half-written ``step-N``.
+place, so a run killed mid-save never leaves a half-written ``step-N``; the last file written is
+``manifest.json`` (every other file's size and sha256), and a folder whose manifest is missing
+or does not match its files is never resumed from. A checkpoint also keeps the run's resolved
+config (``run_config.json``): a resume under another config is refused, except for the settings in
+:data:`RESUME_MAY_CHANGE`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +33,18 @@ from preftune.errors import TrainingError
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
+#: The settings a resume may change (dotted, as in overrides); any other difference from the
+#: checkpoint's config is refused. They say how long to train, where and how often to log,
+#: evaluate and save, and what to show; none changes what one optimizer step computes. The batch
+#: per process may change with the number of processes: their product, the global batch, is
+#: checked on its own (:func:`load_checkpoint`).
+RESUME_MAY_CHANGE = (
+    "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
+    "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",
+    "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.progress", "train.report",
+)
 
 
 @dataclass
@@ -72,56 +91,192 @@ def save_checkpoint(
     state: LoopState,
     export: Callable[[Path], None] | None = None,
     rng: list[dict[str, object]] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically to ``folder`` (replacing nothing until complete).
 
     ``export`` writes the model as the stage saves its final one (``save_pretrained``), so a
     checkpoint also loads with ``from_pretrained`` (``PeftModel.from_pretrained`` for LoRA) and
     any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming.
+    ``config`` (the run's resolved config) is kept so a resume can check it continues the same run.
+    Weights that are not all finite are refused: a checkpoint is only ever written from a finite state.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    weights = trainable_state(model)
+    bad = non_finite(weights)
+    if bad:
+        raise TrainingError(f"no checkpoint written at step {state.step}: the weights are not all finite "
+                            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
+    save_file(weights, str(tmp / WEIGHTS_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     # one RNG state per process, in rank order (gathered by the caller when there are several)
     torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
     if export is not None:
         export(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))  # last: its presence marks a complete checkpoint
+    if config is not None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    write_manifest(tmp)  # last: a valid manifest marks a complete checkpoint
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``run_dir/checkpoints``, if any."""
-    root = Path(run_dir) / "checkpoints"
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and not p.name.endswith(".tmp"))
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: every file's size and sha256, written atomically (a temporary name, then a rename)."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, intact checkpoint (None when its manifest matches every file)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (an unfinished or damaged save)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST_FILE} cannot be read ({type(err).__name__}: {err})"
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"'{name}' is missing"
+        size = path.stat().st_size
+        if not isinstance(entry, dict) or size != entry.get("size"):
+            return f"'{name}' has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
+        if _sha256(path) != entry.get("sha256"):
+            return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
+    if STATE_FILE not in files or WEIGHTS_FILE not in files:
+        return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"
+    return None
+
+
+def _numbered(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
-        return None
-    found = []
-    for path in root.iterdir():
-        name = path.name
-        if name.startswith("step-") and name[5:].isdigit() and (path / STATE_FILE).is_file():
-            found.append((int(name[5:]), path))
-    return max(found)[1] if found else None
+        return []
+    return sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def latest_checkpoint(run_dir: Path, *, say: Callable[[str], None] | None = None) -> Path | None:
+    """The intact checkpoint (:func:`manifest_problem` finds nothing) with the highest step in
+    ``run_dir/checkpoints``, if any; each newer folder passed over is told to ``say`` (default: stderr)."""
+    say = say or _stderr
+    for _, path in reversed(_numbered(Path(run_dir) / "checkpoints")):
+        problem = manifest_problem(path)
+        if problem is None:
+            return path
+        say(f"preftune: skipping checkpoint '{path}': {problem}.")
+    return None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    root = Path(run_dir) / "checkpoints"
-    steps = sorted(
-        (int(p.name[5:]), p) for p in root.iterdir()
-        if p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file()
-    )
+    """Delete all but the newest ``keep`` intact checkpoints."""
+    steps = [(step, p) for step, p in _numbered(Path(run_dir) / "checkpoints") if (p / MANIFEST_FILE).is_file()]
     for _, path in steps[:-keep]:
         shutil.rmtree(path)
+
+
+def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [name for name, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(folder: Path, config: dict[str, Any]) -> list[str]:
+    """The settings (dotted) in which ``config`` differs from the one checkpoint ``folder`` was
+    written under, leaving out :data:`RESUME_MAY_CHANGE`; empty when the checkpoint kept none."""
+    try:
+        saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"checkpoint '{folder}': its {CONFIG_FILE} cannot be read ({err}).") from None
+    before, now = _flat(saved), _flat(json.loads(json.dumps(config, default=str)))
+    return [f"{key} ({before.get(key, '<unset>')!r} -> {now.get(key, '<unset>')!r})" for key in sorted(set(before) | set(now))
+            if key not in RESUME_MAY_CHANGE and before.get(key, "<unset>") != now.get(key, "<unset>")]
+
+
+def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = None,
+                   say: Callable[[str], None] | None = None, global_batch: int = 0) -> Path | None:
+    """The checkpoint ``train.resume_from`` names (``latest``: the newest intact one, each newer one
+    passed over told to ``say``), checked intact and written under ``config`` but for
+    :data:`RESUME_MAY_CHANGE`; None when not resuming."""
+    if train.resume_from is None:
+        return None
+    if train.resume_from == "latest":
+        skipped: list[str] = []
+        found = latest_checkpoint(run_dir, say=lambda line: (skipped.append(line), (say or _stderr)(line)))
+        if found is None:
+            why = f" ({' '.join(line.removeprefix('preftune: ') for line in skipped)})" if skipped else ""
+            raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint{why}.")
+    else:
+        found = Path(train.resume_from)
+    check_resume(found, config, global_batch)
+    return found
+
+
+def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0) -> None:
+    """Refuse ``folder`` unless it is an intact checkpoint written under ``config`` (but for :data:`RESUME_MAY_CHANGE`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"train.resume_from: '{folder}' is not a folder.")
+    problem = manifest_problem(folder)
+    if problem is not None:
+        raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
+    differences = config_differences(folder, config) if config is not None else []
+    if differences:
+        raise TrainingError(f"checkpoint '{folder}' was written under another config; a resume may change only "
+                            f"{', '.join(RESUME_MAY_CHANGE)}. Different: {'; '.join(differences)}. Use the run's own config "
+                            "(its config.yaml), or start a new run in another train.output_dir.")
+    try:
+        saved_batch = json.loads((folder / STATE_FILE).read_text()).get("global_batch", 0)
+    except (OSError, ValueError, AttributeError):
+        saved_batch = 0
+    _check_global_batch(folder, saved_batch, global_batch)
+
+
+def _check_global_batch(folder: Path, saved: int, now: int) -> None:
+    if now and saved and saved != now:
+        raise TrainingError(f"checkpoint '{folder}' was written with a global batch of {saved} "
+                            f"(batch_size x processes); this run has {now}. Resume with the same global batch.")
 
 
 def load_checkpoint(
@@ -144,6 +299,9 @@ def load_checkpoint(
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
+    problem = manifest_problem(folder)
+    if problem is not None:
+        raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     # Everything is read before anything is restored: a bad file leaves the model untouched.
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
@@ -154,9 +312,7 @@ def load_checkpoint(
     except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
         raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
                             f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
-    if global_batch and state.global_batch and state.global_batch != global_batch:
-        raise TrainingError(f"checkpoint '{folder}' was written with a global batch of {state.global_batch} "
-                            f"(batch_size x processes); this run has {global_batch}. Resume with the same global batch.")
+    _check_global_batch(folder, state.global_batch, global_batch)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]

@@ -240,9 +240,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found.")
+            raise ConfigError(f"{path}: config file not found." if not path.exists() else f"{path}: not a regular file.")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         except UnicodeDecodeError as err:
@@ -254,6 +254,23 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         data = loaded
     data = merge_nested(data, parse_overrides(overrides or [], cls, hint=trl_hint))
     return build_config(cls, data, where=f"{path}: " if path is not None else "")
+
+
+def _strict_loader() -> type:
+    """yaml's SafeLoader, but a key given twice in one mapping is an error (not the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def build_config(cls: type, data: dict[str, Any], *, where: str = "") -> Any:

@@ -32,15 +32,17 @@ from torch import nn
 from preftune.callbacks import Callbacks, DisplacementWatch
 from preftune.checkpoint import (
     LoopState,
-    latest_checkpoint,
     load_checkpoint,
+    non_finite,
     prune_checkpoints,
+    resolve_resume,
     rng_state,
     save_checkpoint,
 )
 from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
+from preftune.interrupts import Interrupted, StopSignals
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
@@ -159,17 +161,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    if cfg.resume_from is None:
-        return None
-    if cfg.resume_from == "latest":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint.")
-        return found
-    return Path(cfg.resume_from)
-
-
 @dataclass
 class Fitted:
     """What a finished :func:`fit` knows: where it stopped, the last metrics, and who stopped it."""
@@ -184,12 +175,18 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
 
     ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
     the run early (:mod:`preftune.callbacks`). ``hparams`` (the whole resolved config) go to the
-    trackers of ``train.report_to`` (:mod:`preftune.trackers`).
+    trackers of ``train.report_to`` (:mod:`preftune.trackers`). A SIGTERM or SIGINT ends the run
+    after the current step with a checkpoint (:mod:`preftune.interrupts`).
     """
+    with StopSignals() as signals:
+        return _fit(task, cfg, Path(run_dir), callbacks, hparams, signals)
+
+
+def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], hparams: dict[str, Any] | None,
+         signals: StopSignals) -> Fitted:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _new_accelerator(Accelerator, cfg)
     rank, processes = world()
@@ -208,7 +205,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     state = LoopState()
-    resume = _resolve_resume(cfg, run_dir)
+    resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes)
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                 rank=rank, global_batch=cfg.batch_size * processes)
@@ -231,6 +228,21 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     model.train()
     started = time.perf_counter()
     tokens_at_start = state.tokens_seen
+
+    def checkpoint() -> Path:
+        """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes)."""
+        bad = non_finite({n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad})
+        if bad:
+            raise TrainingError(f"step {state.step}: the weights are not finite ({', '.join(bad[:3])}); no checkpoint written, "
+                                f"and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
+        rngs = all_gather(rng_state())
+        path = run_dir / "checkpoints" / f"step-{state.step}"
+        if accelerator.is_main_process:
+            save_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                            state=state, export=task.save_model or task.save_final, rng=rngs, config=hparams)
+            if cfg.save_total_limit:
+                prune_checkpoints(run_dir, cfg.save_total_limit)
+        return path
 
     while state.step < total_steps:
         batches = epoch_batches(task, cfg, state.epoch, processes)
@@ -304,15 +316,17 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
             log_record({"step": state.step, **evaluated}, metrics_path, trackers, accelerator)
             stopped_by = stopped_by or fire("on_evaluate", state.step, evaluated)
         if cfg.save_every and state.step % cfg.save_every == 0:
-            rngs = all_gather(rng_state())  # every process's, written once by the main one
-            last_checkpoint = run_dir / "checkpoints" / f"step-{state.step}"
-            if accelerator.is_main_process:
-                save_checkpoint(last_checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                                state=state, export=task.save_model or task.save_final, rng=rngs)
-                if cfg.save_total_limit:
-                    prune_checkpoints(run_dir, cfg.save_total_limit)
+            last_checkpoint = checkpoint()
             stopped_by = stopped_by or fire("on_save", state.step, {"path": str(last_checkpoint)})
         bar.update(1)
+        if signals.pending(processes) and not last:
+            if last_checkpoint != run_dir / "checkpoints" / f"step-{state.step}":
+                last_checkpoint = checkpoint()
+            bar.close()
+            if trackers is not None:
+                trackers.finish()
+            raise Interrupted(f"stopped by {signals.name} after step {state.step}: checkpoint '{last_checkpoint}'; continue with "
+                              "--train.resume_from=latest and the same config.", signals.received or 15)
         if stopped_by is not None:
             break
     bar.close()

@@ -1,17 +1,23 @@
 """`preftune VERB ...`: parse the command line from the verb table, call the verb.
 
-Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError`; it is
-printed as one short paragraph and the exit status is 2. ``--debug`` shows the traceback.
+Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError` (or an
+``OSError`` about a path the user named); it is printed as one short paragraph and the exit
+status is 2. ``--debug``, anywhere on the command line, shows the traceback instead. SIGINT and
+SIGTERM end the command with one line and the shell's status (130, 143); during training the
+loop first finishes its step and writes a checkpoint (:mod:`preftune.interrupts`).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from preftune.cli.verbs import VERBS, Verb
 from preftune.distributed import world
 from preftune.errors import PreftuneError
+from preftune.interrupts import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which handles it itself: :mod:`preftune.interrupts`)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # --debug is a switch of the whole command line: accepted before or after the verb
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for a in argv[:end] if a != "--debug"] + argv[end:]
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    args.debug = debug
     verb: Verb = args.verb_entry
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _run(verb, args, overrides)
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         if overrides and not verb.takes_overrides:
             raise PreftuneError(f"unrecognised arguments: {' '.join(overrides)}")
@@ -54,8 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     except PreftuneError as err:
         if args.debug:
             raise
-        print(f"preftune: error: {err}", file=sys.stderr)
+        print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a file the user named that cannot be read or written
+        if args.debug:
+            raise
+        print(f"preftune: error: {os_error(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("preftune: interrupted", file=sys.stderr)
+        print("preftune: interrupted (SIGINT)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("preftune: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+
+
+def os_error(err: OSError) -> str:
+    """An OS error as one line that names the file: ``'x.jsonl': permission denied``."""
+    what = (err.strerror or str(err)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    names = " -> ".join(f"'{name}'" for name in (err.filename, err.filename2) if name is not None)
+    return f"{names}: {what}" if names else what

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from preftune.data.jsonarray import JsonArrayReader, strict_loads
+from preftune.data.paths import check_readable
 from preftune.errors import DataError
 
 #: extension (after an optional ``.gz``) -> reader kind
@@ -149,9 +150,7 @@ def read_records(path: str | Path | InMemory, *, max_records: int | None = None)
 
 
 def _read_path(path: Path, name: str) -> Iterator[RawRecord]:
-    if not path.exists():
-        raise DataError("no such file or folder", file=name, reason="missing_file")
-    if path.is_dir():
+    if check_readable(path, name) == "folder":
         records = _read_dataset_folder(path, name)
     else:
         kind = _kind(path, name)

@@ -62,6 +62,9 @@ Truncation (``max_length``, ``max_prompt_length``), in this order:
 ``report.tokens`` holds length percentiles (p50, p90, p99, max; nearest-rank) of the prompt,
 each completion and the full sequence (prompt + the longer completion, ``TokenizedPair.length``),
 measured BEFORE truncation over every example given.
+
+Bounded work: only a window of characters around what truncation can keep is encoded
+(:mod:`preftune.data.window`), so one huge record costs no more than a long one.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from preftune.data.records import (
     UnpairedExample,
 )
 from preftune.data.validate import MAX_EXAMPLES
+from preftune.data.window import Window
 from preftune.errors import ConfigError, TokenizationError
 from preftune.stats import quantiles
 
@@ -194,8 +198,10 @@ def _tokenize(
         completion_texts.extend(t if chat else codec.trim_after_eos(t) for t in texts)
         sources.append(where)
         chats.append(chat)
-    prompts = codec.prompts(prompt_texts, sources, chats)
-    flat = codec.completions(completion_texts, [w for w in sources for _ in names], [c for c in chats for _ in names])
+    window = Window(tokenizer, max_length)
+    prompts = _encode(codec.prompts, [window.prompt(t) for t in prompt_texts], prompt_texts, sources, chats, window)
+    flat = _encode(codec.completions, [window.completion(t) for t in completion_texts], completion_texts,
+                   [w for w in sources for _ in names], [c for c in chats for _ in names], window)
     k = len(names)
     completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
 
@@ -227,6 +233,16 @@ def _tokenize(
     if report is not None:
         _fill_report(report, lengths, counts, dropped_at, cut_at)
     return fitted
+
+
+def _encode(encode: Any, windowed: list[str], texts: list[str], sources: list[str], chats: list[bool],
+            window: Window) -> list[list[int]]:
+    """``encode`` the windowed texts; one whose window holds too few tokens is encoded whole."""
+    ids = encode(windowed, sources, chats)
+    for i, (short, text) in enumerate(zip(windowed, texts)):
+        if window.too_short(short, text, ids[i]):
+            ids[i] = encode([text], [sources[i]], [chats[i]])[0]
+    return ids
 
 
 def _check_limits(max_length: int, max_prompt_length: int | None, on_overflow: str) -> None:

@@ -55,6 +55,18 @@ class DemoSettings:
     heldout_reviews: int = 300
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Checked before anything runs: a bad beta would otherwise fail after a minute of training."""
+        import math
+
+        from preftune.errors import ConfigError
+
+        bad = [b for b in self.betas if not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0)]
+        if not self.betas or bad:
+            raise ConfigError(f"demo --beta must be a positive number, got {', '.join(map(repr, bad)) or 'none'}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"demo --out '{self.out}' is a file, not a folder.")
+
     @classmethod
     def quick(cls, out: str, **changes: Any) -> DemoSettings:
         """A reduced demo for CI: smaller corpus, fewer steps, fewer prompts."""

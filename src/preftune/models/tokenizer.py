@@ -32,7 +32,11 @@ def check_folder(path: str, what: str) -> Path:
     return snapshot(str(path), what)
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+def _looks_like_tokenizer(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece", "merges")) or name.endswith((".model", ".tiktoken"))
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "tokenizer folder") -> Any:
     """A tokenizer from a local folder or a hub id; it gets a pad token (EOS) when it has none.
 
     Padding is always masked by position, never by token id, so reusing EOS as the pad token
@@ -40,7 +44,12 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer
 
-    folder = check_folder(path, "tokenizer folder")
+    folder = check_folder(path, what)
+    names = sorted(p.name for p in folder.iterdir())
+    if not any(_looks_like_tokenizer(name) for name in names):
+        held = f"it holds only {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}" if names else "it is empty"
+        raise PreftuneError(f"{what} '{folder}' holds no tokenizer ({held}); expected tokenizer.json or "
+                            "tokenizer_config.json as written by save_pretrained.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, tokenizers' own: all mean "not a tokenizer"

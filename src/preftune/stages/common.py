@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from preftune import distributed
+from preftune.checkpoint import resolve_resume
 from preftune.config import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
@@ -74,9 +75,19 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
     if given.tokenizer is None and given.model is not None and not (cfg.model.tokenizer or cfg.model.path):
         raise PreftuneError("a model was passed in without a tokenizer, and the config names no tokenizer folder: pass tokenizer=...")
+    tokenizer = given.tokenizer
+    if tokenizer is None:  # before the run folder is touched: a wrong model folder leaves nothing behind
+        what = "tokenizer folder (model.tokenizer)" if cfg.model.tokenizer else "model folder (model.path)"
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, what=what)
+    elif tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     run_dir = Path(cfg.train.output_dir)
     if rank == 0:
+        created = not run_dir.exists()
         claim_folder(run_dir, cfg.train)
+        _SETUP[run_dir.resolve()] = _Setup.of(run_dir, created)
+        # a resume is checked before anything is written: the checkpoint intact, the config the same
+        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None, global_batch=cfg.train.batch_size * processes)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
         if processes > 1:
@@ -85,11 +96,6 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
                   f"{processes * train.batch_size * train.grad_accum} per optimizer step (data parallel)", file=sys.stderr)
     distributed.barrier()
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    tokenizer = given.tokenizer
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    elif tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Run(cfg, run_dir, tokenizer, device)
 
@@ -150,17 +156,52 @@ def mark(run_dir: Path, status: str, **info: Any) -> None:
     (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **info}, indent=1), encoding="utf-8")
 
 
+@dataclass
+class _Setup:
+    """A run folder as it was before :func:`start_run` wrote into it, so a run that fails before
+    training (bad data, a wrong model) leaves it as it found it: removed when it created it, else
+    its files put back."""
+
+    created: bool
+    files: dict[str, bytes | None]
+
+    @classmethod
+    def of(cls, run_dir: Path, created: bool) -> _Setup:
+        return cls(created, {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
+                           for name in RUN_FILES if not (run_dir / name).is_dir()})
+
+    def undo(self, run_dir: Path) -> None:
+        if self.created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return
+        for name, data in self.files.items():
+            if data is not None:
+                (run_dir / name).write_bytes(data)
+            elif (run_dir / name).is_file():
+                (run_dir / name).unlink()
+
+
+_SETUP: dict[Path, _Setup] = {}  # run folders started in this process whose training has not begun
+
+
 @contextmanager
 def recorded(cfg: Any) -> Iterator[None]:
-    """Mark the run folder ``failed`` (with the error) when the body raises, if this process had
-    started the run there (not when the folder was refused, nor before the run began)."""
+    """When the body raises: before training began, put the run folder back as it was (see
+    :class:`_Setup`); once it has, mark it ``failed`` with the error, if this process had started
+    the run there (not when the folder was refused)."""
+    run_dir = Path(cfg.train.output_dir)
     try:
         yield
     except BaseException as err:
-        run_dir = Path(cfg.train.output_dir)
-        if _read_status(run_dir).get("pid") == os.getpid():
+        setup = _SETUP.pop(run_dir.resolve(), None)
+        ours = _read_status(run_dir).get("pid") == os.getpid()
+        if setup is not None and (ours or setup.created):
+            setup.undo(run_dir)
+        elif ours:
             mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        _SETUP.pop(run_dir.resolve(), None)
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
@@ -200,6 +241,7 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
     from accelerate import PartialState
 
     run_dir = Path(cfg.train.output_dir)
+    _SETUP.pop(run_dir.resolve(), None)  # training begins: from here a failure is recorded in status.json
     fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(cfg))
     if PartialState().is_main_process:
         mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by)
