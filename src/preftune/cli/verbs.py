@@ -71,6 +71,21 @@ def _stage_verb(name: str, help_text: str) -> Verb:
                 "such as --train.lr=1e-6 or --data.max_length=512.")
 
 
+def _iterate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from preftune.config import to_yaml
+    from preftune.report_series import format_iteration
+    from preftune.stages import iterate
+    from preftune.stages.iterate_config import load_iterate_config
+
+    cfg = load_iterate_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    out = iterate.run(cfg)
+    print(format_iteration(json.loads((out / "iterate.json").read_text(encoding="utf-8"))))
+    return 0
+
+
 # --------------------------------------------------------------------------- data inspect
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     from preftune.config import DataConfig
@@ -234,9 +249,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.report import write_report
+    from preftune.report_series import write_any
 
-    print(write_report(args.run_dir))
+    print(write_any(args.run_dir))
     return 0
 
 
@@ -276,6 +291,11 @@ VERBS: tuple[Verb, ...] = (
     _stage_verb("sft", "supervised fine-tuning on completions (prompt tokens masked)"),
     _stage_verb("rm", "train a reward model (Bradley-Terry on preference pairs)"),
     _stage_verb("kto", "train a policy with KTO on unpaired (desirable / undesirable) records"),
+    Verb("iterate", "iterative DPO: sample from the policy, score with a judge, pair, train; round after round",
+         _config_arguments, _iterate, takes_overrides=True,
+         description="Rounds of on-policy DPO (round N in OUTPUT_DIR/round-N). Settings come from CONFIG (YAML) and "
+         "dotted overrides such as --iterate.rounds=3 or --generate.num_samples=8; continue a stopped iteration with "
+         "--train.resume_from=latest."),
     Verb("score", "score prompt/response records or preference pairs with a reward model", _score_arguments, _score),
     Verb("generate", "sample completions for prompts (transformers generation)", _generate_arguments, _generate),
     Verb("eval", "evaluate a policy against its reference: rewards, KL, perplexity, win rate", _eval_arguments, _eval),
