@@ -156,7 +156,7 @@ def _claim(out: Path, cfg: IterateConfig) -> None:
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(data))
-    for section, key in (("train", "resume_from"), ("train", "overwrite"), ("iterate", "rounds"), ("generate", "progress"),
+    for section, key in (("train", "resume_from"), ("train", "overwrite"), ("train", "output_dir"), ("iterate", "rounds"), ("generate", "progress"),
                          ("train", "progress")):
         (data.get(section) or {}).pop(key, None)
     return data
