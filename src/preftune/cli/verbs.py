@@ -59,14 +59,27 @@ def _stage(name: str) -> Callable[[argparse.Namespace, list[str]], int]:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if getattr(args, "sweep", None):
+            from preftune.stages.sweep import run_sweep
+
+            run_sweep(cfg, args.sweep)
+            return 0
         importlib.import_module(f"preftune.stages.{name}").run(cfg)
         return 0
 
     return run
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="train one policy per value (e.g. loss.beta=0.05,0.1,0.2 or loss.name=dpo,ipo), each in "
+                        "OUTPUT_DIR/KEY-VALUE, against one cached reference pass; repeat to sweep a grid")
+
+
 def _stage_verb(name: str, help_text: str) -> Verb:
-    return Verb(name, help_text, _config_arguments, _stage(name), takes_overrides=True,
+    arguments = _sweep_arguments if name == "dpo" else _config_arguments
+    return Verb(name, help_text, arguments, _stage(name), takes_overrides=True,
                 description=f"{help_text}. Settings come from CONFIG (YAML) and dotted overrides "
                 "such as --train.lr=1e-6 or --data.max_length=512.")
 
