@@ -125,6 +125,11 @@ def test_shipped_config_runs_two_rounds_and_the_judge_score_rises(iterated: Path
     assert json.loads((iterated / "round-2" / "round.json").read_text())["pairing"]["prompts"] == 64
     report = (iterated / "report.html").read_text()
     assert "Rounds" in report and "0 (initial)" in report and "data:image/png;base64," in report
+    from preftune.cli.main import main
+
+    (iterated / "report.html").unlink()
+    assert main(["report", str(iterated)]) == 0  # `preftune report` knows an iteration's folder
+    assert (iterated / "plots" / "judge_by_round.png").is_file() and "Rounds" in (iterated / "report.html").read_text()
 
 
 @pytest.mark.slow

@@ -275,6 +275,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DPO beta; give several (--beta 0.05 --beta 0.1 --beta 0.5) to sweep and plot reward against KL")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced demo (smaller corpus, fewer steps): what CI runs")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of iterative DPO (2: a second round sampled from the "
+                        "first round's policy; the table and report show the rounds side by side)")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -286,8 +288,12 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
     hf_logging.disable_progress_bar()  # the demo's own lines say what is happening
     betas = tuple(args.beta) if args.beta else DemoSettings.betas
-    settings = (DemoSettings.quick(args.out, betas=betas, seed=args.seed) if args.quick
-                else DemoSettings(out=args.out, betas=betas, seed=args.seed))
+    if args.rounds < 1 or (args.rounds > 1 and len(betas) > 1):
+        from preftune.errors import ConfigError
+
+        raise ConfigError("--rounds must be at least 1, and takes one --beta (the rounds are compared with each other).")
+    settings = (DemoSettings.quick(args.out, betas=betas, seed=args.seed, rounds=args.rounds) if args.quick
+                else DemoSettings(out=args.out, betas=betas, seed=args.seed, rounds=args.rounds))
     summary = main_pipeline(settings)
     print()
     print(closing_table(summary))

@@ -58,12 +58,16 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     reference_initial = cfg.reference.path or cfg.model.path
     eval_kwargs = dict(max_new_tokens=gen.max_new_tokens, samples=it.eval_samples, seed=gen.seed, batch_size=gen.batch_size)
 
-    initial_model, tokenizer = load_model(describe_model(initial_path), device=device, trust_remote_code=cfg.model.trust_remote_code)
+    def load(path: str) -> tuple[Any, Any]:  # held only while used: training a round needs the memory
+        return load_model(describe_model(path), device=device, trust_remote_code=cfg.model.trust_remote_code)
+
     initial_file = out / "initial.json"
     if initial_file.is_file():
         initial = json.loads(initial_file.read_text(encoding="utf-8"))
     else:
+        initial_model, tokenizer = load(initial_path)
         initial = initial_samples(initial_model, tokenizer, *_split(eval_prompts), judge, **eval_kwargs)
+        del initial_model
         _write_json(initial_file, initial)
     rounds: list[dict[str, Any]] = []
     policy_path = initial_path
@@ -78,8 +82,7 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         pairs_file, samples_file = folder / "pairs.jsonl", folder / "samples.jsonl"
         if not pairs_file.is_file():
-            policy, policy_tokenizer = load_model(describe_model(policy_path), device=device,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+            policy, policy_tokenizer = load(policy_path)
             settings = _round_settings(gen, number)
             _, texts, scores = sample_and_score(policy, policy_tokenizer, *_split(train_prompts), judge, settings)
             del policy
@@ -110,9 +113,9 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
             with recorded(round_cfg):
                 train(dpo.build_task(round_cfg), round_cfg, callbacks)
         policy_path = str(folder / "final")
-        policy, _ = load_model(describe_model(policy_path), device=device, trust_remote_code=cfg.model.trust_remote_code)
+        (policy, tokenizer), (initial_model, _) = load(policy_path), load(initial_path)
         result = evaluate_round(policy, initial_model, tokenizer, *_split(eval_prompts), judge, initial, **eval_kwargs)
-        del policy
+        del policy, initial_model
         summary = {"round": number, "policy": policy_path, "reference": reference, "pairing": pairing,
                    "steps": _status(folder).get("step"), **result}
         _write_json(summary_file, summary)
