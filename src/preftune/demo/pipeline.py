@@ -52,7 +52,7 @@ class DemoSettings:
     dpo_lr: float = 3e-3
     nll_alpha: float = 0.2  # an NLL term on chosen keeps the tiny model's text well-formed
     betas: tuple[float, ...] = (0.2,)
-    rounds: int = 1  # 2: a second round of iterative DPO, sampled from the first round's policy (demo/rounds.py)
+    rounds: int = 1  # 2: a second round of iterative DPO, sampled from the first round's policy (more_rounds)
     eval_prompts: int = 512
     eval_pairs: int = 256
     heldout_reviews: int = 300
