@@ -46,7 +46,12 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     from preftune.stages import dpo
     from preftune.stages.common import recorded, train
 
+    from preftune.distributed import world
+
     check(cfg)
+    if world()[1] > 1:
+        raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
+                            "it was launched in several.")
     out = Path(cfg.train.output_dir)
     _claim(out, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
