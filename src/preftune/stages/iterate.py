@@ -39,14 +39,13 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     from preftune.checkpoint import latest_checkpoint
     from preftune.data.pairing import build_pairs
     from preftune.data.prompts import read_prompts
+    from preftune.distributed import world
     from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
     from preftune.eval.scoring import load_scorer
     from preftune.generate import write_generations
     from preftune.models.load import describe_model, load_model
     from preftune.stages import dpo
     from preftune.stages.common import recorded, train
-
-    from preftune.distributed import world
 
     check(cfg)
     if world()[1] > 1:
