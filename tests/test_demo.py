@@ -46,8 +46,10 @@ def test_pairs_are_best_against_worst_and_ties_are_counted() -> None:
 
 @pytest.mark.slow
 def test_reduced_demo_aligns_the_policy(tmp_path: Path) -> None:
+    """The reduced demo, with a second round of iterative DPO (``--rounds 2``): round 1 is the
+    demo's usual DPO run (the same code path and numbers as without ``--rounds``)."""
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "preftune.cli", "demo", "--quick", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "preftune.cli", "demo", "--quick", "--rounds", "2", "--out", str(out)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -59,3 +61,10 @@ def test_reduced_demo_aligns_the_policy(tmp_path: Path) -> None:
         assert (out / folder).is_dir(), folder
     assert (out / "dpo" / "final" / "model.safetensors").is_file()
     assert "win rate, ground truth" in result.stdout and "demo wall time" in result.stdout
+    # the second round, trained from the first round's policy on its own samples, shown beside it
+    assert [p.get("label") for p in summary["policies"]] == ["DPO round 1", "DPO round 2"]
+    second = summary["policies"][1]
+    assert second["path"].endswith("dpo-round-2/final") and (out / "pairs" / "round-2-train.jsonl").is_file()
+    assert second["ground_truth_reward"] > reference["ground_truth_reward"] + 0.5 and second["kl_to_reference"]["mean"] > 0
+    assert "DPO round 1" in result.stdout and "DPO round 2" in result.stdout
+    assert "DPO round 2" in (out / "report.html").read_text()

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.errors",),
     ("preftune.losses", "preftune.logprobs"),  # torch only
     ("preftune.typed", "preftune.stats", "preftune.trl_names", "preftune.hub", "preftune.progress", "preftune.distributed"),
-    ("preftune.config", "preftune.report", "preftune.plots"),
+    ("preftune.config", "preftune.report", "preftune.plots", "preftune.report_series"),
     ("preftune.data",),
     ("preftune.models",),
     ("preftune.reference", "preftune.checkpoint"),

@@ -59,16 +59,44 @@ def _stage(name: str) -> Callable[[argparse.Namespace, list[str]], int]:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if getattr(args, "sweep", None):
+            from preftune.stages.sweep import run_sweep
+
+            run_sweep(cfg, args.sweep)
+            return 0
         importlib.import_module(f"preftune.stages.{name}").run(cfg)
         return 0
 
     return run
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="train one policy per value (e.g. loss.beta=0.05,0.1,0.2 or loss.name=dpo,ipo), each in "
+                        "OUTPUT_DIR/KEY-VALUE, against one cached reference pass; repeat to sweep a grid")
+
+
 def _stage_verb(name: str, help_text: str) -> Verb:
-    return Verb(name, help_text, _config_arguments, _stage(name), takes_overrides=True,
+    arguments = _sweep_arguments if name == "dpo" else _config_arguments
+    return Verb(name, help_text, arguments, _stage(name), takes_overrides=True,
                 description=f"{help_text}. Settings come from CONFIG (YAML) and dotted overrides "
                 "such as --train.lr=1e-6 or --data.max_length=512.")
+
+
+def _iterate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from preftune.config import to_yaml
+    from preftune.report_series import format_iteration
+    from preftune.stages import iterate
+    from preftune.stages.iterate_config import load_iterate_config
+
+    cfg = load_iterate_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    out = iterate.run(cfg)
+    print(format_iteration(json.loads((out / "iterate.json").read_text(encoding="utf-8"))))
+    return 0
 
 
 # --------------------------------------------------------------------------- data inspect
@@ -234,9 +262,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.report import write_report
+    from preftune.report_series import write_any
 
-    print(write_report(args.run_dir))
+    print(write_any(args.run_dir))
     return 0
 
 
@@ -276,6 +304,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DPO beta; give several (--beta 0.05 --beta 0.1 --beta 0.5) to sweep and plot reward against KL")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced demo (smaller corpus, fewer steps): what CI runs")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of iterative DPO (2: a second round sampled from the "
+                        "first round's policy; the table and report show the rounds side by side)")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -287,8 +317,12 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
     hf_logging.disable_progress_bar()  # the demo's own lines say what is happening
     betas = tuple(args.beta) if args.beta else DemoSettings.betas
-    settings = (DemoSettings.quick(args.out, betas=betas, seed=args.seed) if args.quick
-                else DemoSettings(out=args.out, betas=betas, seed=args.seed))
+    if args.rounds < 1 or (args.rounds > 1 and len(betas) > 1):
+        from preftune.errors import ConfigError
+
+        raise ConfigError("--rounds must be at least 1, and takes one --beta (the rounds are compared with each other).")
+    settings = (DemoSettings.quick(args.out, betas=betas, seed=args.seed, rounds=args.rounds) if args.quick
+                else DemoSettings(out=args.out, betas=betas, seed=args.seed, rounds=args.rounds))
     summary = main_pipeline(settings)
     print()
     print(closing_table(summary))
@@ -305,6 +339,11 @@ VERBS: tuple[Verb, ...] = (
     _stage_verb("sft", "supervised fine-tuning on completions (prompt tokens masked)"),
     _stage_verb("rm", "train a reward model (Bradley-Terry on preference pairs)"),
     _stage_verb("kto", "train a policy with KTO on unpaired (desirable / undesirable) records"),
+    Verb("iterate", "iterative DPO: sample from the policy, score with a judge, pair, train; round after round",
+         _config_arguments, _iterate, takes_overrides=True,
+         description="Rounds of on-policy DPO (round N in OUTPUT_DIR/round-N). Settings come from CONFIG (YAML) and "
+         "dotted overrides such as --iterate.rounds=3 or --generate.num_samples=8; continue a stopped iteration with "
+         "--train.resume_from=latest."),
     Verb("score", "score prompt/response records or preference pairs with a reward model", _score_arguments, _score),
     Verb("generate", "sample completions for prompts (transformers generation)", _generate_arguments, _generate),
     Verb("eval", "evaluate a policy against its reference: rewards, KL, perplexity, win rate", _eval_arguments, _eval),

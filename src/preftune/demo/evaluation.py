@@ -45,9 +45,11 @@ def ground_truth_judge(prompt: str, policy_response: str, reference_response: st
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
-def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, Path], rm_dir: Path,
+def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[Any, Path], rm_dir: Path,
                   prompts: list[str], eval_pairs_file: Path, heldout_file: Path) -> dict[str, Any]:
-    """The closing table's numbers for the reference and each policy; ``eval/eval.json`` too."""
+    """The closing table's numbers for the reference and each policy; ``eval/eval.json`` too.
+
+    ``policies`` maps a beta, or a (column label, beta) pair, to a policy folder."""
     from preftune.config import ModelConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import tokenize_pairs
@@ -66,7 +68,8 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, 
     results: dict[str, Any] = {"reference": {**_text_quality(prompts, ref_generated, ref_texts),
                                              "perplexity_heldout": perplexity(reference, tokenizer, heldout, batch_size=64)}}
     policies_out = []
-    for beta, policy_dir in policies.items():
+    for key, policy_dir in policies.items():
+        label, beta = key if isinstance(key, tuple) else (None, key)  # (column label, beta) for the rounds of --rounds
         policy = load_causal_lm(ModelConfig(path=str(policy_dir))).eval()
         generated, texts = _sample(policy, tokenizer, prompts, s.max_new_tokens, seed=s.seed + 20)
         kl = kl_from_samples(policy, reference, tokenizer, generated, batch_size=64)
@@ -74,6 +77,7 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[float, 
         gt = win_rate(prompts, texts, ref_texts, ground_truth_judge)
         rm = win_rate(prompts, texts, ref_texts, rm_judge)
         policies_out.append({
+            **({"label": label} if label else {}),
             "beta": beta,
             "path": str(policy_dir),
             **_text_quality(prompts, generated, texts),
@@ -102,7 +106,7 @@ def _rm_accuracy(rm_dir: Path, pairs_file: Path) -> float:
 def closing_table(summary: dict[str, Any]) -> str:
     """The reference vs each aligned policy, one metric per line."""
     ref = summary["reference"]
-    cols = [("reference (SFT)", None)] + [(f"DPO beta={p['beta']:g}", p) for p in summary["policies"]]
+    cols = [("reference (SFT)", None)] + [(p.get("label") or f"DPO beta={p['beta']:g}", p) for p in summary["policies"]]
     rows: list[tuple[str, list[str]]] = [
         ("ground-truth reward", [f"{ref['ground_truth_reward']:+.2f}"] + [f"{p['ground_truth_reward']:+.2f}" for _, p in cols[1:]]),
         ("positive continuations", [f"{ref['positive_share']:.1%}"] + [f"{p['positive_share']:.1%}" for _, p in cols[1:]]),

@@ -9,7 +9,8 @@ Stages (each a normal run folder under ``--out``):
    by the ground truth (chosen = the more positive; ties left out and counted).
 4. ``rm/``: `preftune rm` on those pairs (a judge for evaluation; DPO does not use it).
 5. ``dpo/`` (or ``dpo-beta-B/`` per swept beta): `preftune dpo` from the SFT model, which is
-   also the reference.
+   also the reference. With ``--rounds 2``, ``dpo-round-2/``: a second round of iterative DPO on
+   pairs sampled from the first round's policy (:func:`more_rounds`), shown beside the first.
 6. ``eval/``: held-out prompts, policy vs reference: ground-truth reward, share of positive and
    of well-formed continuations, win rates judged by the ground truth and by the reward model,
    KL to the reference, preference accuracy on held-out pairs, perplexity on held-out reviews.
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ class DemoSettings:
     dpo_lr: float = 3e-3
     nll_alpha: float = 0.2  # an NLL term on chosen keeps the tiny model's text well-formed
     betas: tuple[float, ...] = (0.2,)
+    rounds: int = 1  # 2: a second round of iterative DPO, sampled from the first round's policy (more_rounds)
     eval_prompts: int = 512
     eval_pairs: int = 256
     heldout_reviews: int = 300
@@ -144,6 +147,41 @@ def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples:
                     num_samples=num_samples, seed=seed, batch_size=128)
 
 
+def more_rounds(s: Any, out: Path, sft_dir: Path, policies: dict[Any, Path], train_prompts: list[str], eval_prompts: list[str],
+                timed: Callable[..., Any]) -> dict[Any, Path]:
+    """Rounds 2..``s.rounds`` of iterative DPO after the demo's first (``--rounds``), keyed by
+    (column label, beta) for the evaluation, round 1 included.
+
+    Round k samples continuations from round k-1's policy (on-policy data), pairs the best
+    against the worst of each prompt's samples by the ground truth (ties left out and counted,
+    as in round 1), and trains DPO from round k-1's policy against the SFT model, which stays the
+    reference (as `preftune iterate` does with ``iterate.reference: initial``). Round 1 is the
+    demo's usual DPO run, untouched.
+    """
+    from preftune.config import DPOConfig, load_config
+    from preftune.errors import ConfigError
+
+    if len(s.betas) != 1:
+        raise ConfigError("--rounds takes one beta: the rounds are compared with each other, not across betas.")
+    beta = s.betas[0]
+    rounds = {("DPO round 1", beta): policies[beta]}
+    previous = policies[beta]
+    for number in range(2, s.rounds + 1):
+        samples = timed(f"sample pairs (round {number})", sample, previous, train_prompts + eval_prompts, s,
+                        num_samples=s.samples_per_prompt, seed=s.seed + number)
+        train_pairs, _ = label_pairs(train_prompts, samples[: len(train_prompts)])
+        eval_pairs, _ = label_pairs(eval_prompts, samples[len(train_prompts):])
+        pairs_file = _write_jsonl(out / "pairs" / f"round-{number}-train.jsonl", train_pairs)
+        eval_file = _write_jsonl(out / "pairs" / f"round-{number}-eval.jsonl", eval_pairs)
+        cfg = load_config(DPOConfig, None, [f"--model.path={previous}", f"--reference.path={sft_dir}", f"--data.train={pairs_file}",
+                                           f"--data.eval={eval_file}", "--reference.strategy=copy", f"--loss.beta={beta}",
+                                           f"--loss.nll_alpha={s.nll_alpha}", "--data.max_length=96", "--data.max_prompt_length=32",
+                                           *_train_overrides(s, out / f"dpo-round-{number}", s.dpo_steps, s.dpo_batch, s.dpo_lr)])
+        previous = timed(f"dpo (round {number})", run_stage, "dpo", cfg) / "final"
+        rounds[(f"DPO round {number}", beta)] = previous
+    return rounds
+
+
 def main_pipeline(s: DemoSettings) -> dict[str, Any]:
     """Run every stage; return the summary (also written to ``summary.json``)."""
     from preftune.config import DPOConfig, RMConfig, SFTConfig, load_config
@@ -197,8 +235,10 @@ def main_pipeline(s: DemoSettings) -> dict[str, Any]:
                                                *_train_overrides(s, out / name, s.dpo_steps, s.dpo_batch, s.dpo_lr)])
         policies[beta] = timed(f"dpo (beta {beta:g})", run_stage, "dpo", dpo_cfg) / "final"
 
+    if s.rounds > 1:
+        policies = more_rounds(s, out, sft_dir, policies, train_prompts, pair_prompts_eval, timed)
     results = timed("evaluation", evaluate_demo, s, out, sft_dir, policies, rm_dir, eval_prompts, eval_pairs_file, heldout)
-    if len(policies) > 1:
+    if len(s.betas) > 1:
         frontier_plot(results, out / "frontier.png")
     summary = {
         "wall_time_s": round(time.time() - start, 1),

@@ -164,8 +164,12 @@ def _as_score(value: Any, spec: str, i: int) -> float:
     )
 
 
-def _load_function(spec: str) -> Callable[..., Any]:
-    """The callable named by ``"module:function"`` or ``"path/file.py:function"`` (dotted attributes allowed)."""
+_COUNT = {1: "one", 2: "two", 3: "three"}
+
+
+def _load_function(spec: str, arguments: tuple[str, ...] = ("prompt", "policy_response", "reference_response")) -> Callable[..., Any]:
+    """The callable named by ``"module:function"`` or ``"path/file.py:function"`` (dotted attributes
+    allowed), checked to accept the named ``arguments``."""
     if not isinstance(spec, str) or spec.count(":") < 1:
         raise PreftuneError(f"a judge is given as 'module:function' or 'path/to/file.py:function', got {spec!r}.")
     module_name, _, attr = spec.rpartition(":")
@@ -181,9 +185,9 @@ def _load_function(spec: str) -> Callable[..., Any]:
     if not callable(obj):
         raise PreftuneError(f"judge '{spec}': '{attr}' is a {type(obj).__name__}, not a function.")
     try:
-        inspect.signature(obj).bind(None, "", "")
+        inspect.signature(obj).bind(None, *[""] * (len(arguments) - 1))
     except TypeError:
-        raise PreftuneError(f"judge '{spec}' must accept three arguments (prompt, policy_response, reference_response).") from None
+        raise PreftuneError(f"judge '{spec}' must accept {_COUNT.get(len(arguments), len(arguments))} arguments ({', '.join(arguments)}).") from None
     except ValueError:
         pass  # no signature to inspect (some builtins): the first call will tell
     return obj

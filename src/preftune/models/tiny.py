@@ -152,3 +152,15 @@ def synthetic_corpus() -> list[str]:
     """Text to train a tokenizer for :func:`synthetic_preferences` data."""
     words = NEUTRAL_WORDS + GOOD_WORDS + BAD_WORDS
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
+
+
+
+def good_words_score(prompt: object, completion: str) -> float:
+    """A judge with a learnable preference, for `preftune iterate` on a tiny model
+    (``iterate.judge: preftune.models.tiny:good_words_score``): each of GOOD_WORDS in the
+    completion counts +1 and each of BAD_WORDS -1, plus the share of its characters that are
+    lowercase letters or spaces, so even a random model's byte soup is graded (few ties) and
+    the way up is learnable: readable text first, then good words."""
+    words = completion.split()
+    readable = sum(c == " " or "a" <= c <= "z" for c in completion) / max(1, len(completion))
+    return float(sum(w in GOOD_WORDS for w in words) - sum(w in BAD_WORDS for w in words)) + readable

@@ -1,0 +1,64 @@
+"""Absolute scores of completions, for `preftune iterate`: a judge that rates one completion.
+
+Where :mod:`preftune.eval.judges` compares two responses, iterating needs a score per sample
+(to pick the best and the worst of K). Two kinds, as for win rates:
+
+- a Python function named ``"module:function"`` or ``"file.py:function"`` taking
+  ``(prompt, completion)`` and returning a real number (higher is better);
+- a reward model folder (`preftune rm`'s ``final/``): its reward.
+
+Either is returned as a :class:`~preftune.eval.judges.Judge` with a ``score`` function, so
+:func:`~preftune.eval.judges.win_rate` compares two models by it (the higher score wins).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from preftune.errors import ConfigError, PreftuneError
+from preftune.eval.judges import Judge, _load_function, reward_model_judge
+
+
+def function_scorer(spec: str) -> Judge:
+    """A scoring judge from ``"module:function"`` / ``"file.py:function"``: ``fn(prompt, completion) -> float``."""
+    fn = _load_function(spec, ("prompt", "completion"))
+
+    def score(prompts: list[Any], responses: list[str]) -> list[float]:
+        values = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                value = fn(prompt, response)
+            except Exception as err:  # the user's code: say whose it is and where it failed
+                raise PreftuneError(f"judge '{spec}' raised {type(err).__name__} on completion {i}: {err}") from err
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                raise PreftuneError(f"judge '{spec}' returned {value!r} on completion {i}; a scoring judge returns a finite "
+                                    "number (higher is better).")
+            values.append(float(value))
+        return values
+
+    return Judge(name=f"function {spec}", score=score)
+
+
+def load_scorer(judge: str | None, reward_model: str | None, *, batch_size: int = 16, device: Any = None) -> Judge:
+    """The one scoring judge the settings name: a function (``judge``) or a reward model folder."""
+    if bool(judge) == bool(reward_model):
+        raise ConfigError("iterate: name exactly one judge: iterate.judge (module:function, scoring (prompt, completion)) "
+                          "or iterate.reward_model (a reward model folder).")
+    if judge:
+        return function_scorer(judge)
+    return reward_model_judge(reward_model, batch_size=batch_size, device=device)
+
+
+def score_all(judge: Judge, prompts: list[Any], completions: list[list[str]]) -> list[list[float]]:
+    """Scores shaped as ``completions`` (item i: the completions of ``prompts[i]``)."""
+    flat_prompts = [p for p, group in zip(prompts, completions) for _ in group]
+    flat = judge.score(flat_prompts, [c for group in completions for c in group])
+    if len(flat) != len(flat_prompts):
+        raise PreftuneError(f"judge {judge.name} gave {len(flat)} scores for {len(flat_prompts)} completions.")
+    out, k = [], 0
+    for group in completions:
+        out.append([float(v) for v in flat[k : k + len(group)]])
+        k += len(group)
+    return out

@@ -1,0 +1,215 @@
+"""`preftune iterate`: on-policy rounds of DPO. Each round samples K completions per prompt from
+the current policy, scores them with a judge, pairs them (:mod:`preftune.data.pairing`), trains
+DPO from the current policy through :mod:`preftune.stages.dpo` (the one loop), and measures the
+new policy on held-out prompts (:mod:`preftune.eval.iteration`).
+
+On disk, under ``train.output_dir``::
+
+    config.yaml      the resolved iterate config
+    initial.json     the initial model's held-out samples and judge score (drawn once)
+    round-N/         a DPO run folder, plus samples.jsonl (scored), pairs.jsonl, round.json
+    iterate.json     every finished round's metrics, side by side; report.html draws them
+
+A stopped loop continues with ``train.resume_from=latest``: finished rounds (``round.json``)
+are kept, a round's saved samples and pairs are reused, and its DPO run resumes from its own
+latest checkpoint (``train.save_every``) or, with none, starts that round's training again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from preftune.config import to_dict, to_yaml
+from preftune.errors import ConfigError, PreftuneError
+from preftune.stages.iterate_config import IterateConfig, check, round_config
+
+FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots")
+
+
+def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
+    """Run (or continue) the iteration; return its folder. ``callbacks`` go to every round's training loop."""
+    import torch
+
+    from preftune.checkpoint import latest_checkpoint
+    from preftune.data.pairing import build_pairs
+    from preftune.data.prompts import read_prompts
+    from preftune.distributed import world
+    from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
+    from preftune.eval.scoring import load_scorer
+    from preftune.generate import write_generations
+    from preftune.models.load import describe_model, load_model
+    from preftune.stages import dpo
+    from preftune.stages.common import recorded, train
+
+    check(cfg)
+    if world()[1] > 1:
+        raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
+                            "it was launched in several.")
+    out = Path(cfg.train.output_dir)
+    _claim(out, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    it, gen = cfg.iterate, cfg.generate
+    judge = load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
+    train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
+    eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
+    initial_path = cfg.model.path
+    reference_initial = cfg.reference.path or cfg.model.path
+    eval_kwargs = dict(max_new_tokens=gen.max_new_tokens, samples=it.eval_samples, seed=gen.seed, batch_size=gen.batch_size)
+
+    def load(path: str) -> tuple[Any, Any]:  # held only while used: training a round needs the memory
+        return load_model(describe_model(path), device=device, trust_remote_code=cfg.model.trust_remote_code)
+
+    initial_file = out / "initial.json"
+    if initial_file.is_file():
+        initial = json.loads(initial_file.read_text(encoding="utf-8"))
+    else:
+        initial_model, tokenizer = load(initial_path)
+        initial = initial_samples(initial_model, tokenizer, *_split(eval_prompts), judge, **eval_kwargs)
+        del initial_model
+        _write_json(initial_file, initial)
+    rounds: list[dict[str, Any]] = []
+    policy_path = initial_path
+    for number in range(1, it.rounds + 1):
+        folder = out / f"round-{number}"
+        summary_file = folder / "round.json"
+        if summary_file.is_file():  # finished before: kept, not redone
+            rounds.append(json.loads(summary_file.read_text(encoding="utf-8")))
+            policy_path = str(folder / "final")
+            continue
+        _say(f"round {number}/{it.rounds}: policy {policy_path}")
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs_file, samples_file = folder / "pairs.jsonl", folder / "samples.jsonl"
+        if not pairs_file.is_file():
+            policy, policy_tokenizer = load(policy_path)
+            settings = _round_settings(gen, number)
+            _, texts, scores = sample_and_score(policy, policy_tokenizer, *_split(train_prompts), judge, settings)
+            del policy
+            samples = [{"prompt": p.prompt, "system": p.system, "sample": j, "completion": t, "score": s, "round": number}
+                       for p, group, values in zip(train_prompts, texts, scores) for j, (t, s) in enumerate(zip(group, values))]
+            _atomic(samples_file, lambda tmp, rows=samples: write_generations(tmp, rows))
+            pairs, counts = build_pairs([p.prompt for p in train_prompts], texts, scores, rule=it.pairing, min_gap=it.min_gap,
+                                        systems=[p.system for p in train_prompts])
+            _write_json(folder / "pairing.json", {"rule": it.pairing, "min_gap": it.min_gap, **counts.as_dict(),
+                                                  "sample_score": score_summary(scores)})
+            if not pairs:
+                raise PreftuneError(f"round {number}: no pairs: every prompt's samples scored the same or within "
+                                    f"iterate.min_gap ({folder / 'pairing.json'}); more samples (generate.num_samples), a "
+                                    "higher generate.temperature or a finer-grained judge would help.")
+            _atomic(pairs_file, lambda tmp, rows=pairs: write_generations(tmp, rows))
+        pairing = json.loads((folder / "pairing.json").read_text(encoding="utf-8"))
+        _say(f"round {number}: {pairing['pairs']} pairs from {pairing['prompts']} prompts (ties dropped: {pairing['ties']}, "
+             f"below the gap: {pairing['below_gap']}, all-equal prompts: {pairing['all_equal']})")
+        reference = reference_initial if it.reference == "initial" else policy_path
+        round_cfg = round_config(cfg, policy=policy_path, reference=reference, pairs=pairs_file, output_dir=folder)
+        status = _status(folder)
+        if not (status.get("status") == "finished" and (folder / "final").is_dir()):
+            if latest_checkpoint(folder) is not None:
+                round_cfg.train.resume_from = "latest"
+                _say(f"round {number}: resuming its DPO run from {latest_checkpoint(folder)}")
+            else:
+                round_cfg.train.overwrite = True  # a round that saved no checkpoint starts its training again
+            with recorded(round_cfg):
+                train(dpo.build_task(round_cfg), round_cfg, callbacks)
+        policy_path = str(folder / "final")
+        (policy, tokenizer), (initial_model, _) = load(policy_path), load(initial_path)
+        result = evaluate_round(policy, initial_model, tokenizer, *_split(eval_prompts), judge, initial, **eval_kwargs)
+        del policy, initial_model
+        summary = {"round": number, "policy": policy_path, "reference": reference, "pairing": pairing,
+                   "steps": _status(folder).get("step"), **result}
+        _write_json(summary_file, summary)
+        rounds.append(summary)
+        _say(f"round {number}: held-out judge score {result['judge_score']['mean']:.4f} (initial "
+             f"{initial['judge_score']['mean']:.4f}), win rate vs initial {result['win_rate_vs_initial']['win_rate']:.3f}, "
+             f"KL to initial {result['kl_to_initial']['mean']:.3f}")
+        _write_summary(out, cfg, initial, rounds)
+    _write_summary(out, cfg, initial, rounds)
+    if cfg.train.report:
+        from preftune.report_series import write_iteration_report
+
+        _say(f"report {write_iteration_report(out)}")
+    return out
+
+
+# --------------------------------------------------------------------------- pieces
+def _claim(out: Path, cfg: IterateConfig) -> None:
+    """Make ``out`` this iteration's: continue it (``resume_from=latest``, same settings), replace
+    it (``overwrite``), or refuse to touch an iteration already there."""
+    saved = out / "config.yaml"
+    held = [p.name for p in sorted(out.glob("round-*"))] + [name for name in FILES if (out / name).exists()]
+    if held and not cfg.train.resume_from:
+        if not cfg.train.overwrite:
+            raise PreftuneError(f"'{out}' already holds an iteration ({', '.join(held)}); continue it with "
+                                "train.resume_from=latest, replace it with train.overwrite=true, or choose another train.output_dir.")
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if cfg.train.resume_from and saved.is_file():
+        import yaml
+
+        before, now = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8"))), _comparable(to_dict(cfg))
+        changed = sorted(f"{s}.{k}" for s in now for k in now[s] if (before.get(s) or {}).get(k) != now[s][k])
+        if changed:
+            raise ConfigError(f"train.resume_from=latest continues the iteration in '{out}' with the settings it began with; "
+                              f"changed: {', '.join(changed)} (only iterate.rounds may grow).")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(to_yaml(cfg), encoding="utf-8")
+
+
+def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))
+    for section, key in (("train", "resume_from"), ("train", "overwrite"), ("train", "output_dir"), ("iterate", "rounds"), ("generate", "progress"),
+                         ("train", "progress")):
+        (data.get(section) or {}).pop(key, None)
+    return data
+
+
+def _prompts(read: Any, files: list[str], limit: int | None) -> list[Any]:
+    records = [r for path in files for r in read(path)]
+    if not records:
+        raise PreftuneError(f"no prompts in {', '.join(files)}.")
+    return records[:limit] if limit is not None else records
+
+
+def _split(records: list[Any]) -> tuple[list[Any], list[str | None]]:
+    return [r.prompt for r in records], [r.system for r in records]
+
+
+def _round_settings(gen: Any, number: int) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(gen, seed=gen.seed + number - 1)  # fresh samples each round, the same on a rerun
+
+
+def _status(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8"))
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename: a killed run leaves the old file or the new, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_summary(out: Path, cfg: IterateConfig, initial: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+    _write_json(out / "iterate.json", {"rounds_planned": cfg.iterate.rounds, "judge": initial["judge"],
+                                       "initial": {"judge_score": initial["judge_score"], "path": cfg.model.path},
+                                       "rounds": [{k: v for k, v in r.items() if k != "samples"} for r in rounds],
+                                       "samples": rounds[-1]["samples"] if rounds else []})
+
+
+def _say(message: str) -> None:
+    print(f"preftune: iterate: {message}", file=sys.stderr, flush=True)

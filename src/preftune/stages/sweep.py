@@ -1,0 +1,108 @@
+"""`preftune dpo CONFIG --sweep loss.beta=0.05,0.1,0.2`: one policy per value, one reference pass.
+
+Every value (every combination, when several settings are swept) is a DPO run of its own in
+``train.output_dir/KEY-VALUE``, trained by :mod:`preftune.stages.dpo` as any run is. The
+reference is paid for once: a run that would read a frozen copy of the reference model
+(``reference.strategy`` ``auto`` or ``copy``, without LoRA) uses the on-disk cache instead
+(:mod:`preftune.reference`), whose key covers the reference weights, the tokenized data, the
+tokenizer and the precision, none of which a sweep over the loss changes. So the first run
+computes the reference log-probs and the others read them. Runs with a reference-free loss
+(SimPO, ORPO) need none; with LoRA the reference is the adapter switched off, at no extra cost.
+
+When held-out data exists, each run is evaluated (:func:`preftune.eval.run.run_eval`: held-out
+preference metrics, KL from samples), and the sweep's report draws reward against KL, one
+point per value (:mod:`preftune.report_series`). ``sweep.json`` records the runs, whether each
+read the reference from the cache, and how many reference passes were computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from preftune.config import DPOConfig, build_config, parse_overrides, to_dict
+from preftune.errors import ConfigError
+from preftune.losses import REFERENCE_FREE
+from preftune.trl_names import trl_hint
+from preftune.typed import merge_nested
+
+
+@dataclasses.dataclass
+class Variant:
+    """One run of a sweep: its label (``beta=0.05``), folder name and config."""
+
+    label: str
+    folder: str
+    cfg: DPOConfig
+
+
+def parse_sweeps(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``["loss.beta=0.05,0.1"]`` -> ``[("loss.beta", ["0.05", "0.1"])]``, each key once, each with a value."""
+    found: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().removeprefix("--")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts):
+            raise ConfigError(f"--sweep '{item}': expected KEY=VALUE1,VALUE2,... such as loss.beta=0.05,0.1,0.2")
+        if any(key == k for k, _ in found):
+            raise ConfigError(f"--sweep: '{key}' is swept twice; give its values once, comma-separated")
+        if len(set(parts)) != len(parts):
+            raise ConfigError(f"--sweep '{item}': a value is repeated")
+        if key.split(".")[0] == "train" and key.split(".")[-1] in ("output_dir", "resume_from", "overwrite"):
+            raise ConfigError(f"--sweep: '{key}' cannot be swept; each run's folder is made from the swept values")
+        found.append((key, parts))
+    return found
+
+
+def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Variant]:
+    """Every combination of the swept values, as checked configs whose reference is cached when it would be a copy."""
+    base = to_dict(cfg)
+    out = []
+    for combo in itertools.product(*(values for _, values in sweeps)):
+        pairs = list(zip((key for key, _ in sweeps), combo))
+        label = ", ".join(f"{key.split('.')[-1]}={value}" for key, value in pairs)
+        folder = "-".join(f"{key.split('.')[-1]}-{value}" for key, value in pairs)
+        overrides = [f"--{key}={value}" for key, value in pairs]
+        data = merge_nested(json.loads(json.dumps(base)), parse_overrides(overrides, DPOConfig, hint=trl_hint))
+        data["train"]["output_dir"] = str(Path(cfg.train.output_dir) / folder)
+        try:
+            variant = build_config(DPOConfig, data)
+        except ConfigError as err:
+            raise ConfigError(f"--sweep {label}: {err}") from None
+        if (variant.reference.strategy in ("auto", "copy") and variant.loss.name not in REFERENCE_FREE
+                and not variant.model.lora.enabled):
+            variant.reference.strategy = "cache"  # paid once, read by the other runs
+        out.append(Variant(label, folder, variant))
+    return out
+
+
+def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
+    """Train (and, with held-out data, evaluate) every value; write ``sweep.json`` and the report."""
+    from preftune.eval.run import EvalSettings, run_eval
+    from preftune.report_series import write_sweep_report
+    from preftune.stages import dpo
+
+    sweeps = parse_sweeps(items)
+    runs = variants(cfg, sweeps)
+    root = Path(cfg.train.output_dir)
+    held_out = bool(cfg.data.eval) or cfg.data.eval_fraction > 0
+    records: list[dict[str, Any]] = []
+    for number, variant in enumerate(runs, start=1):
+        print(f"preftune: sweep {number}/{len(runs)}: {variant.label} -> {root / variant.folder}", file=sys.stderr, flush=True)
+        folder = dpo.run(variant.cfg)
+        info = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+        warm = (info.get("train_cache") or {}).get("warm")
+        if held_out:
+            run_eval(EvalSettings(policy=str(folder)))
+        records.append({"label": variant.label, "folder": variant.folder, "reference": info.get("strategy"), "reference_warm": warm})
+        passes = sum(1 for r in records if r["reference_warm"] is False)
+        (root / "sweep.json").write_text(json.dumps({"swept": [f"{k}={','.join(v)}" for k, v in sweeps], "runs": records,
+                                                     "reference_passes": passes}, indent=1), encoding="utf-8")
+    if cfg.train.report:
+        print(f"preftune: sweep report {write_sweep_report(root)}", file=sys.stderr)
+    return root

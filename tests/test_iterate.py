@@ -1,0 +1,177 @@
+"""`preftune iterate`: pair-building rules, the shipped config through the CLI (the judge's score
+rises round to round), and an iteration killed inside a round that resumes to the same end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_same_weights, weights
+from preftune.checkpoint import latest_checkpoint
+from preftune.data.pairing import build_pairs
+from preftune.errors import ConfigError, PreftuneError
+
+ITERATE_TINY = REPO / "configs" / "iterate-tiny.yaml"
+
+
+# --------------------------------------------------------------------------- pairing rules
+def test_best_against_worst_makes_one_pair_per_prompt() -> None:
+    pairs, counts = build_pairs(["p", "q"], [["a", "b", "c"], ["x", "y"]], [[1.0, 3.0, 2.0], [0.5, -1.0]])
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [("b", "a"), ("x", "y")]
+    assert pairs[0]["score_chosen"] == 3.0 and pairs[0]["score_rejected"] == 1.0
+    assert counts.pairs == 2 and counts.prompts_paired == 2 and counts.ties == 0
+
+
+def test_gap_rule_takes_every_pair_above_the_gap_and_counts_the_rest() -> None:
+    pairs, counts = build_pairs(["p"], [["a", "b", "c", "d"]], [[0.0, 1.0, 1.0, 3.0]], rule="gap", min_gap=1.0)
+    made = sorted((r["chosen"], r["rejected"]) for r in pairs)
+    assert made == [("d", "a"), ("d", "b"), ("d", "c")]  # 3-0, 3-1, 3-1 are above 1; 1-0 (twice) is not
+    assert counts.below_gap == 2 and counts.ties == 1 and counts.pairs == 3  # b-c tie dropped and counted
+
+
+def test_ties_single_samples_and_all_equal_prompts_are_dropped_and_counted() -> None:
+    pairs, counts = build_pairs(["one", "same", "ok"], [["a"], ["x", "y", "z"], ["u", "v"]], [[1.0], [2.0, 2.0, 2.0], [1.0, 0.0]],
+                                systems=[None, None, "be nice"])
+    assert [(r["prompt"], r["chosen"], r["system"]) for r in pairs] == [("ok", "u", "be nice")]
+    assert counts.single == 1 and counts.all_equal == 1 and counts.ties == 1 and counts.pairs == 1 and counts.prompts == 3
+    _, gap_counts = build_pairs(["same"], [["x", "y", "z"]], [[2.0, 2.0, 2.0]], rule="gap")
+    assert gap_counts.ties == 3 and gap_counts.all_equal == 1  # every one of the three candidate pairs ties
+
+
+def test_best_worst_below_the_gap_is_counted() -> None:
+    pairs, counts = build_pairs(["p"], [["a", "b"]], [[1.0, 1.5]], min_gap=0.5)
+    assert pairs == [] and counts.below_gap == 1
+
+
+def test_bad_pairing_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="not known"):
+        build_pairs([], [], [], rule="best")
+    with pytest.raises(ConfigError, match="min_gap"):
+        build_pairs([], [], [], min_gap=-1)
+
+
+# --------------------------------------------------------------------------- the judge
+def test_a_scoring_judge_must_return_finite_numbers(tmp_path: Path) -> None:
+    from preftune.eval.scoring import function_scorer
+
+    (tmp_path / "judge_mod.py").write_text("def nan(p, c):\n    return float('nan')\n\ndef three(p, a, b):\n    return 1\n")
+    with pytest.raises(PreftuneError, match="finite number"):
+        function_scorer(f"{tmp_path / 'judge_mod.py'}:nan").score(["p"], ["c"])
+    with pytest.raises(PreftuneError, match="two arguments"):
+        function_scorer(f"{tmp_path / 'judge_mod.py'}:three")
+
+
+def test_iterate_config_errors_name_the_setting(tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> None:
+    from preftune.stages.iterate_config import load_iterate_config
+
+    train, held = preference_files
+    base = [f"--model.path={tiny_model_dir}", f"--iterate.prompts={train}", f"--iterate.eval_prompts={held}"]
+    with pytest.raises(ConfigError, match="num_samples must be at least 2"):
+        load_iterate_config(ITERATE_TINY, base + ["--generate.num_samples=1"])
+    with pytest.raises(ConfigError, match="exactly one judge"):
+        load_iterate_config(ITERATE_TINY, base + [f"--iterate.reward_model={tiny_model_dir}"])
+    with pytest.raises(ConfigError, match="data.train must be empty"):
+        load_iterate_config(ITERATE_TINY, base + [f"--data.train={train}"])
+
+
+# --------------------------------------------------------------------------- end to end
+def _cli(*args: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _iterate_args(model: Path, train: Path, held: Path, out: Path, *extra: str) -> list[str]:
+    return ["iterate", str(ITERATE_TINY), f"--model.path={model}", f"--iterate.prompts={train}", f"--iterate.eval_prompts={held}",
+            f"--train.output_dir={out}", "--train.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def iterated(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped config, two rounds, run through the CLI without interruption."""
+    out = tmp_path_factory.mktemp("iterate") / "run"
+    proc = _cli(*_iterate_args(tiny_model_dir, *preference_files, out))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "round" in stdout and "judge score" in stdout  # the rounds side by side on the terminal
+    return out
+
+
+@pytest.mark.slow
+def test_shipped_config_runs_two_rounds_and_the_judge_score_rises(iterated: Path) -> None:
+    summary = json.loads((iterated / "iterate.json").read_text())
+    scores = [summary["initial"]["judge_score"]["mean"]] + [r["judge_score"]["mean"] for r in summary["rounds"]]
+    assert len(scores) == 3
+    assert scores[2] > scores[1] > scores[0], scores  # held-out prompts, the function judge
+    second = summary["rounds"][1]
+    assert second["reference"] == summary["initial"]["path"]  # iterate.reference: initial
+    assert second["policy"].endswith("round-2/final") and second["win_rate_vs_initial"]["win_rate"] > 0.5
+    assert second["kl_to_initial"]["mean"] > summary["rounds"][0]["kl_to_initial"]["mean"]
+    for n in (1, 2):
+        folder = iterated / f"round-{n}"
+        assert (folder / "final" / "model.safetensors").is_file() and (folder / "metrics.jsonl").is_file()
+        pairs = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+        assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+        assert json.loads((folder / "pairing.json").read_text())["pairs"] == len(pairs)
+    # round 2 trained from round 1's policy
+    assert json.loads((iterated / "round-2" / "round.json").read_text())["pairing"]["prompts"] == 64
+    report = (iterated / "report.html").read_text()
+    assert "Rounds" in report and "0 (initial)" in report and "data:image/png;base64," in report
+    from preftune.cli.main import main
+
+    (iterated / "report.html").unlink()
+    assert main(["report", str(iterated)]) == 0  # `preftune report` knows an iteration's folder
+    assert (iterated / "plots" / "judge_by_round.png").is_file() and "Rounds" in (iterated / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_iteration_resumes_and_ends_as_an_uninterrupted_one(
+        iterated: Path, tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from preftune.stages import iterate
+    from preftune.stages.iterate_config import load_iterate_config
+
+    out = tmp_path / "run"
+    args = _iterate_args(tiny_model_dir, *preference_files, out)
+    # Killed between rounds: the folder as the uninterrupted run left it after round 1.
+    out.mkdir()
+    for name in ("config.yaml", "initial.json", "iterate.json", "round-1"):
+        source = iterated / name
+        shutil.copytree(source, out / name) if source.is_dir() else shutil.copy2(source, out / name)
+    (out / "round-1" / "round.json").write_text((iterated / "round-1" / "round.json").read_text().replace(str(iterated), str(out)))
+    with pytest.raises(PreftuneError, match="train.resume_from=latest"):  # never overwritten by accident
+        iterate.run(load_iterate_config(ITERATE_TINY, args[2:]))
+    with pytest.raises(ConfigError, match="changed: loss.beta"):  # continued only with the settings it began with
+        iterate.run(load_iterate_config(ITERATE_TINY, args[2:] + ["--train.resume_from=latest", "--loss.beta=0.2"]))
+    round_one = (out / "round-1" / "round.json").read_text()
+    samples_mtime = (out / "round-1" / "samples.jsonl").stat().st_mtime_ns
+
+    # ... then killed again inside round 2's DPO run, after its first checkpoint.
+    proc = _cli(*args, "--train.resume_from=latest", start_new_session=True)
+    deadline = time.time() + 300
+    while latest_checkpoint(out / "round-2") is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert "round 1/2" not in stderr  # a finished round is not redone
+    assert not (out / "round-2" / "round.json").exists(), "the run finished round 2 before it could be killed"
+    assert latest_checkpoint(out / "round-2") is not None
+
+    resumed = _cli(*args, "--train.resume_from=latest")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "round 2: resuming its DPO run from" in stderr and "round 1/2" not in stderr
+    assert (out / "round-1" / "round.json").read_text() == round_one
+    assert (out / "round-1" / "samples.jsonl").stat().st_mtime_ns == samples_mtime
+    for n in (1, 2):
+        assert_same_weights(weights(out / f"round-{n}" / "final"), weights(iterated / f"round-{n}" / "final"), atol=1e-6)
+    ours, theirs = (json.loads((d / "iterate.json").read_text()) for d in (out, iterated))
+    assert [r["judge_score"] for r in ours["rounds"]] == [r["judge_score"] for r in theirs["rounds"]]
+    assert [r["steps"] for r in ours["rounds"]] == [16, 16]

@@ -1,0 +1,73 @@
+"""`preftune dpo CONFIG --sweep KEY=V1,V2,...`: one policy per value, one reference pass (counted)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import DPO_TINY, dpo_config
+from preftune.errors import ConfigError
+from preftune.stages.sweep import parse_sweeps, variants
+
+
+def test_sweep_values_are_parsed_and_checked() -> None:
+    assert parse_sweeps(["loss.beta=0.05,0.1", "loss.name=dpo,ipo"]) == [("loss.beta", ["0.05", "0.1"]), ("loss.name", ["dpo", "ipo"])]
+    for bad, message in (("loss.beta", "KEY=VALUE1"), ("loss.beta=0.1,", "KEY=VALUE1"), ("loss.beta=0.1,0.1", "repeated"),
+                         ("train.output_dir=a,b", "cannot be swept")):
+        with pytest.raises(ConfigError, match=message):
+            parse_sweeps([bad])
+    with pytest.raises(ConfigError, match="swept twice"):
+        parse_sweeps(["loss.beta=0.1", "loss.beta=0.2"])
+
+
+def test_each_value_is_a_run_folder_and_only_reference_losses_read_the_cache(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
+    cfg = dpo_config(tiny_model_dir, *preference_files, tmp_path / "sweep")
+    runs = variants(cfg, parse_sweeps(["loss.name=dpo,simpo"]))
+    assert [(v.label, v.folder) for v in runs] == [("name=dpo", "name-dpo"), ("name=simpo", "name-simpo")]
+    assert [v.cfg.train.output_dir for v in runs] == [str(tmp_path / "sweep" / "name-dpo"), str(tmp_path / "sweep" / "name-simpo")]
+    assert [v.cfg.reference.strategy for v in runs] == ["cache", "copy"]  # simpo's "copy" resolves to none: it takes no reference
+    with pytest.raises(ConfigError, match="beta=-1"):
+        variants(cfg, parse_sweeps(["loss.beta=0.1,-1"]))
+
+
+@pytest.mark.slow
+def test_a_three_value_beta_sweep_computes_the_reference_once(tiny_model_dir: Path, preference_files, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    import preftune.reference as reference
+    from preftune.cli.main import main
+
+    loads, forwards = [], []
+    real_load = reference.load_causal_lm
+
+    def counting_load(*args, **kwargs):  # every reference model the training runs load
+        model = real_load(*args, **kwargs)
+        loads.append(model)
+        model.model.register_forward_hook(lambda *_: forwards.append(1))  # the scorers run the body, then the head by chunks
+        return model
+
+    monkeypatch.setattr(reference, "load_causal_lm", counting_load)
+    train, held = preference_files
+    out = tmp_path / "sweep"
+    status = main(["dpo", str(DPO_TINY), "--sweep", "loss.beta=0.05,0.1,0.2", f"--model.path={tiny_model_dir}", f"--data.train={train}",
+                   f"--data.eval={held}", f"--train.output_dir={out}", "--train.progress=false", "--train.max_steps=6",
+                   "--train.save_every=null", "--train.eval_every=null", f"--reference.cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    # One pass over the training pairs and one over the held-out pairs, by one reference model each, in the first run only.
+    batches = math.ceil(64 / 8) + math.ceil(32 / 8)
+    assert len(loads) == 2 and len(forwards) == batches
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["folder"] for r in summary["runs"]] == ["beta-0.05", "beta-0.1", "beta-0.2"]
+    assert [r["reference_warm"] for r in summary["runs"]] == [False, True, True] and summary["reference_passes"] == 1
+    evals = []
+    for name, beta in (("beta-0.05", 0.05), ("beta-0.1", 0.1), ("beta-0.2", 0.2)):
+        run = out / name
+        assert (run / "final" / "model.safetensors").is_file()
+        assert json.loads((run / "reference.json").read_text())["strategy"] == "cache"
+        assert (run / "config.yaml").read_text().count(f"beta: {beta}") == 1
+        evals.append(json.loads((run / "eval.json").read_text()))
+    assert all(e["kl"]["n"] > 0 and "rewards/margins" in e["preference"] for e in evals)
+    report = (out / "report.html").read_text()
+    assert "reward against KL" in report and report.count("beta=") >= 3 and (out / "plots" / "frontier.png").is_file()
