@@ -133,7 +133,8 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool | None = None  # bf16 autocast; null (auto, TRL's default): on where the GPU supports bf16, off on CPU
+    bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA with bf16; a CPU with AMX or avx512_bf16), else fp32
+    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: on CUDA, off on CPU
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size
