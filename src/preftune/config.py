@@ -133,7 +133,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA with bf16; a CPU with AMX or avx512_bf16), else fp32
+    bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA; CPU AMX/avx512_bf16)
     compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: on CUDA, off on CPU
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end

@@ -53,9 +53,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a (peft-wrapped, scorer-wrapped) causal LM: the modules of the first
     ``nn.ModuleList`` named ``layers`` or ``h`` whose elements all share one class."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h") and len(module):
-            if len({type(layer) for layer in module}) == 1:
-                return list(module)
+        named = isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h") and len(module) > 0
+        if named and len({type(layer) for layer in module}) == 1:
+            return list(module)
     return []
 
 
