@@ -56,6 +56,9 @@ class DataConfig:
     # attention that takes a 4D mask, sdpa or eager; otherwise the plain layout is used, said on
     # stderr and in reference.json)
     prefix_sharing: bool = True
+    # tokenized local files cached here, keyed by their bytes, the tokenizer and the settings above
+    # (preftune.data.cache); null: off, every run tokenizes
+    tokenized_cache_dir: str | None = "~/.cache/preftune/tokenized"
 
 
 @dataclass
