@@ -41,7 +41,7 @@ from preftune.checkpoint import (
 from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
-from preftune.models.compiled import compile_layers, compile_stats, compile_wanted
+from preftune.models.compiled import compile_layers, compile_stats, compile_wanted, planned_steps
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
@@ -200,7 +200,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
-    compiling = compile_wanted(cfg.compile, accelerator.device) and compile_layers(task.model) > 0
+    wanted = compile_wanted(cfg.compile, accelerator.device, planned_steps(cfg, len(task.train_set)))
+    compiling = wanted and compile_layers(task.model) > 0
     compiled_before = compile_stats() if compiling else {}
     model, optimizer = accelerator.prepare(task.model, optimizer)
 

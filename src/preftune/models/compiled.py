@@ -40,13 +40,31 @@ COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 _state: dict[str, Any] = {"probed": None, "warned": False}
 
 
-def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
-    """``train.compile`` resolved: ``True``/``False`` as given; ``"auto"`` is on for CUDA, off on
-    CPU (see the README: on 2-core CPUs the compile time, 40-90 s, was not won back within a run
-    of typical length, and the gain measured was within the machine's noise)."""
+#: ``auto`` on a CPU compiles runs of at least this many optimizer steps
+AUTO_CPU_MIN_STEPS = 1000
+
+
+def compile_wanted(setting: bool | str, device: torch.device | str, steps: int | None = None) -> bool:
+    """``train.compile`` resolved: ``True``/``False`` as given; ``"auto"`` is on under CUDA, and on
+    a CPU for runs of :data:`AUTO_CPU_MIN_STEPS` optimizer steps or more (``steps``; unknown: off).
+
+    Why (34M, 2 cores, benchmarks/RESULTS.md, measured under load, so provisional): compiling
+    took 73-290 s; interleaved with eager on the same batches, the compiled policy forward and
+    backward took 0.64x the eager time. Even if a quiet machine keeps only a tenth of a 2-3 s
+    step, 1000 steps win back the compile time; short runs (tests, the demo, a smoke run) would
+    spend most of their time compiling, so they stay eager.
+    """
     if setting == "auto":
-        return torch.device(device).type == "cuda"
+        return torch.device(device).type == "cuda" or (steps is not None and steps >= AUTO_CPU_MIN_STEPS)
     return bool(setting)
+
+
+def planned_steps(train: Any, items: int) -> int:
+    """The optimizer steps a run of ``items`` training items will take (one process), as ``fit`` counts them."""
+    import math
+
+    per_epoch = math.ceil(math.ceil(items / train.batch_size) / train.grad_accum)
+    return train.max_steps or train.epochs * per_epoch
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
