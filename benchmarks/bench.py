@@ -5,8 +5,9 @@ then trains each run in its own process with the same settings (batch 8, max len
 beta 0.1, lr 5e-6, fp32, 2 threads, 2 warm-up + 20 timed optimizer steps), prints one JSON
 line per run and a table with the ratios preftune/TRL, and checks that preftune's losses in
 TRL's batch order match TRL's within 1e-4. A full run writes its JSON lines to
-``benchmarks/results.jsonl``. ``--smoke`` runs every variant for 2 steps on the 7M model and
-16 records (all preftune variants in one process, so it is quick; its timings mean nothing).
+``benchmarks/results.jsonl``. ``--smoke`` runs every variant (the compiled ones only when
+named in ``--runs``) for 2 steps on the 7M model and 16 records (all preftune variants in one
+process, so it is quick; its timings mean nothing).
 Exit status 1 when a run fails, a number is not finite, or the equivalence check fails.
 """
 
@@ -22,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
-from benchmarks.report import equivalence, finite, table
+from benchmarks.common import SMOKE_SKIP, TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
+from benchmarks.report import bf16_cost, equivalence, finite, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,9 +66,9 @@ def finish_child(process: subprocess.Popen, out: Path, log: Path) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def measure_peak(settings: Settings, workdir: Path) -> dict[str, Any]:
+def measure_peak(settings: Settings, workdir: Path, dtype: str = "float32") -> dict[str, Any]:
     seconds = "0.6" if settings.smoke else "3"
-    command = [sys.executable, "-m", "benchmarks.peak", "--threads", str(settings.threads), "--seconds", seconds]
+    command = [sys.executable, "-m", "benchmarks.peak", "--threads", str(settings.threads), "--seconds", seconds, "--dtype", dtype]
     done = subprocess.run(command, cwd=REPO, env=child_env(settings, {}, workdir), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every run for 2 steps on the 7M model and 16 records")
     parser.add_argument("--model", choices=["7m", "34m"], default="7m")
-    parser.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma-separated, from: {', '.join(ALL_RUNS)}")
+    parser.add_argument("--runs", default=None, help=f"comma-separated, from: {', '.join(ALL_RUNS)} (default: all; "
+                        f"--smoke leaves out {', '.join(SMOKE_SKIP)} unless named)")
     parser.add_argument("--fixtures", type=Path, default=HERE / "fixtures", help="fixtures folder (built when missing)")
     parser.add_argument("--workdir", type=Path, default=None, help="run folders, logs, reference cache (default: a temp dir)")
     parser.add_argument("--results", type=Path, default=None, help="where a full run's JSON lines go (default benchmarks/results.jsonl)")
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=2)
     args = parser.parse_args(argv)
 
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    default = [r for r in ALL_RUNS if not (args.smoke and r in SMOKE_SKIP)]
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else default
     unknown = [r for r in runs if r not in ALL_RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {ALL_RUNS}")
@@ -118,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="preftune-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     peak = measure_peak(settings, workdir)
+    bf16_runs = [r for r in runs if (r in VARIANTS and VARIANTS[r].bf16) or (r in TRL_RUNS and TRL_RUNS[r].bf16)]
+    peak_bf16 = measure_peak(settings, workdir, "bfloat16") if bf16_runs else None
     context = {"machine": machine(), "versions": versions(), "matmul_peak_flops_per_s": peak["matmul_peak_flops_per_s"],
                "fixtures_manifest_version": manifest["version"]}
+    if peak_bf16:
+        context["matmul_peak_bf16_flops_per_s"] = peak_bf16["matmul_peak_flops_per_s"]
     records: list[dict[str, Any]] = []
     failed = False
 
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     def report(found: list[dict]) -> None:
         for record in found:
             record.update(context)
-            record["utilization"] = record["flops_per_s"] / peak["matmul_peak_flops_per_s"]
+            # a bf16 row against the bf16 matmul peak, an fp32 row against the fp32 one
+            record["utilization"] = record["flops_per_s"] / (peak_bf16 if record.get("bf16") else peak)["matmul_peak_flops_per_s"]
             print(json.dumps(record), flush=True)
             records.append(record)
 
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
     print(table(records) if records else "no run finished")
     lines, same = equivalence(records)
-    print("\n".join(lines))
+    print("\n".join(lines + bf16_cost(records)))
     bad = [r["run"] for r in records if not finite(r)]
     if bad:
         print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)

@@ -46,6 +46,8 @@ class Variant:
     lora: bool = False
     unfused_adam: bool = False  # the single-tensor AdamW (~10 kernels per tensor), not preftune's fused default
     checkpointing: bool = False  # model.gradient_checkpointing: recompute activations in the backward
+    compile: bool = False  # train.compile: decoder layers through torch.compile (its time is in the warm-up steps)
+    bf16: bool = False  # train.bf16: bf16 autocast (log-probs and losses still summed in fp32)
     note: str = ""
 
 
@@ -64,7 +66,15 @@ VARIANTS = {
                     note="cache-warm + gradient checkpointing: no reference model in memory, activations recomputed"),
     "lora": Variant("grouped", "chunked", "shared", "adapter", lora=True, note="LoRA r16, reference = adapter off"),
     "parity": Variant("random", "chunked", "shared", "copy", note="prefix sharing in TRL's batch order: the equivalence run"),
+    "compile": Variant("grouped", "chunked", "shared", "copy", compile=True,
+                       note="prefix + train.compile=true (compile time in the warm-up steps, reported as compile_seconds)"),
+    "compile-lean": Variant("grouped", "chunked", "shared", "cache-warm", checkpointing=True, compile=True,
+                            note="lean + train.compile=true"),
+    "bf16": Variant("grouped", "chunked", "shared", "copy", bf16=True, note="prefix + bf16 autocast (compared with trl-bf16)"),
 }
+
+#: Runs the smoke mode (CI) leaves out unless named: compiling costs minutes on 2 cores.
+SMOKE_SKIP = ("compile", "compile-lean")
 
 
 #: glibc settings that keep freed memory mapped: they speed TRL up (the issue measured 1.4x).
@@ -77,6 +87,7 @@ class TrlRun:
 
     env: dict[str, str] = field(default_factory=dict)
     lora: bool = False
+    bf16: bool = False  # TRL's own default (bf16=True): autocast in bf16
     note: str = ""
 
 
@@ -84,10 +95,11 @@ TRL_RUNS = {
     "trl": TrlRun(note="TRL 1.16 DPOTrainer, reference = a second copy"),
     "trl-malloc": TrlRun(env=MALLOC_ENV, note="the same, with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64GiB"),
     "trl-lora": TrlRun(lora=True, note="TRL with LoRA r16, reference = adapter off"),
+    "trl-bf16": TrlRun(bf16=True, note="TRL with bf16=True (its default), reference = a second copy"),
 }
 
 #: Which TRL run each preftune run is compared with in the table.
-BASELINE = {"lora": "trl-lora"}
+BASELINE = {"lora": "trl-lora", "bf16": "trl-bf16"}
 
 
 def add_child_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,14 +250,21 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": os.getloadavg()[0]}
+    """The processor a row ran on (model name, the flags that decide matmul speed, cores, torch):
+    rows from different machines are never compared (``report.check_one_machine``)."""
+    from preftune.hardware import cpu_info
+
+    info = cpu_info()
+    return {"cpu": info["cpu"], "cpu_flags": info["flags"], "cores": info["cores"], "torch": info["torch"],
+            "torch_cpu_capability": info["torch_cpu_capability"], "platform": platform.platform(),
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+def machine_key(record: dict[str, Any]) -> str:
+    """What must be equal for two rows to be compared: processor, flags, cores, torch."""
+    m = record.get("machine") or {}
+    flags = ",".join(sorted(k for k, v in (m.get("cpu_flags") or {}).items() if v)) or "flags unknown"
+    return f"{m.get('cpu', 'unknown cpu')} [{flags}] x{m.get('cores', '?')} torch {m.get('torch', '?')}"
 
 
 def as_json(settings: Settings) -> str:

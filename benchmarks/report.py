@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from benchmarks.common import BASELINE, VARIANTS
+from benchmarks.common import BASELINE, VARIANTS, machine_key
 
 #: preftune's loss after N steps must match TRL's on the same batches (the issue's bound).
 LOSS_TOLERANCE = 1e-4
@@ -20,8 +20,24 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+class MixedMachines(ValueError):
+    """Rows measured on different processors (or core counts, or torch versions): not comparable."""
+
+
+def check_one_machine(records: list[dict[str, Any]]) -> str:
+    """The one machine all ``records`` ran on; :class:`MixedMachines` when they ran on several."""
+    keys = {machine_key(r) for r in records}
+    if len(keys) > 1:
+        by_key = {k: [r["run"] for r in records if machine_key(r) == k] for k in sorted(keys)}
+        raise MixedMachines("rows from different machines cannot be compared: "
+                            + "; ".join(f"{k}: {', '.join(runs)}" for k, runs in by_key.items()))
+    return keys.pop() if keys else "no rows"
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    """A fixed-width table: one row per run, ratios against its TRL baseline (and TRL with MALLOC settings)."""
+    """A fixed-width table: one row per run, ratios against its TRL baseline (and TRL with MALLOC settings).
+    Refuses (:class:`MixedMachines`) rows from different machines."""
+    check_one_machine(records)
     by_run = {r["run"]: r for r in records}
     header = ("run", "tokens/s", "x TRL", "x TRL-malloc", "peak RSS GiB", "RSS / TRL", "GFLOP/s", "% peak", "first loss", "final loss")
     rows = [header]
@@ -53,7 +69,7 @@ def equivalence(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
     (length grouped) train on other batches, so their losses are not comparable step by step.
     """
     lines, ok = [], True
-    trl_runs = [r for r in records if r["framework"] == "trl" and not r.get("trl_run", {}).get("lora")]
+    trl_runs = [r for r in records if r["framework"] == "trl" and not r.get("trl_run", {}).get("lora") and not r.get("bf16")]
     same_order = [r for r in records if r["framework"] == "preftune" and VARIANTS[r["run"]].order == "random"]
     for ours in same_order:
         for theirs in trl_runs:
@@ -76,3 +92,25 @@ def finite(record: dict[str, Any]) -> bool:
     """Every number the table shows is finite and positive where it must be."""
     numbers = [record["tokens_per_s"], record["peak_rss_bytes"], record["flops_per_s"], record["first_loss"], record["final_loss"]]
     return all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) and record["tokens_per_s"] > 0
+
+
+#: (bf16 run, its fp32 twin): the same batches in the same order, only the precision differs
+BF16_TWINS = (("bf16", "prefix"), ("trl-bf16", "trl"))
+
+
+def bf16_cost(records: list[dict[str, Any]]) -> list[str]:
+    """What bf16 autocast costs in accuracy: its per-step chosen log-probs and losses against the
+    fp32 run on the same batches. The first step is the clean comparison (the same weights); later
+    steps also carry the drift of training in bf16."""
+    by_run = {r["run"]: r for r in records}
+    lines = []
+    for low, full in BF16_TWINS:
+        if low not in by_run or full not in by_run:
+            continue
+        a, b = by_run[low], by_run[full]
+        logps_a, logps_b = a["per_step/logps/chosen"], b["per_step/logps/chosen"]
+        first_rel = abs(logps_a[0] - logps_b[0]) / max(abs(logps_b[0]), 1e-12)
+        worst_loss = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+        lines.append(f"{low} vs {full}: step-1 logps/chosen differ by {first_rel:.2e} relative "
+                     f"({logps_a[0]:.4f} vs {logps_b[0]:.4f}); losses by at most {worst_loss:.2e} over {len(a['losses'])} steps")
+    return lines

@@ -66,7 +66,8 @@ def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: P
         reference=ReferenceConfig(strategy="cache" if variant.reference.startswith("cache") else variant.reference,
                                   cache_dir=str(cache_dir)),
         train=TrainConfig(output_dir=str(run_dir), seed=settings.seed, max_steps=settings.total_steps, batch_size=settings.batch_size,
-                          lr=settings.lr, scheduler="constant", warmup_steps=0, max_grad_norm=1.0, log_every=1, progress=False),
+                          lr=settings.lr, scheduler="constant", warmup_steps=0, max_grad_norm=1.0, log_every=1, progress=False,
+                          compile=variant.compile, bf16=variant.bf16),
     )
 
 
@@ -148,7 +149,7 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
     tokens = sum(real_tokens(p) for p in timed)
     seconds = clock.timed_seconds(settings)
     reference_tokens = 0 if variant.reference.startswith("cache") else tokens
-    extra: dict[str, Any] = {"variant": variant.__dict__, **cost}
+    extra: dict[str, Any] = {"variant": variant.__dict__, "bf16": variant.bf16, **cost}
     if variant.reference == "cache-cold":
         # The reference pass covers one epoch; charge the timed steps their share of it.
         share = len(timed) / cost["cache_pairs"]
@@ -157,6 +158,10 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
         extra["cache_charged_seconds"] = cost["cache_seconds"] * share
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
+    if variant.compile:  # compiled in the warm-up steps (first shape, then the dynamic one): outside the timed ones
+        at_warmup, at_end = steps[settings.warmup_steps - 1], steps[-1]
+        extra.update({"compile_seconds": at_end.get("compile/seconds", 0.0), "compile_graphs": at_end.get("compile/graphs", 0),
+                      "compile_seconds_in_timed_steps": at_end.get("compile/seconds", 0.0) - at_warmup.get("compile/seconds", 0.0)})
     metrics = {key: [line[key] for line in steps] for key in ("rewards/margins", "logps/chosen", "logps/rejected")}
     return result(run=name, framework="preftune", settings=settings, model_dir=model_dir, seconds=seconds, tokens=tokens,
                   reference_tokens=reference_tokens, losses=[line["loss"] for line in steps], metrics=metrics, extra=extra)

@@ -37,7 +37,7 @@ def _preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir:
     return prepare(cfg.data, load_tokenizer(str(model_dir)), records="pairs", seed=cfg.train.seed).train
 
 
-def trl_config(settings: Settings, output_dir: Path) -> Any:
+def trl_config(settings: Settings, output_dir: Path, *, bf16: bool = False) -> Any:
     from trl import DPOConfig
 
     return DPOConfig(
@@ -54,7 +54,7 @@ def trl_config(settings: Settings, output_dir: Path) -> Any:
         loss_type=["sigmoid"],
         max_length=settings.max_length,
         precompute_ref_log_probs=False,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         gradient_checkpointing=False,
         model_init_kwargs={"dtype": "float32"},
@@ -112,7 +112,7 @@ def run(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[st
         peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                                  target_modules=list(settings.lora_targets), task_type="CAUSAL_LM")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    trainer = DPOTrainer(model=str(model_dir), args=trl_config(settings, out_dir), train_dataset=dataset,
+    trainer = DPOTrainer(model=str(model_dir), args=trl_config(settings, out_dir, bf16=spec.bf16), train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Measure()])
     _check_same_ids(trainer.train_dataset, [pairs[i] for i in flat])
     trainer.train()
@@ -124,7 +124,7 @@ def run(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[st
     metrics = {key: [line[key] for line in logged] for key in ("rewards/margins", "logps/chosen", "logps/rejected")}
     return result(run=name, framework="trl", settings=settings, model_dir=model_dir, seconds=clock.timed_seconds(settings),
                   tokens=tokens, reference_tokens=tokens, losses=[line["loss"] for line in logged], metrics=metrics,
-                  extra={"trl_run": {"env": spec.env, "lora": spec.lora, "note": spec.note}})
+                  extra={"trl_run": {"env": spec.env, "lora": spec.lora, "bf16": spec.bf16, "note": spec.note}, "bf16": spec.bf16})
 
 
 def _check_same_ids(dataset: Any, pairs: list) -> None:

@@ -17,7 +17,7 @@ def test_smoke_benchmark_runs_everything_and_matches_trl(tmp_path: Path) -> None
     pytest.importorskip("trl", reason="the benchmark compares with TRL (the `bench` extra)")
     sys.path.insert(0, str(REPO))
     try:
-        from benchmarks.common import TRL_RUNS, VARIANTS
+        from benchmarks.common import SMOKE_SKIP, TRL_RUNS, VARIANTS
     finally:
         sys.path.remove(str(REPO))
 
@@ -27,7 +27,9 @@ def test_smoke_benchmark_runs_everything_and_matches_trl(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = {r["run"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
-    assert set(records) == set(VARIANTS) | set(TRL_RUNS)
+    assert set(records) == (set(VARIANTS) - set(SMOKE_SKIP)) | set(TRL_RUNS)
+    assert len({json.dumps(r["machine"]["cpu_flags"], sort_keys=True) for r in records.values()}) == 1  # the processor, per row
+    assert "bf16 vs prefix: step-1 logps/chosen differ by" in done.stdout
     for name, r in records.items():
         for key in ("tokens_per_s", "peak_rss_bytes", "flops_per_s", "utilization", "first_loss", "final_loss"):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])

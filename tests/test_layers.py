@@ -18,7 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, ...]] = [
     ("preftune.errors",),
     ("preftune.losses", "preftune.logprobs"),  # torch only
-    ("preftune.typed", "preftune.stats", "preftune.trl_names", "preftune.hub", "preftune.progress", "preftune.distributed"),
+    ("preftune.typed", "preftune.stats", "preftune.trl_names", "preftune.hub", "preftune.progress", "preftune.distributed",
+     "preftune.hardware"),
     ("preftune.config", "preftune.report", "preftune.plots", "preftune.report_series"),
     ("preftune.data",),
     ("preftune.models",),

@@ -101,7 +101,10 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_settings_win() -> None:
     from preftune.models.load import use_bf16
 
     assert TrainConfig().bf16 is None  # auto, TRL's default
-    expected = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from preftune.hardware import cpu_has_bf16_units
+
+    cuda = torch.cuda.is_available()
+    expected = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_units()
     assert use_bf16(TrainConfig()) is expected
     assert use_bf16(TrainConfig(bf16=True)) is True and use_bf16(TrainConfig(bf16=False)) is False
 

@@ -56,6 +56,9 @@ class DataConfig:
     # attention that takes a 4D mask, sdpa or eager; otherwise the plain layout is used, said on
     # stderr and in reference.json)
     prefix_sharing: bool = True
+    # tokenized local files cached here, keyed by their bytes, the tokenizer and the settings above
+    # (preftune.data.cache); null: off, every run tokenizes
+    tokenized_cache_dir: str | None = "~/.cache/preftune/tokenized"
 
 
 @dataclass
@@ -133,7 +136,8 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool | None = None  # bf16 autocast; null (auto, TRL's default): on where the GPU supports bf16, off on CPU
+    bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA; CPU AMX/avx512_bf16)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, or CPU runs of 1000+ steps
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size

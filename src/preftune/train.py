@@ -43,6 +43,7 @@ from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
 from preftune.interrupts import Interrupted, StopSignals
+from preftune.models.compiled import compile_layers, compile_stats, compile_wanted, planned_steps
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
@@ -195,6 +196,10 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     if not params:
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
+    # lazily: the first steps pay the compile time, which the log reports apart from the step time
+    wanted = compile_wanted(cfg.compile, accelerator.device, planned_steps(cfg, len(task.train_set)))
+    compiling = wanted and compile_layers(task.model) > 0
+    compiled_before = compile_stats() if compiling else {}
     model, optimizer = accelerator.prepare(task.model, optimizer)
 
     batches_per_epoch = math.ceil(len(task.train_set) / (cfg.batch_size * processes))
@@ -302,9 +307,10 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         if state.step % cfg.log_every == 0 or last:
             means = window.means()
             window = MetricWindow()
-            elapsed = time.perf_counter() - started
+            compiled = {k: v - compiled_before[k] for k, v in compile_stats().items()} if compiling else {}
+            elapsed = time.perf_counter() - started - compiled.get("compile/seconds", 0.0)  # step time without compiling
             record = {"step": state.step, "epoch": state.epoch + state.batches_in_epoch / len(batches), **means,
-                      "lr": scheduler.get_last_lr()[0], "num_tokens": state.tokens_seen,
+                      "lr": scheduler.get_last_lr()[0], "num_tokens": state.tokens_seen, **compiled,
                       "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)}
             log_record(record, metrics_path, trackers, accelerator)
             last_record = record

@@ -48,6 +48,9 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
     ``sources`` replaces a split's files with data already in memory (``{"train": dataset}``:
     a ``datasets.Dataset``, a list of dicts, or a path), as the Python API passes it.
     """
+    from preftune.data.cache import cache_key
+    from preftune.data.cache import load as load_cache
+    from preftune.data.cache import save as save_cache
     from preftune.data.hub import resolve_source
     from preftune.data.load import load_examples
     from preftune.data.readers import as_source
@@ -65,6 +68,15 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
         if not paths:
             tokenized[split] = []
             continue
+        started = time.perf_counter()
+        key = (cache_key(paths, data, tokenizer, records=records, split_pairs=split_pairs)
+               if data.tokenized_cache_dir and split not in given else None)
+        hit = load_cache(data.tokenized_cache_dir, key) if key else None
+        if hit is not None:
+            tokenized[split], reports[split] = hit
+            reports[split]["tokenized_cache"] = {"key": key, "hit": True}
+            status(f"read tokenized {split} records from the cache", len(hit[0]), time.perf_counter() - started, enabled=progress)
+            continue
         result = load_examples(paths, format=data.format, columns=data.columns or None,
                                on_error=data.on_error, system=data.system, max_records=data.max_records,
                                prompt_marker=data.prompt_marker)
@@ -78,6 +90,9 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
         else:
             tokenized[split] = tokenize_unpaired(_unpaired(result.examples, result.report, split_pairs), tokenizer, **limits)
         reports[split] = dataclasses.asdict(result.report)
+        if key:
+            save_cache(data.tokenized_cache_dir, key, tokenized[split], reports[split])
+            reports[split] = {**reports[split], "tokenized_cache": {"key": key, "hit": False}}
         status(f"read and tokenized {split} records", result.report.records, time.perf_counter() - started, enabled=progress)
     train, held = tokenized["train"], tokenized["eval"]
     if not held and data.eval_fraction > 0:

@@ -135,11 +135,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def use_bf16(train: Any) -> bool:
-    """``train.bf16``, with ``None`` meaning auto: bf16 autocast on a CUDA device that supports it,
-    fp32 on a CPU (where bf16 is slower on most processors and its accuracy cost buys nothing)."""
+    """``train.bf16``, with ``None`` meaning auto: bf16 autocast where the device the run uses has
+    bf16 matrix units (a CUDA device that supports bf16; a CPU with AMX or avx512_bf16), else fp32
+    (elsewhere bf16 is slower, and its accuracy cost buys nothing). See :mod:`preftune.hardware`."""
     if train.bf16 is not None:
         return bool(train.bf16)
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from preftune.hardware import bf16_wins
+
+    return bf16_wins("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def has_adapter(model: nn.Module | None) -> bool:
