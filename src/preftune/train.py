@@ -18,6 +18,7 @@ mean (SFT) alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -362,10 +363,7 @@ def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
     """Skip the gradient all-reduce on all but the last micro-batch of a group (DDP)."""
-    import contextlib
-
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
-
 
 
 def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
@@ -383,7 +381,6 @@ def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
     from preftune.models.load import use_bf16
 
     return accelerator_cls(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available())
-
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
