@@ -22,7 +22,6 @@ from preftune.models.compiled import (
     compile_stats,
     compile_wanted,
     decoder_layers,
-    planned_steps,
     uncompile_layers,
 )
 from preftune.models.load import apply_lora, enable_gradient_checkpointing
@@ -32,11 +31,6 @@ from preftune.models.scorers import SharedPrefixLogps
 def test_auto_and_the_setting() -> None:
     assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
     assert compile_wanted("auto", "cuda") and not compile_wanted("auto", "cpu")
-    assert compile_wanted("auto", "cpu", steps=5000) and not compile_wanted("auto", "cpu", steps=30)
-    from preftune.config import TrainConfig
-
-    assert planned_steps(TrainConfig(batch_size=8, grad_accum=2, epochs=3), 100) == 3 * 7  # 13 batches: 7 steps an epoch
-    assert planned_steps(TrainConfig(max_steps=5), 100) == 5
     assert len(decoder_layers(SharedPrefixLogps(tiny_lm()))) == 2
 
 

@@ -30,7 +30,7 @@ from preftune.config import DPOConfig
 from preftune.distributed import all_gather, barrier, world
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
-from preftune.models.compiled import compile_layers, compile_wanted, planned_steps
+from preftune.models.compiled import compile_layers, compile_wanted
 from preftune.models.load import freeze, load_causal_lm, use_bf16
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
@@ -257,7 +257,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
 
     def copy_scorer() -> nn.Module:
         model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
-        if compile_wanted(cfg.train.compile, device, planned_steps(cfg.train, len(train))):
+        if compile_wanted(cfg.train.compile, device):
             compile_layers(model)
         return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
 

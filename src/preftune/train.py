@@ -44,7 +44,7 @@ from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
 from preftune.interrupts import Interrupted, StopSignals
-from preftune.models.compiled import compile_layers, compile_stats, compile_wanted, planned_steps
+from preftune.models.compiled import compile_layers, compile_stats, compile_wanted
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
@@ -198,7 +198,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
-    wanted = compile_wanted(cfg.compile, accelerator.device, planned_steps(cfg, len(task.train_set)))
+    wanted = compile_wanted(cfg.compile, accelerator.device)
     compiling = wanted and compile_layers(task.model) > 0
     compiled_before = compile_stats() if compiling else {}
     model, optimizer = accelerator.prepare(task.model, optimizer)

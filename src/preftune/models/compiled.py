@@ -40,31 +40,17 @@ COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 _state: dict[str, Any] = {"probed": None, "warned": False}
 
 
-#: ``auto`` on a CPU compiles runs of at least this many optimizer steps
-AUTO_CPU_MIN_STEPS = 1000
+def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
+    """``train.compile`` resolved: ``True``/``False`` as given; ``"auto"`` is on under CUDA only.
 
-
-def compile_wanted(setting: bool | str, device: torch.device | str, steps: int | None = None) -> bool:
-    """``train.compile`` resolved: ``True``/``False`` as given; ``"auto"`` is on under CUDA, and on
-    a CPU for runs of :data:`AUTO_CPU_MIN_STEPS` optimizer steps or more (``steps``; unknown: off).
-
-    Why (34M, 2 cores, benchmarks/RESULTS.md, measured under load, so provisional): compiling
-    took 73-290 s; interleaved with eager on the same batches, the compiled policy forward and
-    backward took 0.64x the eager time. Even if a quiet machine keeps only a tenth of a 2-3 s
-    step, 1000 steps win back the compile time; short runs (tests, the demo, a smoke run) would
-    spend most of their time compiling, so they stay eager.
+    Not on a CPU by default: compiling the 34M model takes minutes on 2 cores (73-290 s measured),
+    and a compiled step is not bitwise the eager one (log-probs agree to about 1e-6), so a switch
+    that followed the run's length would make a resume with another ``max_steps`` differ from an
+    uninterrupted run. On a CPU ``train.compile: true`` opts in (benchmarks/RESULTS.md has the gain).
     """
     if setting == "auto":
-        return torch.device(device).type == "cuda" or (steps is not None and steps >= AUTO_CPU_MIN_STEPS)
+        return torch.device(device).type == "cuda"
     return bool(setting)
-
-
-def planned_steps(train: Any, items: int) -> int:
-    """The optimizer steps a run of ``items`` training items will take (one process), as ``fit`` counts them."""
-    import math
-
-    per_epoch = math.ceil(math.ceil(items / train.batch_size) / train.grad_accum)
-    return train.max_steps or train.epochs * per_epoch
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
