@@ -14,7 +14,6 @@ config (``run_config.json``): a resume under another config is refused, except f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from preftune.data.cache import file_digest
 from preftune.errors import TrainingError
 
 STATE_FILE = "state.json"
@@ -130,14 +130,6 @@ def save_checkpoint(
     return folder
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and not p.name.endswith(".tmp"))
 
@@ -145,7 +137,7 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path) -> None:
     """``manifest.json``: every file's size and sha256, written atomically (a temporary name, then a rename)."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)} for p in _files(folder)}
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     os.replace(tmp, folder / MANIFEST_FILE)
@@ -170,7 +162,7 @@ def manifest_problem(folder: Path) -> str | None:
         size = path.stat().st_size
         if not isinstance(entry, dict) or size != entry.get("size"):
             return f"'{name}' has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
-        if _sha256(path) != entry.get("sha256"):
+        if file_digest(path) != entry.get("sha256"):
             return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
     if STATE_FILE not in files or WEIGHTS_FILE not in files:
         return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"

@@ -37,6 +37,7 @@ NOT_IN_KEY = ("train", "eval", "eval_fraction", "group_by_length", "prefix_shari
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (the cache key's data part; checkpoint manifests)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
