@@ -12,13 +12,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from preftune.config import DataConfig, DPOConfig, LossConfig, ModelConfig, ReferenceConfig, TrainConfig, validate
+from preftune.config import DataConfig, DPOConfig, LossConfig, ModelConfig, ReferenceConfig, TrainConfig, load_config, validate
 from preftune.errors import ConfigError
 from preftune.generate import GenerationSettings
-from preftune.trl_names import trl_hint
-from preftune.typed import from_dict, merge_nested, parse_overrides
 
 
 @dataclass
@@ -92,27 +90,7 @@ def check(cfg: IterateConfig, where: str = "") -> None:
 
 def load_iterate_config(path: str | Path | None, overrides: list[str] | None = None) -> IterateConfig:
     """The YAML file (if any) with dotted overrides on top, converted and checked."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found.")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}.")
-    data = merge_nested(data, parse_overrides(overrides or [], IterateConfig, hint=trl_hint))
-    where = f"{path}: " if path is not None else ""
-    try:
-        cfg = from_dict(IterateConfig, data, hint=trl_hint)
-    except ConfigError as err:
-        raise ConfigError(where + str(err)) from None
-    check(cfg, where)
-    return cfg
+    return load_config(IterateConfig, path, overrides, check=check)
 
 
 def round_config(cfg: IterateConfig, *, policy: str, reference: str, pairs: Path, output_dir: Path) -> DPOConfig:
