@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_weights, dpo_config, read_metrics, weights
+from conftest import REPO, assert_same_weights, dpo_config, read_metrics, weights
 from preftune import compile_choice
 from preftune.checkpoint import STATE_FILE, write_manifest
 from preftune.compile_choice import (
@@ -187,3 +187,23 @@ def test_an_older_checkpoint_resumes_eagerly(tiny_model_dir: Path, preference_fi
     capsys.readouterr()
     run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=2", "--train.resume_from=latest"))
     assert "train.compile auto -> off (as recorded in the checkpoint resumed from (eager))" in capsys.readouterr().err
+
+
+def test_compile_true_without_a_compiler_is_refused_before_training(
+        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the CLI, with inductor's compiler search pointed nowhere: exit status 2, one clear message,
+    no traceback, the run folder left as it was (nothing trained)."""
+    from torch._inductor import config as inductor_config
+
+    from preftune.cli.main import main
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/preftune-test-cxx"))
+    train, _ = preference_files
+    out = tmp_path / "run"
+    assert main(["dpo", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={train}",
+                 "--data.eval=[]", f"--train.output_dir={out}", "--train.max_steps=1", "--train.progress=false",
+                 "--train.compile=true"]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile=true, but inductor finds no C++ compiler" in err and "Traceback" not in err
+    assert not out.exists()
