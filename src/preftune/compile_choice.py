@@ -39,12 +39,13 @@ from preftune.models.compiled import compile_layers
 
 #: ``auto`` compiles a CPU run of a model of :data:`AUTO_CPU_REFERENCE_PARAMS` parameters that
 #: plans at least this many optimizer steps. Derived from the 34M benchmark (batch 8, about 3,000
-#: real tokens a step, 2 cores, benchmarks/RESULTS.md, issue 16): eager 869 tokens/s, compiled
-#: 920, so a step takes 3.45 s eager and 3.26 s compiled, 0.19 s saved a step. A cold compile
-#: (inductor's on-disk cache empty; policy and reference copy, 4 graphs) took 70-290 s on a
-#: loaded machine and ~?? s on a quiet one: 290 s / 0.19 s = about 1,500 steps to pay it back at
-#: the worst measured, and 2,000 leaves a third more for a slower compile or a smaller gain.
-#: A warm cache makes later compiles take seconds, so this errs towards eager.
+#: real tokens a step, 2 cores; benchmarks/RESULTS.md, issue 16, a quiet machine): eager 869
+#: tokens/s, compiled 920, so a step takes 3.45 s eager and 3.26 s compiled: 0.19 s saved a step.
+#: A cold compile (inductor's on-disk cache empty; the policy and the reference copy, 4 graphs)
+#: took 111 s (load average 0.9 rising to 5.9) and 73-290 s on busier machines: 290 s / 0.19 s is
+#: about 1,500 steps to win back the worst measured, and 2,000 leaves a third more for a slower
+#: compile or a smaller gain. A warm cache makes later compiles take seconds, so this errs
+#: towards eager.
 AUTO_CPU_MIN_STEPS = 2000
 #: parameters of the 34M benchmark model (fixtures' model-34m: 8 layers, hidden 512, vocabulary 8192)
 AUTO_CPU_REFERENCE_PARAMS = 33_694_208
