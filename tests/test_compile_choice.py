@@ -90,15 +90,16 @@ def test_a_resume_takes_the_recorded_choice_and_says_when_a_setting_overrides_it
         decide(True, "cpu", 3, M34, compiler=no_compiler, recorded=True)
 
 
-def test_the_compiler_is_found_as_inductor_finds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_compiler_is_found_as_inductor_finds_it() -> None:
     import shutil
 
     from torch._inductor import config as inductor_config
 
     if shutil.which(os.environ.get("CXX", "g++")):
         assert cxx_compiler()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/preftune-test-cxx"))
-    assert cxx_compiler() is None
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/preftune-test-cxx")}):
+        assert cxx_compiler() is None
+    assert inductor_config.cpp.cxx != (None, "/nonexistent/preftune-test-cxx")
 
 
 def test_planned_steps_count_as_the_loop_does() -> None:
@@ -154,7 +155,7 @@ def test_the_checkpoint_records_the_choice_and_a_shorter_resume_keeps_it(
     resumed = run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=3", "--train.resume_from=latest"))
     assert len(asked) == 4
     err = capsys.readouterr().err
-    assert "train.compile auto -> on (as recorded in the checkpoint resumed from (compiled))" in err
+    assert "train.compile auto -> on (the checkpoint resumed from ran compiled)" in err
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3]
 
     fresh = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "fresh", *COMMON, "--train.max_steps=3",
@@ -186,24 +187,24 @@ def test_an_older_checkpoint_resumes_eagerly(tiny_model_dir: Path, preference_fi
     write_manifest(checkpoint)
     capsys.readouterr()
     run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=2", "--train.resume_from=latest"))
-    assert "train.compile auto -> off (as recorded in the checkpoint resumed from (eager))" in capsys.readouterr().err
+    assert "train.compile auto -> off (the checkpoint resumed from ran eagerly)" in capsys.readouterr().err
 
 
 def test_compile_true_without_a_compiler_is_refused_before_training(
-        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Through the CLI, with inductor's compiler search pointed nowhere: exit status 2, one clear message,
     no traceback, the run folder left as it was (nothing trained)."""
     from torch._inductor import config as inductor_config
 
     from preftune.cli.main import main
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/preftune-test-cxx"))
     train, _ = preference_files
     out = tmp_path / "run"
-    assert main(["dpo", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={train}",
-                 "--data.eval=[]", f"--train.output_dir={out}", "--train.max_steps=1", "--train.progress=false",
-                 "--train.compile=true"]) == 2
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/preftune-test-cxx")}):
+        status = main(["dpo", str(REPO / "configs" / "dpo-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={train}",
+                       "--data.eval=[]", f"--train.output_dir={out}", "--train.max_steps=1", "--train.progress=false",
+                       "--train.compile=true"])
+    assert status == 2
     err = capsys.readouterr().err
     assert "train.compile=true, but inductor finds no C++ compiler" in err and "Traceback" not in err
     assert not out.exists()

@@ -34,7 +34,7 @@ from torch import nn
 
 from preftune.checkpoint import STATE_FILE, resolve_resume
 from preftune.distributed import all_gather, world
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.models.compiled import compile_layers
 
 #: ``auto`` compiles a CPU run of a model of :data:`AUTO_CPU_REFERENCE_PARAMS` parameters that
@@ -120,10 +120,9 @@ def decide(setting: bool | str, device: str, steps: int, params: int, *, compile
             if recorded and no_compiler():
                 return CompileChoice(False, "resumed from a compiled run, but inductor finds no C++ compiler here: eager, so the "
                                      "result will not be bitwise the uninterrupted run's", setting)
-            return CompileChoice(recorded, f"as recorded in the checkpoint resumed from ({'compiled' if recorded else 'eager'})",
-                                 setting)
+            return CompileChoice(recorded, f"the checkpoint resumed from ran {'compiled' if recorded else 'eagerly'}", setting)
         if bool(setting) != recorded:
-            return CompileChoice(bool(setting), f"set explicitly; the checkpoint resumed from ran {'compiled' if recorded else 'eager'}, "
+            return CompileChoice(bool(setting), f"set explicitly; the checkpoint resumed from ran {'compiled' if recorded else 'eagerly'}, "
                                  "so the result will not be bitwise the uninterrupted run's", setting)
         return CompileChoice(bool(setting), "set explicitly, as the checkpoint resumed from ran", setting)
     if setting != "auto":
@@ -144,17 +143,17 @@ def resolve_compile(train: Any, model: nn.Module, items: int, run_dir: Path, dev
     """``train.compile`` for the run in ``run_dir`` training ``model`` on ``items`` items: decided on
     the main process (a resume reads its checkpoint's record), taken by every other, said on stderr."""
     rank, processes = world()
-    choice: CompileChoice | ConfigError | None = None
+    choice: CompileChoice | PreftuneError | None = None
     if rank == 0:
         try:
             resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
             params = sum(p.numel() for p in model.parameters())
             choice = decide(train.compile, torch.device(device).type, planned_steps(train, items, processes), params,
                             recorded=None if resume is None else recorded_choice(resume))
-        except ConfigError as err:
+        except PreftuneError as err:  # every process raises it, none is left waiting
             choice = err
     choice = all_gather(choice)[0]
-    if isinstance(choice, ConfigError):
+    if isinstance(choice, PreftuneError):
         raise choice
     if rank == 0:
         print(choice.line(), file=sys.stderr)
