@@ -20,7 +20,6 @@ from preftune.models import compiled
 from preftune.models.compiled import (
     compile_layers,
     compile_stats,
-    compile_wanted,
     decoder_layers,
     uncompile_layers,
 )
@@ -28,9 +27,7 @@ from preftune.models.load import apply_lora, enable_gradient_checkpointing
 from preftune.models.scorers import SharedPrefixLogps
 
 
-def test_auto_and_the_setting() -> None:
-    assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
-    assert compile_wanted("auto", "cuda") and not compile_wanted("auto", "cpu")
+def test_the_decoder_layers_are_found() -> None:
     assert len(decoder_layers(SharedPrefixLogps(tiny_lm()))) == 2
 
 
@@ -116,22 +113,48 @@ def test_inductor_failure_falls_back_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_dpo_run_reports_compile_time_and_matches_eager(
-    tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path
+def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise(
+    tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`preftune dpo` with train.compile=true (prefix sharing, frozen reference copy compiled too):
-    the eager run's losses to 1e-5, and compile time in metrics.jsonl, apart from the step time."""
+    the eager run's losses to 1e-5, and compile time in metrics.jsonl, apart from the step time.
+    Then a run that ``auto`` compiles (its threshold lowered) stops at step 2 and resumes with
+    max_steps=3, which alone would not compile: it runs compiled as its checkpoint recorded, to the
+    uninterrupted compiled run's weights, bitwise (an eager step 3 differs in the last bits)."""
+    import os
+    import signal
+
+    from conftest import assert_same_weights, weights
+    from preftune import compile_choice
+    from preftune.interrupts import Interrupted
     from preftune.stages.dpo import run as run_dpo
 
     train, _ = preference_files
-    common = ["--data.group_by_length=false", "--train.max_steps=3", "--train.log_every=1", "--train.save_every=null",
-              "--train.eval_every=null"]
+    common = ["--data.group_by_length=false", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null",
+              "--train.scheduler=constant", "--train.warmup_steps=0"]
     losses, records = {}, {}
     for setting in ("false", "true"):
-        run = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / setting, f"--train.compile={setting}", *common))
+        run = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / setting, f"--train.compile={setting}",
+                                 "--train.max_steps=3", *common))
         records[setting] = [m for m in read_metrics(run) if "loss" in m]
         losses[setting] = [m["loss"] for m in records[setting]]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
     assert all("compile/seconds" not in m for m in records["false"])
     last = records["true"][-1]
     assert last["compile/seconds"] > 0 and 1 <= last["compile/graphs"] <= 6
+
+    monkeypatch.setattr(compile_choice, "min_cpu_steps", lambda params: 4)
+    calls = {"n": 0}
+
+    def interrupt_in_step_2(policy: object, reference: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.zeros(())
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Interrupted):
+        run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=6", *common), extra_terms=[interrupt_in_step_2])
+    resumed = run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=3", "--train.resume_from=latest", *common))
+    assert "compile/seconds" in read_metrics(resumed)[-1]
+    assert_same_weights(weights(tmp_path / "true" / "final"), weights(resumed / "final"), atol=0.0)

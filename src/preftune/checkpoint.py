@@ -39,11 +39,14 @@ CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 #: checkpoint's config is refused. They say how long to train, where and how often to log,
 #: evaluate and save, and what to show; none changes what one optimizer step computes. The batch
 #: per process may change with the number of processes: their product, the global batch, is
-#: checked on its own (:func:`load_checkpoint`).
+#: checked on its own (:func:`load_checkpoint`). ``train.compile`` changes how a step is rounded, not
+#: what it computes; a resume takes the recorded choice, and says when a setting overrides it
+#: (:mod:`preftune.compile_choice`).
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
     "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.progress", "train.report",
+    "train.compile",
 )
 
 
@@ -57,6 +60,7 @@ class LoopState:
     examples_seen: int = 0
     tokens_seen: int = 0
     global_batch: int = 0  # items per global micro-batch (batch_size x processes); 0: not recorded
+    compiled: bool = False  # the steps ran compiled (train.compile, as resolved); not recorded (older checkpoints): eager
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -138,7 +138,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
     bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA; CPU AMX/avx512_bf16)
-    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: on under CUDA only
+    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, or long CPU runs (compile_choice.py)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size

@@ -30,7 +30,7 @@ from preftune.config import DPOConfig
 from preftune.distributed import all_gather, barrier, world
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
-from preftune.models.compiled import compile_layers, compile_wanted
+from preftune.models.compiled import compile_layers
 from preftune.models.load import freeze, load_causal_lm, use_bf16
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
@@ -239,13 +239,14 @@ def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, g
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
                     held: Sequence[Any], collate: Callable, device: torch.device,
                     scorer_cls: type[nn.Module] | None = None, *, ref_model: nn.Module | None = None,
-                    tokenizer: Any = None) -> tuple[Reference, Reference, dict[str, Any]]:
+                    tokenizer: Any = None, compile: bool = False) -> tuple[Reference, Reference, dict[str, Any]]:
     """The reference for the train and eval sets (the same object unless cached).
 
     ``scorer_cls`` scores ``collate``'s batches (``SequenceLogps`` or ``SharedPrefixLogps``).
     ``ref_model`` is a reference already in memory (the Python API's): frozen and used as is,
     and for the cache keyed by a hash of its weights; ``tokenizer``, when given, keys the cache
-    by its content instead of the tokenizer folder's files.
+    by its content instead of the tokenizer folder's files. ``compile``: the run's resolved
+    ``train.compile`` (:mod:`preftune.compile_choice`), applied to a reference copy's decoder layers.
     """
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
@@ -257,7 +258,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
 
     def copy_scorer() -> nn.Module:
         model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
-        if compile_wanted(cfg.train.compile, device):
+        if compile:
             compile_layers(model)
         return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
 

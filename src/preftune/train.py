@@ -40,11 +40,12 @@ from preftune.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from preftune.compile_choice import CompileChoice, compile_for_run
 from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
 from preftune.errors import PreftuneError, TrainingError
 from preftune.interrupts import Interrupted, StopSignals
-from preftune.models.compiled import compile_layers, compile_stats, compile_wanted
+from preftune.models.compiled import compile_stats
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
@@ -79,6 +80,7 @@ class Task:
     save_model: Callable[[Path], None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
+    compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -89,7 +91,6 @@ def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Ten
             value = torch.as_tensor(value, dtype=torch.float32)
             totals[name] = totals[name] + value if name in totals else value
     return totals
-
 
 
 def epoch_batches(task: Task, cfg: TrainConfig, epoch: int, processes: int = 1) -> list[list[int]]:
@@ -198,8 +199,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
-    wanted = compile_wanted(cfg.compile, accelerator.device)
-    compiling = wanted and compile_layers(task.model) > 0
+    compiling = compile_for_run(task.compile, cfg, task.model, len(task.train_set), run_dir, accelerator.device)
     compiled_before = compile_stats() if compiling else {}
     model, optimizer = accelerator.prepare(task.model, optimizer)
 
@@ -215,7 +215,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                 rank=rank, global_batch=cfg.batch_size * processes)
-    state.global_batch = cfg.batch_size * processes
+    state.global_batch, state.compiled = cfg.batch_size * processes, compiling  # the choice a resume takes over
     metrics_path = run_dir / "metrics.jsonl"
     truncate_metrics(metrics_path, state.step)
     trackers = start_trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None

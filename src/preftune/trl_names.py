@@ -61,7 +61,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "seed": "train.seed",
     "full_determinism": "train.deterministic",
     "bf16": "train.bf16 (default null: auto, bf16 where the device has bf16 matrix units)",
-    "torch_compile": "train.compile (default auto: on under CUDA; true/false)",
+    "torch_compile": "train.compile (default auto: on under CUDA, on CPU for long runs of large enough models; true/false)",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "optim": "train.optimizer",
     "disable_tqdm": "train.progress (inverted)",

@@ -22,6 +22,9 @@ reference copy) binds the copy's own layers, never the original's.
 When inductor cannot compile on this machine (no C++ compiler, a compiler error), the model
 runs eagerly and ONE line on stderr says so: a probe compiles a two-op function first, and a
 failure at the first real call also falls back (the same inputs then run eagerly).
+
+Whether a run compiles (``train.compile``, ``auto`` included) is decided once per run in
+:mod:`preftune.compile_choice`; this module only compiles.
 """
 
 from __future__ import annotations
@@ -38,19 +41,6 @@ from torch import nn
 COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 _state: dict[str, Any] = {"probed": None, "warned": False}
-
-
-def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
-    """``train.compile`` resolved: ``True``/``False`` as given; ``"auto"`` is on under CUDA only.
-
-    Not on a CPU by default: compiling the 34M model takes minutes on 2 cores (73-290 s measured),
-    and a compiled step is not bitwise the eager one (log-probs agree to about 1e-6), so a switch
-    that followed the run's length would make a resume with another ``max_steps`` differ from an
-    uninterrupted run. On a CPU ``train.compile: true`` opts in (benchmarks/RESULTS.md has the gain).
-    """
-    if setting == "auto":
-        return torch.device(device).type == "cuda"
-    return bool(setting)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from preftune import distributed
+from preftune.compile_choice import resolve_compile
 from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
 from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
@@ -56,8 +57,10 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
     scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
+    # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
+    compile_choice = resolve_compile(cfg.train, policy, len(train_rows), run.dir, run.device)
     train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
-                                                    ref_model=ref_model, tokenizer=given.tokenizer)
+                                                    ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on)
     ref_info["layout"] = "prefix_shared" if shared else "concatenated"
     if why_not:
         ref_info["prefix_sharing_off"] = why_not
@@ -73,7 +76,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy)
+                output=policy, compile=compile_choice)
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:
