@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SMOKE_SKIP, TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
+from benchmarks.common import SMOKE_SKIP, SWEEP_RUNS, TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
 from benchmarks.report import bf16_cost, equivalence, finite, table
+from benchmarks.sweep import sweep_cost
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ALL_RUNS = list(VARIANTS) + list(TRL_RUNS)
+ALL_RUNS = list(VARIANTS) + list(TRL_RUNS) + list(SWEEP_RUNS)
 
 
 def child_env(settings: Settings, extra: dict[str, str], workdir: Path) -> dict[str, str]:
@@ -78,11 +79,15 @@ def plan(runs: list[str], smoke: bool) -> list[tuple[str, list[str], dict[str, s
     share an environment into one process (imports are most of its time)."""
     ours = [r for r in runs if r in VARIANTS]
     theirs = [r for r in runs if r in TRL_RUNS]
+    # benchmarks/sweep.py's runs, in the runners' processes (trl-sweep starts one per TRL run, not under --smoke)
+    ours += [r for r in runs if r == "sweep"]
+    theirs += [r for r in runs if r == "trl-sweep"]
+    env_of = {**{r: spec.env for r, spec in TRL_RUNS.items()}, "trl-sweep": {}}
     if not smoke:
-        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], TRL_RUNS[r].env) for r in theirs]
+        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], env_of[r]) for r in theirs]
     groups: list[tuple[str, list[str], dict[str, str]]] = [("benchmarks.run_preftune", ours, {})] if ours else []
-    for env in {json.dumps(TRL_RUNS[r].env, sort_keys=True) for r in theirs}:
-        group = [r for r in theirs if json.dumps(TRL_RUNS[r].env, sort_keys=True) == env]
+    for env in {json.dumps(env_of[r], sort_keys=True) for r in theirs}:
+        group = [r for r in theirs if json.dumps(env_of[r], sort_keys=True) == env]
         groups.append(("benchmarks.run_trl", group, json.loads(env)))
     return groups
 
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
     print(table(records) if records else "no run finished")
     lines, same = equivalence(records)
-    print("\n".join(lines + bf16_cost(records)))
+    print("\n".join(lines + bf16_cost(records) + sweep_cost(records)))
     bad = [r["run"] for r in records if not finite(r)]
     if bad:
         print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)
