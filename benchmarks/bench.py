@@ -7,7 +7,8 @@ line per run and a table with the ratios preftune/TRL, and checks that preftune'
 TRL's batch order match TRL's within 1e-4. A full run writes its JSON lines to
 ``benchmarks/results.jsonl``. ``--smoke`` runs every variant (the compiled ones only when
 named in ``--runs``) for 2 steps on the 7M model and 16 records (all preftune variants in one
-process, so it is quick; its timings mean nothing).
+process, so it is quick; its timings mean nothing). ``sweep`` and ``trl-sweep`` (benchmarks/sweep.py)
+put the cost of a 3-value beta sweep with one reference pass next to three separate TRL runs.
 Exit status 1 when a run fails, a number is not finite, or the equivalence check fails.
 """
 
