@@ -9,7 +9,7 @@ TRL's batch order match TRL's within 1e-4. A full run writes its JSON lines to
 named in ``--runs``) for 2 steps on the 7M model and 16 records (all preftune variants in one
 process, so it is quick; its timings mean nothing). ``sweep`` and ``trl-sweep`` (benchmarks/sweep.py)
 put the cost of a 3-value beta sweep with one reference pass next to three separate TRL runs.
-Exit status 1 when a run fails, a number is not finite, or the equivalence check fails.
+Exit status 1 when a run fails, a number is not finite, or the equivalence check (or the sweep's) fails.
 """
 
 from __future__ import annotations
@@ -168,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
     print(table(records) if records else "no run finished")
     lines, same = equivalence(records)
-    print("\n".join(lines + bf16_cost(records) + sweep_cost(records)))
+    sweep_lines, sweep_same = sweep_cost(records)
+    print("\n".join(lines + bf16_cost(records) + sweep_lines))
     bad = [r["run"] for r in records if not finite(r)]
     if bad:
         print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)
     if not settings.smoke and records:
         results = args.results or HERE / "results.jsonl"
         results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return 1 if failed or bad or not same else 0
+    return 1 if failed or bad or not same or not sweep_same else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ the benchmark's warm-up + timed steps (2 + 20) on batch 8, max length 512, fp32.
   on-disk cache, the other two read it. The benchmark only observes: ``dpo.build_task`` is wrapped
   to time each training's steps and its reference pass. Then a single ``preftune dpo`` run with
   beta 0.1 (reference: the frozen copy, scored at every step) on the same batches must give the
-  sweep's beta=0.1 losses: the sweep must not change results.
+  sweep's beta=0.1 losses (within ``SAME_RESULTS_TOLERANCE``; bench.py fails otherwise): the
+  sweep must not change results.
 - ``trl-sweep`` runs TRL 1.16's ``DPOTrainer`` three times, as the ``trl`` run is set up, each in
   its own process as a user would run it (in one process under ``--smoke``), each scoring its
   reference at every step (TRL's default).
@@ -180,10 +181,9 @@ def run_preftune_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dic
     if single["reference"] != "copy":
         raise RuntimeError(f"the single run's reference is {single['reference']}, not a frozen copy")
     mine = values[SINGLE]
-    worst = max(abs(a - b) for a, b in zip(mine["losses"], single["losses"]))
-    if len(mine["losses"]) != len(single["losses"]) or not worst <= SAME_RESULTS_TOLERANCE:
-        raise RuntimeError(f"the sweep changed results: beta={SINGLE} losses {mine['losses']} against a single run's "
-                           f"{single['losses']} (bound {SAME_RESULTS_TOLERANCE:g})")
+    # judged by bench.py (sweep_cost): a difference fails the command but keeps the row's numbers
+    worst = (max(abs(a - b) for a, b in zip(mine["losses"], single["losses"]))
+             if len(mine["losses"]) == len(single["losses"]) else float("inf"))
 
     pairs = builds[0]["pairs"]
     tokens = sum(real_tokens(p) for p in pairs)  # each value trains on every pair once (checked in _trained)
@@ -260,10 +260,11 @@ def run_trl_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str
 RUNNERS = {"sweep": run_preftune_sweep, "trl-sweep": run_trl_sweep, "trl-sweep-value": run_trl_value}
 
 
-def sweep_cost(records: list[dict[str, Any]]) -> list[str]:
-    """The comparison bench.py prints: total seconds of the sweep against TRL's three runs, and the ratio."""
+def sweep_cost(records: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The comparison bench.py prints: total seconds of the sweep against TRL's three runs, and the
+    ratio; and whether the sweep's beta=0.1 losses are a single run's (within SAME_RESULTS_TOLERANCE)."""
     by_run = {r["run"]: r for r in records}
-    lines = []
+    lines, same_results = [], True
     ours, theirs = by_run.get("sweep"), by_run.get("trl-sweep")
     if ours:
         s = ours["sweep"]
@@ -274,8 +275,9 @@ def sweep_cost(records: list[dict[str, Any]]) -> list[str]:
                      f"{s['total_seconds']:.1f} s = reference pass {s['reference_pass_seconds']:.1f} s (once) + cache reads "
                      f"{sum(s['cache_read_seconds']):.2f} s + trainings {trainings} s; timed tokens/s {rates}; "
                      f"{ours['real_tokens']} real tokens; wall after imports {s['wall_seconds']:.1f} s")
+        same_results = same["max_loss_diff"] <= same["bound"]
         lines.append(f"sweep beta={same['beta']:g} vs a single preftune run (frozen reference copy, same batches): losses differ "
-                     f"by at most {same['max_loss_diff']:.2e} (bound {same['bound']:g})")
+                     f"by at most {same['max_loss_diff']:.2e} ({'OK' if same_results else 'FAIL'}, bound {same['bound']:g})")
     if theirs:
         s = theirs["sweep"]
         runs = ", ".join(f"{v['train_seconds']:.1f}" for v in s["per_value"])
@@ -287,5 +289,5 @@ def sweep_cost(records: list[dict[str, Any]]) -> list[str]:
         lines.append(f"sweep vs trl-sweep: {ours['sweep']['total_seconds']:.1f} s against {theirs['sweep']['total_seconds']:.1f} s: "
                      f"{theirs['sweep']['total_seconds'] / ours['sweep']['total_seconds']:.2f}x faster "
                      f"(wall after imports {theirs['sweep']['wall_seconds'] / ours['sweep']['wall_seconds']:.2f}x)")
-    return lines
+    return lines, same_results
 

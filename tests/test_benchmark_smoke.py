@@ -71,3 +71,26 @@ def check_sweep_rows(records: dict[str, dict], stdout: str) -> None:
     assert records["sweep"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records["trl-sweep"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert "sweep vs trl-sweep:" in stdout and "faster" in stdout
+
+
+def test_sweep_cost_prints_the_ratio_and_fails_when_the_sweep_changed_results() -> None:
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.sweep import sweep_cost
+    finally:
+        sys.path.remove(str(REPO))
+
+    def value(beta: float, seconds: float) -> dict:
+        return {"beta": beta, "train_seconds": seconds, "tokens_per_s": 100.0}
+
+    ours = {"run": "sweep", "real_tokens": 300, "sweep": {
+        "betas": [0.05, 0.1], "steps_per_value": 22, "pairs": 176, "total_seconds": 30.0, "reference_pass_seconds": 10.0,
+        "cache_read_seconds": [0.0], "wall_seconds": 40.0, "per_value": [value(0.05, 10.0), value(0.1, 10.0)],
+        "same_as_single_run": {"beta": 0.1, "max_loss_diff": 0.0, "bound": 1e-5}}}
+    theirs = {"run": "trl-sweep", "real_tokens": 300, "sweep": {
+        "processes": 2, "total_seconds": 75.0, "wall_seconds": 100.0, "per_value": [value(0.05, 37.5), value(0.1, 37.5)]}}
+    lines, same = sweep_cost([ours, theirs])
+    assert same and lines[-1] == "sweep vs trl-sweep: 30.0 s against 75.0 s: 2.50x faster (wall after imports 2.50x)"
+    ours["sweep"]["same_as_single_run"]["max_loss_diff"] = 2e-5
+    lines, same = sweep_cost([ours, theirs])
+    assert not same and any("FAIL" in line for line in lines)
