@@ -7,8 +7,9 @@ line per run and a table with the ratios preftune/TRL, and checks that preftune'
 TRL's batch order match TRL's within 1e-4. A full run writes its JSON lines to
 ``benchmarks/results.jsonl``. ``--smoke`` runs every variant (the compiled ones only when
 named in ``--runs``) for 2 steps on the 7M model and 16 records (all preftune variants in one
-process, so it is quick; its timings mean nothing).
-Exit status 1 when a run fails, a number is not finite, or the equivalence check fails.
+process, so it is quick; its timings mean nothing). ``sweep`` and ``trl-sweep`` (benchmarks/sweep.py)
+put the cost of a 3-value beta sweep with one reference pass next to three separate TRL runs.
+Exit status 1 when a run fails, a number is not finite, or the equivalence check (or the sweep's) fails.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SMOKE_SKIP, TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
+from benchmarks.common import SMOKE_SKIP, SWEEP_RUNS, TRL_RUNS, VARIANTS, Settings, as_json, machine, versions
 from benchmarks.report import bf16_cost, equivalence, finite, table
+from benchmarks.sweep import sweep_cost
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ALL_RUNS = list(VARIANTS) + list(TRL_RUNS)
+ALL_RUNS = list(VARIANTS) + list(TRL_RUNS) + list(SWEEP_RUNS)
 
 
 def child_env(settings: Settings, extra: dict[str, str], workdir: Path) -> dict[str, str]:
@@ -78,11 +80,15 @@ def plan(runs: list[str], smoke: bool) -> list[tuple[str, list[str], dict[str, s
     share an environment into one process (imports are most of its time)."""
     ours = [r for r in runs if r in VARIANTS]
     theirs = [r for r in runs if r in TRL_RUNS]
+    # benchmarks/sweep.py's runs, in the runners' processes (trl-sweep starts one per TRL run, not under --smoke)
+    ours += [r for r in runs if r == "sweep"]
+    theirs += [r for r in runs if r == "trl-sweep"]
+    env_of = {**{r: spec.env for r, spec in TRL_RUNS.items()}, "trl-sweep": {}}
     if not smoke:
-        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], TRL_RUNS[r].env) for r in theirs]
+        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], env_of[r]) for r in theirs]
     groups: list[tuple[str, list[str], dict[str, str]]] = [("benchmarks.run_preftune", ours, {})] if ours else []
-    for env in {json.dumps(TRL_RUNS[r].env, sort_keys=True) for r in theirs}:
-        group = [r for r in theirs if json.dumps(TRL_RUNS[r].env, sort_keys=True) == env]
+    for env in {json.dumps(env_of[r], sort_keys=True) for r in theirs}:
+        group = [r for r in theirs if json.dumps(env_of[r], sort_keys=True) == env]
         groups.append(("benchmarks.run_trl", group, json.loads(env)))
     return groups
 
@@ -162,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
     print(table(records) if records else "no run finished")
     lines, same = equivalence(records)
-    print("\n".join(lines + bf16_cost(records)))
+    sweep_lines, sweep_same = sweep_cost(records)
+    print("\n".join(lines + bf16_cost(records) + sweep_lines))
     bad = [r["run"] for r in records if not finite(r)]
     if bad:
         print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)
     if not settings.smoke and records:
         results = args.results or HERE / "results.jsonl"
         results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return 1 if failed or bad or not same else 0
+    return 1 if failed or bad or not same or not sweep_same else 0
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ TRL_RUNS = {
     "trl-bf16": TrlRun(bf16=True, note="TRL with bf16=True (its default), reference = a second copy"),
 }
 
+#: A beta sweep's cost (benchmarks/sweep.py): preftune's sweep, one reference pass, against three TRL runs.
+SWEEP_RUNS = ("sweep", "trl-sweep")
+
 #: Which TRL run each preftune run is compared with in the table.
-BASELINE = {"lora": "trl-lora", "bf16": "trl-bf16"}
+BASELINE = {"lora": "trl-lora", "bf16": "trl-bf16", "sweep": "trl-sweep"}
 
 
 def add_child_arguments(parser: argparse.ArgumentParser) -> None:

@@ -167,8 +167,15 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
                   reference_tokens=reference_tokens, losses=[line["loss"] for line in steps], metrics=metrics, extra=extra)
 
 
+def run_any(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
+    """A variant, or the beta sweep (``sweep``, benchmarks/sweep.py): one process runs both under --smoke."""
+    from benchmarks.sweep import RUNNERS
+
+    return RUNNERS[name](settings, fixtures, workdir) if name in RUNNERS else run_one(name, settings, fixtures, workdir)
+
+
 def main() -> None:
-    child_main(run_one, __doc__)
+    child_main(run_any, __doc__)
 
 
 if __name__ == "__main__":

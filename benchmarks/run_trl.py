@@ -72,8 +72,10 @@ def trl_config(settings: Settings, output_dir: Path, *, bf16: bool = False) -> A
     )
 
 
-def run(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
-    """Train with TRL for warm-up + timed steps; return the JSON record."""
+def run(name: str, settings: Settings, fixtures: Path, workdir: Path, *, records_path: Path | None = None,
+        out_name: str | None = None) -> dict[str, Any]:
+    """Train with TRL for warm-up + timed steps; return the JSON record. ``records_path`` replaces
+    the fixture's records, ``out_name`` the output folder's name (the sweep's runs)."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOTrainer
@@ -82,8 +84,8 @@ def run(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[st
 
     spec = TRL_RUNS[name]
     fx = Fixtures(fixtures)
-    model_dir, records_path = fx.model(settings.model), fx.records(settings.smoke)
-    out_dir = workdir / name
+    model_dir, records_path = fx.model(settings.model), records_path or fx.records(settings.smoke)
+    out_dir = workdir / (out_name or name)
     shutil.rmtree(out_dir, ignore_errors=True)
     pairs = _preftune_pairs(settings, model_dir, records_path, out_dir)
     order = batch_order(len(pairs), [p.length for p in pairs], settings, grouped=False)[: settings.total_steps]
@@ -124,7 +126,8 @@ def run(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[st
     metrics = {key: [line[key] for line in logged] for key in ("rewards/margins", "logps/chosen", "logps/rejected")}
     return result(run=name, framework="trl", settings=settings, model_dir=model_dir, seconds=clock.timed_seconds(settings),
                   tokens=tokens, reference_tokens=tokens, losses=[line["loss"] for line in logged], metrics=metrics,
-                  extra={"trl_run": {"env": spec.env, "lora": spec.lora, "bf16": spec.bf16, "note": spec.note}, "bf16": spec.bf16})
+                  extra={"trl_run": {"env": spec.env, "lora": spec.lora, "bf16": spec.bf16, "note": spec.note}, "bf16": spec.bf16,
+                         "train_seconds": clock.marks[settings.total_steps] - clock.marks[0]})  # every step, warm-up included
 
 
 def _check_same_ids(dataset: Any, pairs: list) -> None:
@@ -135,8 +138,15 @@ def _check_same_ids(dataset: Any, pairs: list) -> None:
             raise RuntimeError(f"TRL tokenized record {pair.index} differently from preftune; the runs would not be comparable")
 
 
+def run_any(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
+    """A TRL run, or the sweep's (``trl-sweep``: three runs; ``trl-sweep-value``: one, benchmarks/sweep.py)."""
+    from benchmarks.sweep import RUNNERS
+
+    return RUNNERS[name](settings, fixtures, workdir) if name in RUNNERS else run(name, settings, fixtures, workdir)
+
+
 def main() -> None:
-    child_main(run, __doc__)
+    child_main(run_any, __doc__)
 
 
 if __name__ == "__main__":
