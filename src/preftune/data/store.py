@@ -88,8 +88,8 @@ class TokenizedItems(Sequence):
         return len(self.columns) if self._rows is None else len(self._rows)
 
     def __getitem__(self, key: int | slice) -> Any:
-        if isinstance(key, slice):
-            return self.select(range(len(self))[key])
+        if isinstance(key, slice):  # a list of the items, as a list's slice (numbered as here)
+            return [self[i] for i in range(len(self))[key]]
         position = key + len(self) if key < 0 else key
         if not 0 <= position < len(self):
             raise IndexError(f"item {key} of {len(self)}")
