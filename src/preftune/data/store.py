@@ -194,7 +194,7 @@ class ItemsWriter:
         highest = -1
         for name in self.layout.id_fields:
             ids = getattr(item, name)
-            c.ids.extend(ids)
+            c.ids.fromlist(ids)
             self._tokens += len(ids)
             c.offsets.append(self._tokens)
             if ids:
