@@ -187,3 +187,13 @@ def test_preparation_memory_does_not_grow_with_the_texts(tiny_model_dir: Path, t
         tracemalloc.stop()
         assert len(prepared.train) == n
     assert peaks[1] < 3 * peaks[0], peaks
+
+
+def test_unpaired_records_for_a_pair_stage_are_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from preftune.errors import DataError
+
+    path = _unpaired_file(tmp_path / "u.jsonl", n=4)
+    with pytest.raises(DataError, match=r"u\.jsonl:1 is an unpaired record .* preference pairs"):
+        prepare(DataConfig(train=[str(path)], tokenized_cache_dir=str(tmp_path / "cache")), load_tokenizer(str(tiny_model_dir)),
+                records="pairs", seed=0)
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-written is left behind
