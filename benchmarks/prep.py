@@ -11,6 +11,9 @@ is its own):
 - ``preftune-cold``: read, validate, tokenize and write the tokenized cache (``data.prepare``
   with an empty ``data.tokenized_cache_dir``): what the first run of a training pays;
 - ``preftune-warm``: the same call again, answered by the cache: what a second run pays;
+
+after either, every item is read once (the lengths a stage computes next for length grouping):
+``lengths_seconds`` apart from ``seconds``, its memory in the peak RSS;
 - ``trl``: TRL 1.16's dataset preparation of the same file: ``datasets.load_dataset("json")``
   then ``DPOTrainer._prepare_dataset`` (prompt extraction check, EOS, tokenization), with an
   empty ``HF_DATASETS_CACHE``, so its Arrow cache is written as preftune's is;
@@ -104,6 +107,7 @@ def child(kind: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, A
     if kind == "trl":
         import trl  # noqa: F401
     started = time.perf_counter()
+    extra: dict[str, Any] = {}
     if kind.startswith("preftune"):
         from preftune.config import DataConfig
         from preftune.data.prepare import prepare
@@ -115,6 +119,10 @@ def child(kind: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, A
         if info["hit"] != (kind == "preftune-warm"):
             raise RuntimeError(f"{kind}: the cache was {'hit' if info['hit'] else 'missed'}")
         kept = len(prepared.train)
+        # What every stage does next (length grouping): read each item once. Timed apart; in the peak RSS.
+        touched = time.perf_counter()
+        extra["item_tokens"] = sum(p.shared_length for p in prepared.train)
+        extra["lengths_seconds"] = time.perf_counter() - touched
     elif kind == "trl":
         import types
 
@@ -139,8 +147,9 @@ def child(kind: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, A
         if code != 0:
             raise RuntimeError(f"data inspect exited {code}")
         kept = json.loads(out.getvalue())["kept"]
-    return {"kind": kind, "seconds": time.perf_counter() - started, "process_seconds": time.perf_counter() - PROCESS_START,
-            "peak_rss_bytes": peak_rss_bytes(), "kept": kept}
+    seconds = time.perf_counter() - started - extra.get("lengths_seconds", 0.0)
+    return {"kind": kind, "seconds": seconds, "process_seconds": time.perf_counter() - PROCESS_START,
+            "peak_rss_bytes": peak_rss_bytes(), "kept": kept, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

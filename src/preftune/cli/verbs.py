@@ -125,26 +125,26 @@ def _inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load (and optionally tokenize) the data, print the report."""
     from preftune.data.inspect import (
         format_report,
+        inspect_files,
         malformed_count,
         parse_columns,
         report_dict,
-        tokenize_for_report,
     )
-    from preftune.data.load import load_examples
 
-    result = load_examples(args.path, format=args.format, columns=parse_columns(args.columns), on_error=args.on_error or "skip",
-                           max_records=args.max_records)
+    tokenizer = None
     if args.tokenizer:
         from preftune.models.tokenizer import load_tokenizer
 
-        tokenize_for_report(result.examples, result.report, load_tokenizer(args.tokenizer),
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    summary = report_dict(result.report, with_tokens=bool(args.tokenizer))
+        tokenizer = load_tokenizer(args.tokenizer)
+    report = inspect_files(args.path, format=args.format, columns=parse_columns(args.columns), on_error=args.on_error or "skip",
+                           max_records=args.max_records, tokenizer=tokenizer, max_length=args.max_length,
+                           max_prompt_length=args.max_prompt_length)
+    summary = report_dict(report, with_tokens=bool(args.tokenizer))
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         print(format_report(summary), end="")
-    malformed = malformed_count(result.report)
+    malformed = malformed_count(report)
     if malformed and args.on_error is None:
         print(f"preftune: {malformed} malformed record(s): training (data.on_error: error) would stop at the first; "
               "with data.on_error: skip it trains on the rest", file=sys.stderr)

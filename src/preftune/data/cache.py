@@ -13,9 +13,10 @@ What the key covers (a cached split is reused only when ALL of these are the sam
 
 Settings applied after tokenization (eval_fraction, length grouping, prefix sharing) are not in
 the key. Only local files are cached: data given in memory or read from a hub dataset is
-tokenized every time. A cached split stores the token ids in one safetensors file (int32, with
-per-item lengths) and the rest (weights, labels, sources, the data report) in JSON, written
-atomically; a file that cannot be read is a miss, recomputed and rewritten, never an error.
+tokenized every time. A cached split is one safetensors file (the token ids as int32, streamed
+in while the records are tokenized, and the items' other fields; :mod:`preftune.data.store`)
+and the data report in JSON, both put in place atomically; a warm load memory-maps the ids. A
+file that cannot be read is a miss, recomputed and rewritten, never an error.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.config import DataConfig
-from preftune.data.records import TokenizedPair, TokenizedUnpaired
+from preftune.data.store import ItemsWriter, TokenizedItems, open_items, start_file
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ids, offsets and fields in one safetensors file, memory-mapped (data/store.py)
 #: the DataConfig fields that do NOT change the tokenized items (applied later, or the file list itself)
 NOT_IN_KEY = ("train", "eval", "eval_fraction", "group_by_length", "prefix_sharing", "tokenized_cache_dir")
 
@@ -73,53 +74,56 @@ def _paths(cache_dir: str | Path, key: str) -> tuple[Path, Path]:
     return folder / f"{key}.safetensors", folder / f"{key}.json"
 
 
-def load(cache_dir: str | Path, key: str) -> tuple[list[Any], dict[str, Any]] | None:
-    """(items, data report as a dict) of a cached split, or None on a miss."""
-    from safetensors.torch import load_file
-
+def load(cache_dir: str | Path, key: str) -> tuple[TokenizedItems, dict[str, Any]] | None:
+    """(items, data report as a dict) of a cached split, or None on a miss. The ids stay in the
+    file, memory-mapped (:func:`preftune.data.store.open_items`)."""
     ids_path, meta_path = _paths(cache_dir, key)
     if not (ids_path.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(ids_path))
-        flat, lengths = tensors["ids"].tolist(), tensors["lengths"].tolist()
-        cls = TokenizedPair if meta["kind"] == "pairs" else TokenizedUnpaired
-        fields = meta["id_fields"]
-        items, start = [], 0
-        for row, extra in zip(lengths, meta["items"], strict=True):
-            ids = {}
-            for name, n in zip(fields, row, strict=True):
-                ids[name], start = flat[start : start + n], start + n
-            items.append(cls(**ids, **extra))
-        if start != len(flat):
+        if meta["version"] != CACHE_VERSION:
+            return None
+        items = open_items(ids_path)
+        if items.kind != meta["kind"] or len(items) != meta["items"]:
             return None
         return items, meta["report"]
-    except Exception:  # noqa: BLE001 - unreadable (safetensors raises its own error type): a miss, recomputed and rewritten
+    except Exception:  # noqa: BLE001 - unreadable or damaged (json, mmap, a wrong header): a miss, recomputed and rewritten
         return None
 
 
-def save(cache_dir: str | Path, key: str, items: Sequence[Any], report: dict[str, Any]) -> None:
-    """Write a split's items and report (atomically: a reader never sees half a file)."""
-    import torch
-    from safetensors.torch import save_file
+class CacheWriter:
+    """One split's items streamed into the cache as they are made: ``with CacheWriter(...) as w:
+    w.add(item) ...; items = w.commit(report)``. The files appear (atomically) only at
+    :meth:`commit`; leaving the block without it removes what was written."""
 
-    pairs = not items or isinstance(items[0], TokenizedPair)
-    fields = ("prompt_ids", "chosen_ids", "rejected_ids") if pairs else ("prompt_ids", "completion_ids")
-    flat: list[int] = []
-    lengths, extras = [], []
-    for item in items:
-        row = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-        lengths.append([len(row[name]) for name in fields])
-        for name in fields:
-            flat.extend(row[name])
-        extras.append({k: v for k, v in row.items() if k not in fields})
-    ids_path, meta_path = _paths(cache_dir, key)
-    ids_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_ids, tmp_meta = (path.with_name(f"{path.name}.tmp{os.getpid()}") for path in (ids_path, meta_path))
-    save_file({"ids": torch.tensor(flat, dtype=torch.int32),
-               "lengths": torch.tensor(lengths, dtype=torch.int64).reshape(len(items), len(fields))}, str(tmp_ids))
-    tmp_meta.write_text(json.dumps({"version": CACHE_VERSION, "kind": "pairs" if pairs else "unpaired", "id_fields": fields,
-                                    "items": extras, "report": report}), encoding="utf-8")
-    os.replace(tmp_ids, ids_path)
-    os.replace(tmp_meta, meta_path)
+    def __init__(self, cache_dir: str | Path, key: str, kind: str) -> None:
+        self.ids_path, self.meta_path = _paths(cache_dir, key)
+        self.ids_path.parent.mkdir(parents=True, exist_ok=True)
+        self.kind = kind
+        self._tmp = self.ids_path.with_name(f"{self.ids_path.name}.tmp{os.getpid()}")
+        self._file = self._tmp.open("w+b")
+        start_file(self._file)
+        self._writer = ItemsWriter(kind, self._file)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def add(self, item: Any) -> None:
+        self._writer.add(item)
+
+    def commit(self, report: dict[str, Any]) -> TokenizedItems:
+        """Finish the files, put them in place, and return the items read back from the cache."""
+        self._writer.finish_file()
+        self._file.close()
+        tmp_meta = self.meta_path.with_name(f"{self.meta_path.name}.tmp{os.getpid()}")
+        tmp_meta.write_text(json.dumps({"version": CACHE_VERSION, "kind": self.kind, "items": len(self._writer.columns),
+                                        "report": report}), encoding="utf-8")
+        os.replace(self._tmp, self.ids_path)
+        os.replace(tmp_meta, self.meta_path)
+        return open_items(self.ids_path)

@@ -91,6 +91,31 @@ def tokenize_for_report(examples: list, report: DataReport, tokenizer: Any, *, m
                 on_overflow="drop", report=report)
 
 
+def inspect_files(paths: list[str], *, format: str = "auto", columns: dict[str, str] | None = None, on_error: str = "skip",
+                  max_records: int | None = None, tokenizer: Any = None, max_length: int = 1024,
+                  max_prompt_length: int | None = None) -> DataReport:
+    """The report of ``preftune data inspect``: load (and with a ``tokenizer``, tokenize) as
+    :func:`~preftune.data.load.load_examples` and :func:`tokenize_for_report` do, one chunk of
+    records at a time, so a large file is never held whole. The report is the same."""
+    from preftune.data.load import ExampleStream, chunked
+    from preftune.data.prepare import CHUNK
+    from preftune.data.tokenize import TokenizeStream
+
+    stream = ExampleStream(paths, format=format, columns=columns, on_error=on_error, max_records=max_records)
+    tokens = None
+    for chunk in chunked(stream, CHUNK):
+        if tokenizer is None:
+            continue
+        if tokens is None:  # one load holds one kind (paired and unpaired are never mixed)
+            kind = "unpaired" if isinstance(chunk[0], UnpairedExample) else "pairs"
+            tokens = TokenizeStream(tokenizer, kind, max_length=max_length, max_prompt_length=max_prompt_length)
+        tokens.add(chunk)
+    if tokenizer is not None:
+        tokens = tokens or TokenizeStream(tokenizer, "pairs", max_length=max_length, max_prompt_length=max_prompt_length)
+        tokens.fill(stream.report)
+    return stream.report
+
+
 #: Records every run leaves out by design (counted, never an error): no preference, or cannot fit.
 BY_DESIGN = ("identical_pairs", "ties", "too_long", "undesirable")
 

@@ -1,7 +1,8 @@
 """``load_examples``: files in, normalised examples and a DataReport out.
 
 read (readers.py) -> rename columns -> detect format -> convert (formats.py) -> check and
-count (validate.py). A malformed record stops the load with a DataError naming file, line or
+count (validate.py), one record at a time (:class:`ExampleStream`; ``load_examples`` keeps them
+all). A malformed record stops the load with a DataError naming file, line or
 record, and field; with ``on_error="skip"`` it is left out and counted in
 ``report.dropped[reason]`` instead. Ties and identical pairs are always left out and counted
 (see validate.py for what is kept and why).
@@ -10,8 +11,10 @@ record, and field; with ``on_error="skip"`` it is left out and counted in
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from preftune.data.formats import (
     FORMATS,
@@ -59,44 +62,89 @@ def load_examples(
     ``report.records`` counts records read, ``report.kept == len(examples)``, and
     ``report.dropped`` maps each reason to the records left out for it.
     """
-    path_list = _check_arguments(paths, format, columns, on_error, system, max_records)
-    columns = dict(columns or {})
-    builder = ReportBuilder([str(p) for p in path_list])
-    examples: list[PreferenceExample | UnpairedExample] = []
-    file_formats: list[str] = []
-    for path in path_list:
-        fmt = None if format == "auto" else format
-        for raw in read_records(path, max_records=max_records):
-            builder.record_read()
-            missing = [(ours, theirs) for ours, theirs in columns.items() if theirs not in raw.data] if not raw.error else []
-            if missing:  # never fall back on the file's own field of our name
-                ours, theirs = missing[0]
-                raw.error = raw.error_at(f"has no field '{theirs}' (columns maps '{ours}' to it)", field=theirs,
-                                         reason="missing_field")
-            data = None if raw.error else rename_columns(raw.data, columns)
-            if fmt is None and data is not None:
-                fmt = detect_format(raw, data)  # not skippable: the whole file depends on it
-                _check_mix(file_formats + [fmt], str(path))
-            try:
-                if raw.error:
-                    raise raw.error
-                converted: Converted = convert(raw, data, fmt, system=system, columns=columns, prompt_marker=prompt_marker)
-            except DataError as err:
-                if on_error == "error":
-                    raise _with_hint(err) from None
-                builder.drop(err.reason, raw.location)
-                continue
-            for finding in converted.notes:
-                builder.note(finding, raw.location)
-            if converted.drop:
-                builder.drop(converted.drop, raw.location)
-            elif builder.check(converted.example, raw.location):
-                examples.append(converted.example)
-        if fmt is not None:
-            file_formats.append(fmt)
-    report = builder.report
-    report.format = "+".join(dict.fromkeys(file_formats))
-    return LoadResult(examples, report)
+    stream = ExampleStream(paths, format=format, columns=columns, on_error=on_error, system=system,
+                           max_records=max_records, prompt_marker=prompt_marker)
+    examples = list(stream)
+    return LoadResult(examples, stream.report)
+
+
+class ExampleStream:
+    """:func:`load_examples` one example at a time, for data too large to hold: iterate once, in
+    file order; :attr:`report` is complete when the iteration ends. The arguments are checked
+    (and refused) at once, as :func:`load_examples` does."""
+
+    def __init__(
+        self,
+        paths: str | Path | InMemory | list[str | Path | InMemory],
+        *,
+        format: str = "auto",
+        columns: dict[str, str] | None = None,
+        on_error: str = "error",
+        system: str | None = None,
+        max_records: int | None = None,
+        prompt_marker: str = "\n\nAssistant:",
+    ) -> None:
+        self.paths = _check_arguments(paths, format, columns, on_error, system, max_records)
+        self.format, self.columns, self.on_error = format, dict(columns or {}), on_error
+        self.system, self.max_records, self.prompt_marker = system, max_records, prompt_marker
+        self.builder = ReportBuilder([str(p) for p in self.paths])
+        self._started = False
+
+    @property
+    def report(self) -> DataReport:
+        """What was read, found and dropped (so far; all of it once the iteration has ended)."""
+        return self.builder.report
+
+    def __iter__(self) -> Iterator[PreferenceExample | UnpairedExample]:
+        if self._started:
+            raise RuntimeError("an ExampleStream is read once")
+        self._started = True
+        builder, columns = self.builder, self.columns
+        file_formats: list[str] = []
+        for path in self.paths:
+            fmt = None if self.format == "auto" else self.format
+            for raw in read_records(path, max_records=self.max_records):
+                builder.record_read()
+                missing = [(ours, theirs) for ours, theirs in columns.items() if theirs not in raw.data] if not raw.error else []
+                if missing:  # never fall back on the file's own field of our name
+                    ours, theirs = missing[0]
+                    raw.error = raw.error_at(f"has no field '{theirs}' (columns maps '{ours}' to it)", field=theirs,
+                                             reason="missing_field")
+                data = None if raw.error else rename_columns(raw.data, columns)
+                if fmt is None and data is not None:
+                    fmt = detect_format(raw, data)  # not skippable: the whole file depends on it
+                    _check_mix(file_formats + [fmt], str(path))
+                try:
+                    if raw.error:
+                        raise raw.error
+                    converted: Converted = convert(raw, data, fmt, system=self.system, columns=columns,
+                                                   prompt_marker=self.prompt_marker)
+                except DataError as err:
+                    if self.on_error == "error":
+                        raise _with_hint(err) from None
+                    builder.drop(err.reason, raw.location)
+                    continue
+                for finding in converted.notes:
+                    builder.note(finding, raw.location)
+                if converted.drop:
+                    builder.drop(converted.drop, raw.location)
+                elif builder.check(converted.example, raw.location):
+                    yield converted.example
+            if fmt is not None:
+                file_formats.append(fmt)
+        builder.report.format = "+".join(dict.fromkeys(file_formats))
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter), read as they are needed."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _check_arguments(

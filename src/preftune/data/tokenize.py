@@ -69,6 +69,7 @@ Bounded work: only a window of characters around what truncation can keep is enc
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,21 +107,12 @@ def tokenize_pairs(
     source are copied. With ``report`` (the loader's, whose ``kept`` is ``len(examples)``),
     ``report.tokens`` and ``report.truncation`` are filled and drops are counted.
     """
-    rows = [(ex.prompt, ex.system, (ex.chosen, ex.rejected), ex.source) for ex in examples]
-    fitted = _tokenize(rows, tokenizer, ("chosen", "rejected"), max_length, max_prompt_length, on_overflow, report)
-    return [
-        TokenizedPair(
-            prompt_ids=prompt,
-            chosen_ids=completions[0],
-            rejected_ids=completions[1],
-            index=i,
-            preference=float(examples[i].preference),
-            weight=float(examples[i].weight),
-            source=examples[i].source,
-            margin=float(examples[i].margin),
-        )
-        for i, prompt, completions in fitted
-    ]
+    stream = TokenizeStream(tokenizer, "pairs", max_length=max_length, max_prompt_length=max_prompt_length,
+                            on_overflow=on_overflow)
+    items = stream.add(examples)
+    if report is not None:
+        stream.fill(report)
+    return items
 
 
 def tokenize_unpaired(
@@ -133,19 +125,12 @@ def tokenize_unpaired(
     report: DataReport | None = None,
 ) -> list[TokenizedUnpaired]:
     """Tokenize and truncate unpaired (KTO) examples; same rules as :func:`tokenize_pairs`."""
-    rows = [(ex.prompt, ex.system, (ex.completion,), ex.source) for ex in examples]
-    fitted = _tokenize(rows, tokenizer, ("completion",), max_length, max_prompt_length, on_overflow, report)
-    return [
-        TokenizedUnpaired(
-            prompt_ids=prompt,
-            completion_ids=completions[0],
-            desirable=bool(examples[i].desirable),
-            index=i,
-            weight=float(examples[i].weight),
-            source=examples[i].source,
-        )
-        for i, prompt, completions in fitted
-    ]
+    stream = TokenizeStream(tokenizer, "unpaired", max_length=max_length, max_prompt_length=max_prompt_length,
+                            on_overflow=on_overflow)
+    items = stream.add(examples)
+    if report is not None:
+        stream.fill(report)
+    return items
 
 
 def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> list[int]:
@@ -177,62 +162,95 @@ def turn_end_ids(tokenizer: Any) -> list[int]:
 _Row = tuple[Text, str | None, tuple, str]  # prompt, system, completions, source
 
 
-def _tokenize(
-    rows: list[_Row],
-    tokenizer: Any,
-    names: tuple[str, ...],
-    max_length: int,
-    max_prompt_length: int | None,
-    on_overflow: str,
-    report: DataReport | None,
-) -> list[tuple[int, list[int], list[list[int]]]]:
-    """Render, encode, check, measure and fit every row; returns (index, prompt, completions)."""
-    _check_limits(max_length, max_prompt_length, on_overflow)
-    codec = Codec.of(tokenizer)
-    prompt_texts, completion_texts, sources, chats = [], [], [], []
-    for i, (prompt, system, completions, source) in enumerate(rows):
-        where = f"record {source}" if source else f"example {i}"
-        chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
-        prompt_text, texts = _render(tokenizer, prompt, system, completions, where, chat=chat)
-        prompt_texts.append(prompt_text)
-        completion_texts.extend(t if chat else codec.trim_after_eos(t) for t in texts)
-        sources.append(where)
-        chats.append(chat)
-    window = Window(tokenizer, max_length)
-    prompts = _encode(codec.prompts, [window.prompt(t) for t in prompt_texts], prompt_texts, sources, chats, window)
-    flat = _encode(codec.completions, [window.completion(t) for t in completion_texts], completion_texts,
-                   [w for w in sources for _ in names], [c for c in chats for _ in names], window)
-    k = len(names)
-    completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
+class TokenizeStream:
+    """:func:`tokenize_pairs` (``kind="pairs"``) or :func:`tokenize_unpaired` (``"unpaired"``) a
+    chunk of examples at a time, so a large dataset is never held whole: :meth:`add` gives each
+    chunk's items (``index`` counts examples across chunks), and :meth:`fill` writes the report of
+    every chunk so far (lengths, cuts, drops) exactly as one call on all of them would."""
 
-    lengths: dict[str, list[int]] = {"prompt": [len(p) for p in prompts]}
-    for j, name in enumerate(names):
-        lengths[name] = [len(c[j]) for c in completions]
-    lengths["full"] = [len(p) + max(len(x) for x in c) for p, c in zip(prompts, completions)]
+    def __init__(self, tokenizer: Any, kind: str, *, max_length: int, max_prompt_length: int | None = None,
+                 on_overflow: str = "drop") -> None:
+        _check_limits(max_length, max_prompt_length, on_overflow)
+        self.tokenizer, self.kind = tokenizer, kind
+        self.names = ("chosen", "rejected") if kind == "pairs" else ("completion",)
+        self.limits = (max_length, max_prompt_length, on_overflow)
+        self.codec = Codec.of(tokenizer)
+        self.window = Window(tokenizer, max_length)
+        self.lengths = {name: array("q") for name in ("prompt", *self.names, "full")}
+        self.counts = {"prompt_cut": 0, "completion_cut": 0, **{f"{n}_cut": 0 for n in self.names if len(self.names) > 1},
+                       "dropped": 0}
+        self.dropped_at: list[str] = []
+        self.cut_at: list[str] = []
+        self.seen = 0
 
-    counts = {"prompt_cut": 0, "completion_cut": 0, **{f"{n}_cut": 0 for n in names if len(names) > 1}, "dropped": 0}
-    fitted, dropped_at, cut_at = [], [], []
-    for i, (prompt, comps) in enumerate(zip(prompts, completions)):
-        fit = _fit(prompt, comps, max_length, max_prompt_length, codec.bos_id)
-        if fit is None:
-            if on_overflow == "error":
-                raise TokenizationError(_overflow_message(sources[i], prompt, max_length, max_prompt_length))
-            counts["dropped"] += 1
-            dropped_at.append(rows[i][3] or str(i))
-            continue
-        new_prompt, new_comps, prompt_cut, cut = fit
-        counts["prompt_cut"] += prompt_cut
-        counts["completion_cut"] += any(cut)
-        if len(names) > 1:
-            for name, was_cut in zip(names, cut):
-                counts[f"{name}_cut"] += was_cut
-        if prompt_cut or any(cut):
-            cut_at.append(rows[i][3] or str(i))
-        fitted.append((i, new_prompt, new_comps))
+    def add(self, examples: Sequence[PreferenceExample | UnpairedExample]) -> list[Any]:
+        """Tokenize and fit one chunk; returns its items (dropped examples left out, counted)."""
+        start, self.seen = self.seen, self.seen + len(examples)
+        if self.kind == "pairs":
+            rows = [(ex.prompt, ex.system, (ex.chosen, ex.rejected), ex.source) for ex in examples]
+            return [TokenizedPair(prompt_ids=prompt, chosen_ids=comps[0], rejected_ids=comps[1], index=start + i,
+                                  preference=float(examples[i].preference), weight=float(examples[i].weight),
+                                  source=examples[i].source, margin=float(examples[i].margin))
+                    for i, prompt, comps in self._tokenize(rows, start)]
+        rows = [(ex.prompt, ex.system, (ex.completion,), ex.source) for ex in examples]
+        return [TokenizedUnpaired(prompt_ids=prompt, completion_ids=comps[0], desirable=bool(examples[i].desirable),
+                                  index=start + i, weight=float(examples[i].weight), source=examples[i].source)
+                for i, prompt, comps in self._tokenize(rows, start)]
 
-    if report is not None:
-        _fill_report(report, lengths, counts, dropped_at, cut_at)
-    return fitted
+    def fill(self, report: DataReport) -> None:
+        """Fill ``report.tokens`` and ``report.truncation`` and count the drops, over every chunk added."""
+        _fill_report(report, self.lengths, self.counts, self.dropped_at, self.cut_at)
+
+    def _tokenize(self, rows: list[_Row], start: int) -> list[tuple[int, list[int], list[list[int]]]]:
+        """Render, encode, check, measure and fit every row; returns (position in rows, prompt, completions)."""
+        codec, window, names = self.codec, self.window, self.names
+        max_length, max_prompt_length, on_overflow = self.limits
+        prompt_texts, completion_texts, sources, chats = [], [], [], []
+        for i, (prompt, system, completions, source) in enumerate(rows):
+            where = f"record {source}" if source else f"example {start + i}"
+            chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
+            prompt_text, texts = _render(self.tokenizer, prompt, system, completions, where, chat=chat)
+            prompt_texts.append(prompt_text)
+            completion_texts.extend(t if chat else codec.trim_after_eos(t) for t in texts)
+            sources.append(where)
+            chats.append(chat)
+        prompts = _encode(codec.prompts, [window.prompt(t) for t in prompt_texts], prompt_texts, sources, chats, window)
+        flat = _encode(codec.completions, [window.completion(t) for t in completion_texts], completion_texts,
+                       [w for w in sources for _ in names], [c for c in chats for _ in names], window)
+        k = len(names)
+        completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
+        del prompt_texts, completion_texts, flat
+
+        self.lengths["prompt"].extend(len(p) for p in prompts)
+        for j, name in enumerate(names):
+            self.lengths[name].extend(len(c[j]) for c in completions)
+        self.lengths["full"].extend(len(p) + max(len(x) for x in c) for p, c in zip(prompts, completions))
+
+        counts, fitted = self.counts, []
+        for i, (prompt, comps) in enumerate(zip(prompts, completions)):
+            fit = _fit(prompt, comps, max_length, max_prompt_length, codec.bos_id)
+            if fit is None:
+                if on_overflow == "error":
+                    raise TokenizationError(_overflow_message(sources[i], prompt, max_length, max_prompt_length))
+                counts["dropped"] += 1
+                _note(self.dropped_at, rows[i][3] or str(start + i))
+                continue
+            new_prompt, new_comps, prompt_cut, cut = fit
+            counts["prompt_cut"] += prompt_cut
+            counts["completion_cut"] += any(cut)
+            if len(names) > 1:
+                for name, was_cut in zip(names, cut):
+                    counts[f"{name}_cut"] += was_cut
+            if prompt_cut or any(cut):
+                _note(self.cut_at, rows[i][3] or str(start + i))
+            fitted.append((i, new_prompt, new_comps))
+        return fitted
+
+
+def _note(locations: list[str], where: str) -> None:
+    """Keep the first few locations of a finding (the report names no more)."""
+    if len(locations) < MAX_EXAMPLES:
+        locations.append(where)
 
 
 def _encode(encode: Any, windowed: list[str], texts: list[str], sources: list[str], chats: list[bool],
@@ -285,7 +303,7 @@ def _overflow_message(where: str, prompt: list[int], max_length: int, max_prompt
 
 
 def _fill_report(
-    report: DataReport, lengths: dict[str, list[int]], counts: dict[str, int], dropped_at: list[str], cut_at: list[str]
+    report: DataReport, lengths: dict[str, Sequence[int]], counts: dict[str, int], dropped_at: list[str], cut_at: list[str]
 ) -> None:
     report.tokens = {name: percentiles(values) for name, values in lengths.items()}
     report.truncation = dict(counts)

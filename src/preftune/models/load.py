@@ -56,19 +56,14 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
 def check_vocabulary(model: nn.Module, rows: Any, where: str) -> None:
     """Every token id of the data must have a row in the model's embedding (a tokenizer larger than
     its model would index past it, deep inside torch)."""
+    from preftune.data.store import max_token_id
+
     size = causal_lm_of(model).get_input_embeddings().num_embeddings
-    highest = max((max(ids) for row in rows for ids in _ids_of(row) if ids), default=-1)
+    highest = max_token_id(rows)
     if highest >= size:
         raise PreftuneError(f"the {where} hold token id {highest}, but the model's vocabulary has {size} rows: the tokenizer "
                             "does not belong to this model (or its added tokens were never given embeddings: "
                             "model.resize_token_embeddings).")
-
-
-def _ids_of(row: Any) -> list[list[int]]:
-    names = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
-    if isinstance(row, list):  # a packed row of examples
-        return [getattr(x, n) for x in row for n in names if hasattr(x, n)]
-    return [getattr(row, n) for n in names if hasattr(row, n)]
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -61,7 +61,7 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
         collate = partial(collate_packed, pad_token_id=pad, dtype=dtype)
         lengths = [sum(x.length for x in row) for row in train_items]
     else:
-        train_items, eval_items = list(data.train), list(data.eval)
+        train_items, eval_items = data.train, data.eval  # compact: each item is built when its batch is
         collate = partial(collate_unpaired, pad_token_id=pad)
         lengths = [x.length for x in data.train]
     check_vocabulary(policy, train_items + eval_items, "data")
