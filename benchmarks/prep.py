@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.data, args.tokenizer, args.workdir)))
         return 0
 
+    from benchmarks.common import machine
     from benchmarks.fixtures import build_fixtures
 
+    here = machine()  # every row carries the processor it ran on
     work = args.workdir or Path(tempfile.mkdtemp(prefix="preftune-prep-"))
     work.mkdir(parents=True, exist_ok=True)
     fixtures, _ = build_fixtures(work / "fixtures", ["7m"])
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind} at {n} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 return 1
             record = {**json.loads(done.stdout.strip().splitlines()[-1]), "records": n, "file_bytes": data.stat().st_size,
-                      "loadavg_end": list(os.getloadavg())}
+                      "loadavg_end": list(os.getloadavg()), "machine": here}
             print(json.dumps(record), flush=True)
             records.append(record)
     print(f"\n{'kind':<14} {'records':>8} {'seconds':>9} {'s / 10k':>8} {'peak RSS GiB':>12}")

@@ -24,6 +24,7 @@ def test_prep_benchmark_smoke(tmp_path: Path) -> None:
     assert [(r["kind"], r["records"]) for r in rows] == [("preftune-cold", 50), ("preftune-warm", 50),
                                                          ("preftune-cold", 100), ("preftune-warm", 100)]
     assert all(r["kept"] == r["records"] and r["seconds"] > 0 and r["peak_rss_bytes"] > 0 for r in rows)
+    assert all(r["machine"]["cores"] >= 1 and r["machine"]["cpu"] for r in rows)  # rows name their processor
     assert "preftune-warm: seconds per record at the largest size" in done.stdout
     first = json.loads((tmp_path / "hh-synthetic-50.jsonl").read_text().splitlines()[0])
     assert first["prompt"].startswith("\n\nHuman:") and first["prompt"].endswith("\n\nAssistant:")
