@@ -175,3 +175,60 @@ def test_a_killed_iteration_resumes_and_ends_as_an_uninterrupted_one(
     ours, theirs = (json.loads((d / "iterate.json").read_text()) for d in (out, iterated))
     assert [r["judge_score"] for r in ours["rounds"]] == [r["judge_score"] for r in theirs["rounds"]]
     assert [r["steps"] for r in ours["rounds"]] == [16, 16]
+
+
+# --------------------------------------------------------------------------- the Python API
+@pytest.mark.slow
+def test_the_python_api_takes_a_judge_function_and_equals_the_cli(
+        iterated: Path, tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    import yaml
+
+    import preftune
+    from preftune.models.tiny import good_words_score
+
+    train, held = preference_files
+    calls: list[str] = []
+
+    def judge(prompt: object, completion: str) -> float:  # a closure: only the Python API can take one
+        calls.append(completion)
+        return good_words_score(prompt, completion)
+
+    out = tmp_path / "run"
+    common = {"model": tiny_model_dir, "prompts": [str(train)], "eval_prompts": [str(held)]}
+    first = preftune.iterate(ITERATE_TINY, judge=judge, rounds=1, train={"output_dir": str(out), "progress": False}, **common)
+    assert isinstance(first, preftune.IterationResult) and first.run_dir == out
+    assert first.model_path == out / "round-1" / "final" and calls
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["iterate"]["judge"]
+    assert recorded.endswith(":test_the_python_api_takes_a_judge_function_and_equals_the_cli.<locals>.judge")
+    # the same run as the CLI's with the judge named in the YAML: same scores, same weights
+    cli = json.loads((iterated / "iterate.json").read_text())
+    assert first.initial["judge_score"] == cli["initial"]["judge_score"]
+    assert first.rounds[0]["judge_score"] == cli["rounds"][0]["judge_score"]
+    assert_same_weights(weights(first.model_path), weights(iterated / "round-1" / "final"), atol=1e-6)
+
+    # continued for a second round with the same function; another function is a changed setting
+    with pytest.raises(ConfigError, match="changed: iterate.judge"):
+        preftune.iterate(ITERATE_TINY, judge=good_words_score, rounds=2,
+                         train={"output_dir": str(out), "progress": False, "resume_from": "latest"}, **common)
+    more = preftune.iterate(ITERATE_TINY, judge=judge, rounds=2,
+                            train={"output_dir": str(out), "progress": False, "resume_from": "latest"}, **common)
+    assert len(more.rounds) == 2 and more.rounds[0] == first.rounds[0]
+    assert more.rounds[1]["judge_score"] == cli["rounds"][1]["judge_score"]
+    assert_same_weights(weights(more.model_path), weights(iterated / "round-2" / "final"), atol=1e-6)
+
+
+def test_the_python_api_refuses_a_bad_judge(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    import preftune
+
+    train, held = preference_files
+    common = {"model": tiny_model_dir, "prompts": [str(train)], "eval_prompts": [str(held)],
+              "train": {"output_dir": str(tmp_path / "run")}}
+    with pytest.raises(PreftuneError, match="must accept two arguments"):
+        preftune.iterate(ITERATE_TINY, judge=lambda text: 1.0, **common)
+    with pytest.raises(ConfigError, match="exactly one judge"):
+        preftune.iterate(ITERATE_TINY, judge=lambda p, c: 1.0, iterate={"reward_model": str(tiny_model_dir)}, **common)
+    with pytest.raises(ConfigError, match="IterateConfig or a YAML file"):
+        preftune.iterate(preftune.DPOConfig(), judge=lambda p, c: 1.0, **common)
+    with pytest.raises(ConfigError, match="several sections"):
+        preftune.iterate(ITERATE_TINY, judge=lambda p, c: 1.0, progress=False, **common)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -85,6 +85,59 @@ def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = 
     return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
 
 
+@dataclass
+class IterationResult:
+    """What :func:`iterate` returns: the iteration's folder and its rounds, as ``iterate.json`` holds them."""
+
+    run_dir: Path
+    model_path: Path  # the last round's policy (``round-N/final``)
+    rounds: list[dict[str, Any]]  # per round: pairing counts, steps, held-out judge score, win rate and KL vs the initial model
+    initial: dict[str, Any]  # the initial model's held-out judge score
+    config: Any = None  # the resolved, checked IterateConfig
+
+
+def iterate(config: Any = None, *, judge: Any = None, callbacks: Sequence[Any] = (), **settings: Any) -> IterationResult:
+    """Iterative DPO (`preftune iterate`): sample, score, pair, train, evaluate, round after round.
+
+    ``config`` is an ``IterateConfig``, a YAML file, or None; keyword settings go on top as for
+    :func:`dpo` (``rounds=3``, ``prompts=[...]``, ``train={"lr": 1e-6}``). ``judge`` scores one
+    completion: a function ``(prompt, completion) -> number`` (higher is better), or a
+    ``"module:function"`` name; without it, the config's ``iterate.judge`` or
+    ``iterate.reward_model`` scores. ``model`` may be given as a folder (``model="path"``).
+    A stopped iteration continues with ``resume_from="latest"`` and the same judge.
+    """
+    import json
+
+    from preftune.config import load_config
+    from preftune.stages import iterate as stage
+    from preftune.stages.iterate_config import IterateConfig, check
+
+    if isinstance(config, (str, Path)):
+        config = load_config(IterateConfig, config, check=lambda cfg, where: None)  # checked below, settings applied
+    elif config is not None and not isinstance(config, IterateConfig):
+        raise ConfigError(f"config must be an IterateConfig or a YAML file, got {type(config).__name__}")
+    data = to_dict(config) if config is not None else {}
+    if isinstance(settings.get("model"), (str, Path)):
+        settings["model"] = {"path": str(settings["model"])}
+    sections = _sections(IterateConfig, settings)
+    named = [f"iterate.{key}" for key in ("judge", "reward_model") if (sections.get("iterate") or {}).get(key)]
+    if judge is not None and named:
+        raise ConfigError(f"name exactly one judge: judge= and {' and '.join(named)} were both given.")
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    if judge is not None:  # it replaces the judge the config file names
+        data.setdefault("iterate", {}).update(judge=judge if isinstance(judge, str) else None, reward_model=None)
+    if callable(judge):
+        from preftune.eval.scoring import function_name
+
+        data["iterate"]["judge"] = function_name(judge)  # what config.yaml records; the function itself scores
+    cfg = build_config(IterateConfig, data, check=check)
+    out = stage.run(cfg, callbacks=callbacks, judge=judge if callable(judge) else None)
+    summary = json.loads((out / "iterate.json").read_text(encoding="utf-8"))
+    last = summary["rounds"][-1]["policy"] if summary["rounds"] else summary["initial"]["path"]
+    return IterationResult(run_dir=out, model_path=Path(last), rounds=summary["rounds"], initial=summary["initial"], config=cfg)
+
+
 def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
     from preftune.stages.common import recorded, train
 

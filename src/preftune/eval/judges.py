@@ -184,6 +184,11 @@ def _load_function(spec: str, arguments: tuple[str, ...] = ("prompt", "policy_re
         obj = getattr(obj, part)
     if not callable(obj):
         raise PreftuneError(f"judge '{spec}': '{attr}' is a {type(obj).__name__}, not a function.")
+    return accepting(obj, spec, arguments)
+
+
+def accepting(obj: Callable[..., Any], spec: str, arguments: tuple[str, ...]) -> Callable[..., Any]:
+    """``obj`` itself, once checked to accept the named ``arguments`` (a judge given in Python or by name)."""
     try:
         inspect.signature(obj).bind(None, *[""] * (len(arguments) - 1))
     except TypeError:

@@ -3,8 +3,9 @@
 Where :mod:`preftune.eval.judges` compares two responses, iterating needs a score per sample
 (to pick the best and the worst of K). Two kinds, as for win rates:
 
-- a Python function named ``"module:function"`` or ``"file.py:function"`` taking
-  ``(prompt, completion)`` and returning a real number (higher is better);
+- a Python function named ``"module:function"`` or ``"file.py:function"`` (or, from
+  :func:`preftune.iterate`, the function itself) taking ``(prompt, completion)`` and returning a
+  real number (higher is better);
 - a reward model folder (`preftune rm`'s ``final/``): its reward.
 
 Either is returned as a :class:`~preftune.eval.judges.Judge` with a ``score`` function, so
@@ -15,15 +16,25 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 from preftune.errors import ConfigError, PreftuneError
-from preftune.eval.judges import Judge, _load_function, reward_model_judge
+from preftune.eval.judges import Judge, _load_function, accepting, reward_model_judge
 
 
-def function_scorer(spec: str) -> Judge:
-    """A scoring judge from ``"module:function"`` / ``"file.py:function"``: ``fn(prompt, completion) -> float``."""
-    fn = _load_function(spec, ("prompt", "completion"))
+def function_name(fn: Callable[..., Any]) -> str:
+    """How a judge given as a Python function is named in messages and in the recorded config."""
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def function_scorer(spec: str | Callable[..., Any]) -> Judge:
+    """A scoring judge from ``"module:function"`` / ``"file.py:function"``, or the function itself:
+    ``fn(prompt, completion) -> float``."""
+    if callable(spec):
+        fn, spec = accepting(spec, function_name(spec), ("prompt", "completion")), function_name(spec)
+    else:
+        fn = _load_function(spec, ("prompt", "completion"))
 
     def score(prompts: list[Any], responses: list[str]) -> list[float]:
         values = []
@@ -41,8 +52,8 @@ def function_scorer(spec: str) -> Judge:
     return Judge(name=f"function {spec}", score=score)
 
 
-def load_scorer(judge: str | None, reward_model: str | None, *, batch_size: int = 16, device: Any = None) -> Judge:
-    """The one scoring judge the settings name: a function (``judge``) or a reward model folder."""
+def load_scorer(judge: str | Callable[..., Any] | None, reward_model: str | None, *, batch_size: int = 16, device: Any = None) -> Judge:
+    """The one scoring judge the settings name: a function (``judge``: named, or itself) or a reward model folder."""
     if bool(judge) == bool(reward_model):
         raise ConfigError("iterate: name exactly one judge: iterate.judge (module:function, scoring (prompt, completion)) "
                           "or iterate.reward_model (a reward model folder).")

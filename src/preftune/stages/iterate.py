@@ -32,8 +32,12 @@ from preftune.stages.iterate_config import IterateConfig, check, round_config
 FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots")
 
 
-def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
-    """Run (or continue) the iteration; return its folder. ``callbacks`` go to every round's training loop."""
+def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None) -> Path:
+    """Run (or continue) the iteration; return its folder. ``callbacks`` go to every round's training
+    loop; ``judge``, a function ``(prompt, completion) -> number``, scores in place of
+    ``iterate.judge`` (which then records its name, ``module:qualname``)."""
+    import dataclasses
+
     import torch
 
     from preftune.checkpoint import latest_checkpoint
@@ -47,6 +51,15 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     from preftune.stages import dpo
     from preftune.stages.common import recorded, train
 
+    if judge is not None:
+        from preftune.eval.scoring import function_name
+
+        if not callable(judge):
+            raise ConfigError(f"judge must be a function (prompt, completion) -> number, got {type(judge).__name__}.")
+        if cfg.iterate.reward_model or cfg.iterate.judge not in (None, function_name(judge)):
+            raise ConfigError(f"a judge function was given, and the config names another judge "
+                              f"({cfg.iterate.reward_model or cfg.iterate.judge}); give exactly one.")
+        cfg = dataclasses.replace(cfg, iterate=dataclasses.replace(cfg.iterate, judge=function_name(judge)))
     check(cfg)
     if world()[1] > 1:
         raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
@@ -55,7 +68,7 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     _claim(out, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     it, gen = cfg.iterate, cfg.generate
-    judge = load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
+    judge = load_scorer(judge or it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
     train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
     eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
     initial_path = cfg.model.path
