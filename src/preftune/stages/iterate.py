@@ -51,8 +51,9 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     from preftune.stages import dpo
     from preftune.stages.common import recorded, train
 
+    scorer = None
     if judge is not None:
-        from preftune.eval.scoring import function_name
+        from preftune.eval.scoring import function_name, function_scorer
 
         if not callable(judge):
             raise ConfigError(f"judge must be a function (prompt, completion) -> number, got {type(judge).__name__}.")
@@ -60,6 +61,7 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
             raise ConfigError(f"a judge function was given, and the config names another judge "
                               f"({cfg.iterate.reward_model or cfg.iterate.judge}); give exactly one.")
         cfg = dataclasses.replace(cfg, iterate=dataclasses.replace(cfg.iterate, judge=function_name(judge)))
+        scorer = function_scorer(judge)  # its signature checked before anything is written
     check(cfg)
     if world()[1] > 1:
         raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
@@ -68,7 +70,7 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     _claim(out, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     it, gen = cfg.iterate, cfg.generate
-    judge = load_scorer(judge or it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
+    judge = scorer or load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
     train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
     eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
     initial_path = cfg.model.path
