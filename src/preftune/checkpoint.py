@@ -159,18 +159,28 @@ def manifest_problem(folder: Path) -> str | None:
         return f"no {MANIFEST_FILE} (an unfinished or damaged save)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {MANIFEST_FILE} cannot be read ({type(err).__name__}: {err})"
+    stamps = []
     for name, entry in sorted(files.items()):
         path = folder / name
         if not path.is_file():
             return f"'{name}' is missing"
-        size = path.stat().st_size
-        if not isinstance(entry, dict) or size != entry.get("size"):
-            return f"'{name}' has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
-        if file_digest(path) != entry.get("sha256"):
-            return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
+        stat = path.stat()
+        if not isinstance(entry, dict) or stat.st_size != entry.get("size"):
+            return f"'{name}' has {stat.st_size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
+        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    key, stamp = str(folder.resolve()), ((folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stamps))
+    if _INTACT.get(key) != stamp:  # checked in this process and not touched since: no second hashing pass
+        for name, entry in sorted(files.items()):
+            if file_digest(folder / name) != entry.get("sha256"):
+                return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
+        _INTACT[key] = stamp
     if STATE_FILE not in files or WEIGHTS_FILE not in files:
         return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"
     return None
+
+
+#: checkpoint folder -> the manifest's and files' (size, mtime, inode) when their checksums last matched in this process
+_INTACT: dict[str, tuple[Any, ...]] = {}
 
 
 def _numbered(root: Path) -> list[tuple[int, Path]]:

@@ -107,12 +107,7 @@ def tokenize_pairs(
     source are copied. With ``report`` (the loader's, whose ``kept`` is ``len(examples)``),
     ``report.tokens`` and ``report.truncation`` are filled and drops are counted.
     """
-    stream = TokenizeStream(tokenizer, "pairs", max_length=max_length, max_prompt_length=max_prompt_length,
-                            on_overflow=on_overflow)
-    items = stream.add(examples)
-    if report is not None:
-        stream.fill(report)
-    return items
+    return _tokenize_all("pairs", examples, tokenizer, max_length, max_prompt_length, on_overflow, report)
 
 
 def tokenize_unpaired(
@@ -125,8 +120,13 @@ def tokenize_unpaired(
     report: DataReport | None = None,
 ) -> list[TokenizedUnpaired]:
     """Tokenize and truncate unpaired (KTO) examples; same rules as :func:`tokenize_pairs`."""
-    stream = TokenizeStream(tokenizer, "unpaired", max_length=max_length, max_prompt_length=max_prompt_length,
-                            on_overflow=on_overflow)
+    return _tokenize_all("unpaired", examples, tokenizer, max_length, max_prompt_length, on_overflow, report)
+
+
+def _tokenize_all(kind: str, examples: list[Any], tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                  on_overflow: str, report: DataReport | None) -> list[Any]:
+    """Every example through one :class:`TokenizeStream`; its lengths, cuts and drops go into ``report``."""
+    stream = TokenizeStream(tokenizer, kind, max_length=max_length, max_prompt_length=max_prompt_length, on_overflow=on_overflow)
     items = stream.add(examples)
     if report is not None:
         stream.fill(report)
