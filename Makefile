@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/preftune demo --out runs/demo
 
+# The suite runs as on a processor without bf16 units (tests/conftest.py); the tests marked
+# fp32_exact then run again as on a CPU with AMX, where train.bf16 auto must keep them in fp32.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -x -q
+	@echo "The fp32_exact tests again, as on a CPU with bf16 units (PREFTUNE_CPU_BF16_UNITS=1):"
+	PREFTUNE_CPU_BF16_UNITS=1 $(PY) -m pytest -x -q -m fp32_exact
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

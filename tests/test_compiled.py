@@ -113,6 +113,7 @@ def test_inductor_failure_falls_back_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.fp32_exact
 def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise(
     tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

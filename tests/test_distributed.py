@@ -79,6 +79,7 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert_same_weights(weights(a / "final"), weights(b / "final"), atol=1e-5)
 
 
+@pytest.mark.fp32_exact
 def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.batch_size=8"))
     two = preftune(*dpo(tiny_model_dir, data, tmp_path / "two", "--train.max_steps=6", "--train.batch_size=4"), processes=2)
@@ -88,6 +89,7 @@ def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Pat
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.fp32_exact
 def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     def sft(out: Path, batch: int) -> list[str]:
         return ["sft", str(REPO / "configs" / "sft-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
@@ -100,6 +102,7 @@ def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path,
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.fp32_exact
 def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     constant = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.save_every=3"]
     preftune(*dpo(tiny_model_dir, data, tmp_path / "straight", "--train.max_steps=6", "--train.batch_size=4", *constant), processes=2)

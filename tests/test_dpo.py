@@ -63,6 +63,7 @@ def test_reference_free_losses_and_bad_combinations(tiny_model_dir: Path, prefer
         run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "z", "--loss.name=dop"))
 
 
+@pytest.mark.fp32_exact
 def test_prefix_sharing_trains_like_the_concatenated_layout(
     tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -239,6 +239,7 @@ def test_run_eval_remakes_the_eval_fraction_split(tiny_model_dir: Path, preferen
     assert results["preference"]["rewards/margins"] == pytest.approx(final_eval_line(run)["eval/rewards/margins"], abs=1e-4)
 
 
+@pytest.mark.fp32_exact
 def test_run_eval_of_a_lora_run_and_its_checkpoint(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     from preftune.config import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.config", "preftune.report", "preftune.plots", "preftune.report_series"),
     ("preftune.data",),
     ("preftune.models",),
-    ("preftune.reference", "preftune.checkpoint", "preftune.compile_choice"),
+    ("preftune.reference", "preftune.checkpoint", "preftune.compile_choice", "preftune.precision"),
     ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.trackers", "preftune.runlog", "preftune.generate",
      "preftune.plan", "preftune.interrupts"),
     ("preftune.eval",),

@@ -96,19 +96,6 @@ def test_dropout_is_off_in_the_policy_by_default(tmp_path: Path) -> None:
     assert kept.config.attention_dropout == 0.25 and any(m.p == 0.3 for m in kept.modules() if isinstance(m, torch.nn.Dropout))
 
 
-def test_precision_auto_is_fp32_on_cpu_and_explicit_settings_win() -> None:
-    from preftune.config import TrainConfig
-    from preftune.models.load import use_bf16
-
-    assert TrainConfig().bf16 is None  # auto, TRL's default
-    from preftune.hardware import cpu_has_bf16_units
-
-    cuda = torch.cuda.is_available()
-    expected = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_units()
-    assert use_bf16(TrainConfig()) is expected
-    assert use_bf16(TrainConfig(bf16=True)) is True and use_bf16(TrainConfig(bf16=False)) is False
-
-
 def test_a_damaged_weights_file_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "cut"
     shutil.copytree(tiny_model_dir, folder)

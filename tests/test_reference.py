@@ -128,6 +128,7 @@ def test_adapter_off_and_cached_references_take_shared_batches(tmp_path: Path) -
 
 
 # --------------------------------------------------------------------------- strategies in DPO runs
+@pytest.mark.fp32_exact
 def test_reference_strategies_give_the_same_losses(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files
     common = ["--model.lora.enabled=true", "--model.lora.r=4", "--train.max_steps=4", "--train.log_every=1",

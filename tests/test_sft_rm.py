@@ -150,6 +150,7 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(trained_rm: 
         assert float(rewards[0].detach()) == pytest.approx(float(alone[0].detach()), abs=1e-5)
 
 
+@pytest.mark.fp32_exact
 def test_save_load_score_round_trip_and_batch_size_invariance(trained_rm: Path, preference_files: tuple[Path, Path]) -> None:
     from transformers import AutoModelForSequenceClassification
 

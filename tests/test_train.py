@@ -53,6 +53,7 @@ def eight_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.fp32_exact
 def test_sft_accumulation_is_exact_for_the_token_mean(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path, packing: bool) -> None:
     one, acc = one_batch_and_accumulated("sft", SFTConfig, "sft-tiny.yaml", tiny_model_dir, eight_pairs, tmp_path,
                                          f"--sft.packing={str(packing).lower()}", "--data.max_length=40")
@@ -72,6 +73,7 @@ def test_sft_micro_batches_hold_different_token_counts(tiny_model_dir: Path, eig
     assert len({len(x.completion_ids) for x in items}) > 1
 
 
+@pytest.mark.fp32_exact
 def test_reward_model_accumulation_is_exact(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path) -> None:
     # every term on: the weighted Bradley-Terry mean, the chosen-token LM mean and the centring
     one, acc = one_batch_and_accumulated("rm", RMConfig, "rm-tiny.yaml", tiny_model_dir, eight_pairs, tmp_path,
@@ -80,6 +82,7 @@ def test_reward_model_accumulation_is_exact(tiny_model_dir: Path, eight_pairs: P
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(acc)], abs=1e-6)
 
 
+@pytest.mark.fp32_exact
 def test_dpo_accumulation_is_exact_with_weighted_pairs(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path) -> None:
     one, acc = one_batch_and_accumulated("dpo", DPOConfig, "dpo-tiny.yaml", tiny_model_dir, eight_pairs, tmp_path,
                                          "--reference.strategy=copy")
@@ -95,6 +98,7 @@ def test_sum_counts_adds_each_count_over_the_micro_batches() -> None:
 
 
 @pytest.mark.parametrize("optimizer,atol", [("sgd", 1e-6), ("adamw", 1e-5)])
+@pytest.mark.fp32_exact
 def test_accumulating_8_micro_batches_of_1_equals_one_batch_of_8(
     tiny_model_dir: Path, tmp_path: Path, optimizer: str, atol: float
 ) -> None:

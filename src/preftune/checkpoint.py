@@ -39,14 +39,14 @@ CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 #: checkpoint's config is refused. They say how long to train, where and how often to log,
 #: evaluate and save, and what to show; none changes what one optimizer step computes. The batch
 #: per process may change with the number of processes: their product, the global batch, is
-#: checked on its own (:func:`load_checkpoint`). ``train.compile`` changes how a step is rounded, not
-#: what it computes; a resume takes the recorded choice, and says when a setting overrides it
-#: (:mod:`preftune.compile_choice`).
+#: checked on its own (:func:`load_checkpoint`). ``train.compile`` and ``train.bf16`` change how a step
+#: is rounded, not what it computes; a resume takes the recorded choice, and says when a setting
+#: overrides it (:mod:`preftune.compile_choice`, :mod:`preftune.precision`).
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
     "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.progress", "train.report",
-    "train.compile",
+    "train.compile", "train.bf16",
 )
 
 
@@ -61,6 +61,7 @@ class LoopState:
     tokens_seen: int = 0
     global_batch: int = 0  # items per global micro-batch (batch_size x processes); 0: not recorded
     compiled: bool = False  # the steps ran compiled (train.compile, as resolved); not recorded (older checkpoints): eager
+    bf16: bool | None = None  # the steps ran in bf16 autocast (train.bf16, as resolved); None: not recorded (older checkpoints)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool | None = None  # bf16 autocast; null (auto): on where the device has bf16 matrix units (CUDA; CPU AMX/avx512_bf16)
+    bf16: bool | None = None  # bf16 autocast; null (auto): bf16 units (CUDA; CPU AMX/avx512_bf16) and >= 5M parameters (precision.py)
     compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, or long CPU runs (compile_choice.py)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end

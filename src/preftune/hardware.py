@@ -4,6 +4,11 @@ bf16 pays only where the hardware multiplies bf16 matrices natively: CUDA device
 bf16, and x86 CPUs with AMX (``amx_bf16``/``amx_tile``, Sapphire Rapids and later) or
 ``avx512_bf16`` (Cooper Lake, Zen 4). Elsewhere bf16 matmuls are emulated through fp32 and run
 slower than fp32 itself, for a loss of accuracy that buys nothing.
+
+``PREFTUNE_CPU_BF16_UNITS=1`` (or ``0``) makes :func:`cpu_has_bf16_units` answer yes (or no)
+whatever the flags say: the test suite fixes it to ``0`` so that its numbers mean the same on
+every processor, and runs its precision-sensitive tests again with ``1`` (see ``tests/conftest.py``).
+Whether bf16 is then used is decided in :mod:`preftune.precision`.
 """
 
 from __future__ import annotations
@@ -40,15 +45,38 @@ def cpu_info() -> dict[str, Any]:
             "torch": torch.__version__, "torch_cpu_capability": capability}
 
 
+#: Forces what :func:`cpu_has_bf16_units` answers: "1" yes, "0" no (the tests' setting)
+UNITS_ENV = "PREFTUNE_CPU_BF16_UNITS"
+
+
 def cpu_has_bf16_units() -> bool:
-    """An x86 CPU with AMX or avx512_bf16 (see the module docstring)."""
+    """An x86 CPU with AMX or avx512_bf16 (see the module docstring), unless ``$PREFTUNE_CPU_BF16_UNITS`` says otherwise."""
+    forced = os.environ.get(UNITS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     return any(cpu_info()["flags"][flag] for flag in BF16_CPU_FLAGS)
 
 
-def bf16_wins(device_type: str) -> bool:
-    """Whether bf16 autocast is the faster precision on this device type ("cuda" or "cpu")."""
+def bf16_units(device_type: str) -> tuple[bool, str]:
+    """Whether the device type ("cuda" or "cpu") multiplies bf16 matrices natively, and in words what it has."""
     import torch
 
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cpu_has_bf16_units()
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return True, f"CUDA {torch.cuda.get_device_name()} (bf16 supported)"
+        return False, "CUDA device without bf16 support"
+    forced = os.environ.get(UNITS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"CPU {'with' if forced == '1' else 'without'} bf16 units (as ${UNITS_ENV}={forced} says)"
+    flags = cpu_info()["flags"]
+    found = [flag for flag in BF16_CPU_FLAGS if flags[flag]]
+    if found:
+        return True, f"CPU with {'AMX' if flags['amx_bf16'] else 'avx512_bf16'} ({', '.join(found)})"
+    best = "avx512f" if flags["avx512f"] else "avx2" if flags["avx2"] else "no avx2"
+    return False, f"CPU without bf16 units ({best}; no amx_bf16 or avx512_bf16)"
+
+
+def bf16_wins(device_type: str) -> bool:
+    """Whether the device type ("cuda" or "cpu") has bf16 matrix units (whether a model is large
+    enough for them to pay is :mod:`preftune.precision`'s question)."""
+    return bf16_units(device_type)[0]

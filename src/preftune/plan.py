@@ -233,9 +233,13 @@ def largest_batch(shape: Shape, s: Setup, memory: int, limit: int = 1 << 16) -> 
     return lo
 
 
-def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> Setup:
-    """The step as the run's config describes it (rows padded to the configured lengths)."""
-    from preftune.models.load import use_bf16
+def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None,
+               params: int = 0) -> Setup:
+    """The step as the run's config describes it (rows padded to the configured lengths); ``train.bf16``
+    auto resolved for this machine's device and a model of ``params`` parameters, as a run would."""
+    import torch
+
+    from preftune.precision import decide
 
     data, model, train = cfg.data, cfg.model, cfg.train
     prompt = prompt_tokens if prompt_tokens is not None else (data.max_prompt_length or data.max_length // 2)
@@ -246,7 +250,8 @@ def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, comple
     return Setup(name="as configured", stage=stage, batch=train.batch_size, prompt_tokens=prompt, completion_tokens=completion,
                  prefix_sharing=data.prefix_sharing, chunk=train.logprob_chunk_size, dtype=model.dtype, optimizer=train.optimizer,
                  lora=tuple(model.lora.target_modules) if model.lora.enabled else (), lora_r=model.lora.r, reference=reference,
-                 checkpointing=model.gradient_checkpointing, bf16=use_bf16(train))
+                 checkpointing=model.gradient_checkpointing,
+                 bf16=decide(train.bf16, "cuda" if torch.cuda.is_available() else "cpu", params).bf16)
 
 
 def strategies(base: Setup, devices: int) -> list[Setup]:

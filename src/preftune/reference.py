@@ -31,7 +31,7 @@ from preftune.distributed import all_gather, barrier, world
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
 from preftune.models.compiled import compile_layers
-from preftune.models.load import freeze, load_causal_lm, use_bf16
+from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
 from preftune.progress import batches
@@ -239,14 +239,16 @@ def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, g
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
                     held: Sequence[Any], collate: Callable, device: torch.device,
                     scorer_cls: type[nn.Module] | None = None, *, ref_model: nn.Module | None = None,
-                    tokenizer: Any = None, compile: bool = False) -> tuple[Reference, Reference, dict[str, Any]]:
+                    tokenizer: Any = None, compile: bool = False, bf16: bool = False) -> tuple[Reference, Reference, dict[str, Any]]:
     """The reference for the train and eval sets (the same object unless cached).
 
     ``scorer_cls`` scores ``collate``'s batches (``SequenceLogps`` or ``SharedPrefixLogps``).
     ``ref_model`` is a reference already in memory (the Python API's): frozen and used as is,
     and for the cache keyed by a hash of its weights; ``tokenizer``, when given, keys the cache
     by its content instead of the tokenizer folder's files. ``compile``: the run's resolved
-    ``train.compile`` (:mod:`preftune.compile_choice`), applied to a reference copy's decoder layers.
+    ``train.compile`` (:mod:`preftune.compile_choice`), applied to a reference copy's decoder layers;
+    ``bf16``: the run's resolved ``train.bf16`` (:mod:`preftune.precision`), the precision the cache
+    pass runs in and its key records.
     """
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
@@ -274,7 +276,6 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     model_hash = hash_module(ref_model) if in_memory else hash_files(check_folder(ref_path, "reference model"), WEIGHT_FILES)
     tokenizer_hash = (hash_tokenizer(tokenizer) if tokenizer is not None
                       else hash_files(check_folder(cfg.model.tokenizer or cfg.model.path, "tokenizer"), TOKENIZER_FILES))
-    bf16 = use_bf16(cfg.train)
     precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     refs = []

@@ -3,10 +3,10 @@
 Read it top to bottom: batch, forward, loss, backward, accumulate, clip, step, schedule, log,
 evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise, how to score a batch
 and what the loss is a mean over); the loop computes no objective itself. Its one piece of
-preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and
-``rewards/margins``, it watches them for likelihood displacement. ``accelerate`` places the
-model, runs autocast and wraps the model for multi-process runs; there is no communication
-code here. The report, the data report and the final save belong to the stages.
+preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and ``rewards/margins``,
+it watches them for likelihood displacement. ``accelerate`` places the model, runs autocast (in
+the run's precision, :mod:`preftune.precision`) and wraps the model for multi-process runs; there
+is no communication code here. The report, the data report and the final save belong to the stages.
 
 Gradient accumulation is exact for every task: before the forward passes of an optimizer step,
 the loop sums each micro-batch's :attr:`Task.counts` (the examples, weights or tokens that the
@@ -31,15 +31,7 @@ import torch
 from torch import nn
 
 from preftune.callbacks import Callbacks, DisplacementWatch
-from preftune.checkpoint import (
-    LoopState,
-    load_checkpoint,
-    non_finite,
-    prune_checkpoints,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-)
+from preftune.checkpoint import LoopState, load_checkpoint, non_finite, prune_checkpoints, resolve_resume, rng_state, save_checkpoint
 from preftune.compile_choice import CompileChoice, compile_for_run
 from preftune.config import TrainConfig
 from preftune.distributed import all_gather, all_sum, world
@@ -47,6 +39,7 @@ from preftune.errors import PreftuneError, TrainingError
 from preftune.interrupts import Interrupted, StopSignals
 from preftune.models.compiled import compile_stats
 from preftune.optim import make_optimizer, make_scheduler
+from preftune.precision import PrecisionChoice, resolve_precision
 from preftune.progress import batches
 from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
 
@@ -81,6 +74,7 @@ class Task:
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
     compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
+    precision: PrecisionChoice | None = None  # train.bf16 as the stage resolved it (None: the loop resolves it)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -191,7 +185,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     from tqdm.auto import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = _new_accelerator(Accelerator, cfg)
+    precision = task.precision or resolve_precision(cfg, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = _new_accelerator(Accelerator, precision)
     rank, processes = world()
     _check_shards(len(task.train_set), cfg, processes)
     params = [p for p in task.model.parameters() if p.requires_grad]
@@ -215,7 +210,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                 rank=rank, global_batch=cfg.batch_size * processes)
-    state.global_batch, state.compiled = cfg.batch_size * processes, compiling  # the choice a resume takes over
+    state.global_batch, state.compiled, state.bf16 = cfg.batch_size * processes, compiling, precision.bf16  # what a resume takes over
     metrics_path = run_dir / "metrics.jsonl"
     truncate_metrics(metrics_path, state.step)
     trackers = start_trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
@@ -366,7 +361,7 @@ def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
-def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
+def _new_accelerator(accelerator_cls: type, precision: PrecisionChoice) -> Any:
     """An Accelerator with this run's precision, also when an earlier run in the process set another.
 
     accelerate keeps its settings in a process-wide singleton that refuses a second, different
@@ -378,9 +373,7 @@ def _new_accelerator(accelerator_cls: type, cfg: TrainConfig) -> Any:
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    from preftune.models.load import use_bf16
-
-    return accelerator_cls(mixed_precision="bf16" if use_bf16(cfg) else "no", cpu=not torch.cuda.is_available())
+    return accelerator_cls(mixed_precision="bf16" if precision.bf16 else "no", cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

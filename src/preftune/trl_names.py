@@ -60,7 +60,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "resume_from_checkpoint": "train.resume_from",
     "seed": "train.seed",
     "full_determinism": "train.deterministic",
-    "bf16": "train.bf16 (default null: auto, bf16 where the device has bf16 matrix units)",
+    "bf16": "train.bf16 (default null: auto, bf16 where the device has bf16 matrix units and the model >= 5M parameters)",
     "torch_compile": "train.compile (default auto: on under CUDA, on CPU for long runs of large enough models; true/false)",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "optim": "train.optimizer",

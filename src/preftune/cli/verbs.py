@@ -291,7 +291,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         raise PreftuneError(f"--devices must be at least 1, got {args.devices}")
     cfg = load_config(STAGES[args.stage], args.config, overrides)
     shape = load_shape(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    base = base_setup(cfg, args.stage, prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens)
+    base = base_setup(cfg, args.stage, prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens,
+                      params=shape.params())
     result = plan(shape, base, args.devices, parse_bytes(args.device_memory))
     print(json.dumps(result, indent=1) if args.json else format_plan(result), end="\n" if args.json else "")
     return 0

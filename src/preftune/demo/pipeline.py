@@ -117,7 +117,8 @@ def _train_overrides(s: DemoSettings, out_dir: Path, steps: int, batch: int, lr:
     return [f"--train.output_dir={out_dir}", f"--train.max_steps={steps}", f"--train.batch_size={batch}",
             f"--train.lr={lr}", f"--train.seed={s.seed}", "--train.scheduler=cosine", "--train.warmup_steps=5",
             f"--train.log_every={max(1, steps // 10)}", f"--train.eval_every={max(1, steps // 2)}",
-            f"--train.progress={str(s.progress).lower()}", "--train.save_every=null", "--train.overwrite=true"]
+            f"--train.progress={str(s.progress).lower()}", "--train.save_every=null", "--train.overwrite=true",
+            "--train.bf16=false"]  # fp32 pinned: the same table on every processor (README)
 
 
 def label_pairs(prompts: list[str], samples: list[list[str]]) -> tuple[list[dict], int]:

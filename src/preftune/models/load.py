@@ -129,17 +129,6 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def use_bf16(train: Any) -> bool:
-    """``train.bf16``, with ``None`` meaning auto: bf16 autocast where the device the run uses has
-    bf16 matrix units (a CUDA device that supports bf16; a CPU with AMX or avx512_bf16), else fp32
-    (elsewhere bf16 is slower, and its accuracy cost buys nothing). See :mod:`preftune.hardware`."""
-    if train.bf16 is not None:
-        return bool(train.bf16)
-    from preftune.hardware import bf16_wins
-
-    return bf16_wins("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def has_adapter(model: nn.Module | None) -> bool:
     """Whether ``model`` is a peft model (its adapter can be switched off to give the reference)."""
     return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")

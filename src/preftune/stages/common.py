@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from preftune.checkpoint import resolve_resume
 from preftune.config import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
+from preftune.precision import PrecisionChoice, resolve_precision
 from preftune.train import Fitted, Task, fit, seed_everything
 
 
@@ -151,9 +152,29 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+#: What status.json keeps from one write to the next (the run's decisions, recorded once)
+STATUS_KEEPS = ("precision",)
+
+
 def mark(run_dir: Path, status: str, **info: Any) -> None:
-    """Write ``status.json``: ``running``, ``finished`` or ``failed`` (with what stopped it)."""
-    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **info}, indent=1), encoding="utf-8")
+    """Write ``status.json``: ``running``, ``finished`` or ``failed`` (with what stopped it), keeping
+    what an earlier write recorded of :data:`STATUS_KEEPS`."""
+    before = _read_status(run_dir)
+    kept = {key: before[key] for key in STATUS_KEEPS if key in before and key not in info}
+    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **kept, **info}, indent=1), encoding="utf-8")
+
+
+def with_precision(cfg: Any, precision: PrecisionChoice) -> Any:
+    """``cfg`` with ``train.bf16`` as the run resolved it (what ``config.yaml``, the trackers and checkpoints record)."""
+    return replace(cfg, train=replace(cfg.train, bf16=precision.bf16))
+
+
+def record_precision(run_dir: Path, cfg: Any, precision: PrecisionChoice) -> None:
+    """The run's resolved precision into ``config.yaml`` (``train.bf16``) and ``status.json`` (``precision``)."""
+    (run_dir / "config.yaml").write_text(to_yaml(with_precision(cfg, precision)), encoding="utf-8")
+    status = _read_status(run_dir)
+    status.pop("precision", None)
+    mark(run_dir, status.pop("status", "running"), **status, precision=precision.record())
 
 
 @dataclass
@@ -242,7 +263,11 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
 
     run_dir = Path(cfg.train.output_dir)
     _SETUP.pop(run_dir.resolve(), None)  # training begins: from here a failure is recorded in status.json
-    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(cfg))
+    if task.precision is None:  # decided once, before the loop; a stage that needed it earlier set it
+        task = replace(task, precision=resolve_precision(cfg.train, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu"))
+    if PartialState().is_main_process:
+        record_precision(run_dir, cfg, task.precision)
+    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, task.precision)))
     if PartialState().is_main_process:
         mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by)
         if cfg.train.report:

@@ -24,6 +24,7 @@ from preftune.compile_choice import resolve_compile
 from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
 from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
+from preftune.precision import resolve_precision
 from preftune.reference import Reference, build_reference, resolve_reference_strategy
 from preftune.stages.common import Given, Run, count_weight, policy_saver
 from preftune.train import Task
@@ -59,8 +60,10 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
     # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
     compile_choice = resolve_compile(cfg.train, policy, len(train_rows), run.dir, run.device)
+    precision = resolve_precision(cfg.train, policy, run.dir, run.device)
     train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
-                                                    ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on)
+                                                    ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on,
+                                                    bf16=precision.bf16)
     ref_info["layout"] = "prefix_shared" if shared else "concatenated"
     if why_not:
         ref_info["prefix_sharing_off"] = why_not
@@ -76,7 +79,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, compile=compile_choice)
+                output=policy, compile=compile_choice, precision=precision)
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:
