@@ -255,7 +255,7 @@ def versions() -> dict[str, str]:
 def machine() -> dict[str, Any]:
     """The processor a row ran on (model name, the flags that decide matmul speed, cores, torch):
     rows from different machines are never compared (``report.check_one_machine``)."""
-    from preftune.hardware import cpu_info
+    from preftune.system.hardware import cpu_info
 
     info = cpu_info()
     return {"cpu": info["cpu"], "cpu_flags": info["flags"], "cores": info["cores"], "torch": info["torch"],

@@ -125,9 +125,9 @@ def run_preftune(name: str, args: argparse.Namespace, model_dir: Path, records: 
     import dataclasses
 
     from benchmarks.common import StepClock, real_tokens
-    from preftune.config import DPOConfig, build_config
+    from preftune.config.schema import DPOConfig, build_config
     from preftune.stages.dpo import build_task
-    from preftune.train import fit
+    from preftune.training.loop import fit
 
     cache = name == "preftune-cache"
     overrides = {"model": {"path": str(model_dir)}, "data": {"train": [str(records)], "max_length": 2048, "max_prompt_length": 2048},

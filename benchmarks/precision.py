@@ -1,11 +1,11 @@
 """bf16 autocast against fp32 by model size: ``python -m benchmarks.precision [--sizes ...] [--smoke] [--json FILE]``.
 
 Where does bf16 autocast start to pay on a CPU? ``train.bf16: auto`` (issue 21, item 4) turns
-it on for a CPU with bf16 matrix units (AMX or avx512_bf16, see ``preftune.hardware``) only from
+it on for a CPU with bf16 matrix units (AMX or avx512_bf16, see ``preftune.system.hardware``) only from
 some number of parameters up: on such a CPU a tiny model was reported to run slower in bf16
 (autocast's casts cost more than its small matmuls save), a large one faster. This sweep
 measures that crossover. **Rerun it on an AMX / avx512_bf16 machine to re-derive the threshold**
-(``preftune.precision.AUTO_MIN_PARAMS``, printed next to the crossover). On a CPU without bf16
+(``preftune.training.precision.AUTO_MIN_PARAMS``, printed next to the crossover). On a CPU without bf16
 units (avx2 only) bf16 is emulated and the sweep shows only the cost side (no crossover expected).
 
 Sizes: random-weight ``LlamaForCausalLM`` models from a ``LlamaConfig`` (untied head, SDPA
@@ -27,7 +27,7 @@ machine's load hits both; the median of each is reported. Torch threads: 2 by de
 (``measure``): where bf16 is emulated one step of the larger sizes takes minutes. On a
 machine with bf16 units, ``--size-seconds 0`` runs every warm-up and timed step asked for.
 
-Prints the processor (``preftune.hardware.cpu_info``), the load average, a table (params, fp32
+Prints the processor (``preftune.system.hardware.cpu_info``), the load average, a table (params, fp32
 s/step, bf16 s/step, bf16 speed-up = fp32 time / bf16 time, timed steps) and the crossover
 estimate: the smallest size from which bf16 was faster at every larger size measured.
 ``--json FILE`` appends one JSON row per size (with ``machine``: processor, flags, cores, torch,
@@ -194,12 +194,12 @@ def crossover(rows: list[dict[str, Any]], bf16_units: bool) -> str:
 
 
 def auto_threshold() -> str:
-    """``preftune.precision.AUTO_MIN_PARAMS`` in words, to set against the crossover measured here."""
+    """``preftune.training.precision.AUTO_MIN_PARAMS`` in words, to set against the crossover measured here."""
     try:
-        from preftune.precision import AUTO_MIN_PARAMS
+        from preftune.training.precision import AUTO_MIN_PARAMS
     except ImportError:
-        return "unknown (no preftune.precision.AUTO_MIN_PARAMS)"
-    return f"{AUTO_MIN_PARAMS:,} parameters (preftune.precision.AUTO_MIN_PARAMS)"
+        return "unknown (no preftune.training.precision.AUTO_MIN_PARAMS)"
+    return f"{AUTO_MIN_PARAMS:,} parameters (preftune.training.precision.AUTO_MIN_PARAMS)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from benchmarks.common import machine
-    from preftune.hardware import BF16_CPU_FLAGS, cpu_info
+    from preftune.system.hardware import BF16_CPU_FLAGS, cpu_info
 
     torch.set_num_threads(args.threads)
     info, here = cpu_info(), machine()

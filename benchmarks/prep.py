@@ -109,7 +109,7 @@ def child(kind: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, A
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if kind.startswith("preftune"):
-        from preftune.config import DataConfig
+        from preftune.config.schema import DataConfig
         from preftune.data.prepare import prepare
         from preftune.models.tokenizer import load_tokenizer
 

@@ -1,7 +1,7 @@
 """One process, one or more preftune runs (``python -m benchmarks.run_preftune ...``; bench.py calls it).
 
 Each run builds its task exactly as ``preftune dpo`` does (``preftune.stages.dpo.build_task``)
-and trains it with the one loop, ``preftune.train.fit``; the benchmark only wraps the collator to
+and trains it with the one loop, ``preftune.training.loop.fit``; the benchmark only wraps the collator to
 time each step. A run name picks which speed and memory work is on (``VARIANTS``, through the
 config: prefix sharing, the reference strategy, gradient checkpointing, LoRA), so each is
 measured on its own; the full-logits baseline passes its scorer class to ``build_task``.
@@ -47,7 +47,7 @@ class FullLogitsLogps(nn.Module):
 
 
 def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> Any:
-    from preftune.config import (
+    from preftune.config.schema import (
         DataConfig,
         DPOConfig,
         LoraConfig,
@@ -104,7 +104,7 @@ def unfused_adamw(enabled: bool) -> Iterator[None]:
     one. On a CPU whose other cores are busy, every parallel kernel can wait a scheduler time
     slice for its second thread, so the kernel count, not the arithmetic, sets the cost.
     """
-    import preftune.optim as loop
+    import preftune.training.optim as loop
 
     original = loop._can_fuse
     if enabled:
@@ -118,7 +118,7 @@ def unfused_adamw(enabled: bool) -> Iterator[None]:
 def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train one variant for warm-up + timed steps; return its JSON record."""
     from benchmarks.fixtures import Fixtures
-    from preftune.train import fit
+    from preftune.training.loop import fit
 
     variant = VARIANTS[name]
     fx = Fixtures(fixtures)

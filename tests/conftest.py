@@ -56,7 +56,7 @@ DPO_TINY = REPO / "configs" / "dpo-tiny.yaml"
 
 def dpo_config(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str):  # noqa: ANN201
     """configs/dpo-tiny.yaml on the tiny model and the given data, quiet, with ``overrides`` on top."""
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
 
     base = [f"--model.path={model_dir}", f"--data.train={train}", f"--train.output_dir={out}", "--train.progress=false",
             "--train.report=false", f"--data.eval={held}" if held else "--data.eval=[]"]

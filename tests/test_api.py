@@ -140,7 +140,7 @@ def test_the_reference_cache_works_for_a_model_in_memory(tiny, tmp_path: Path) -
 
 
 def test_python_settings_are_checked_like_yaml(tiny, tmp_path: Path) -> None:  # noqa: ANN001
-    from preftune.config import DPOConfig, LossConfig, load_config
+    from preftune.config.schema import DPOConfig, LossConfig, load_config
 
     yaml_file = tmp_path / "bad.yaml"
     yaml_file.write_text("loss:\n  beta: -1\n")

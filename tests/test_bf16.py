@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DPO_TINY, REPO, assert_same_weights, read_metrics, weights, write_jsonl
-from preftune.config import DPOConfig, RMConfig, SFTConfig, load_config
+from preftune.config.schema import DPOConfig, RMConfig, SFTConfig, load_config
 from test_distributed import preftune as launch
 from test_interrupts import COMMON as RESUMABLE
 from test_train import EXACT

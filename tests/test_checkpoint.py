@@ -20,7 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from preftune.checkpoint import (
+from preftune.errors import TrainingError
+from preftune.training.checkpoint import (
     MANIFEST_FILE,
     RESUME_MAY_CHANGE,
     STATE_FILE,
@@ -37,7 +38,6 @@ from preftune.checkpoint import (
     trainable_state,
     write_manifest,
 )
-from preftune.errors import TrainingError
 
 
 def tiny(seed: int) -> nn.Module:

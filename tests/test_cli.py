@@ -18,7 +18,7 @@ import yaml
 from conftest import DPO_TINY, REPO
 from preftune.cli.main import build_parser, main
 from preftune.cli.verbs import VERBS
-from preftune.config import DPOConfig, load_config
+from preftune.config.schema import DPOConfig, load_config
 from preftune.errors import ConfigError
 
 

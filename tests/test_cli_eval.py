@@ -18,7 +18,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dpo_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files

@@ -18,9 +18,12 @@ import pytest
 import torch
 
 from conftest import REPO, assert_same_weights, dpo_config, read_metrics, weights
-from preftune import compile_choice
-from preftune.checkpoint import STATE_FILE, write_manifest
-from preftune.compile_choice import (
+from preftune.config.schema import TrainConfig
+from preftune.errors import ConfigError
+from preftune.stages.dpo import run as run_dpo
+from preftune.training import compile_choice
+from preftune.training.checkpoint import STATE_FILE, write_manifest
+from preftune.training.compile_choice import (
     AUTO_CPU_MIN_STEPS,
     AUTO_CPU_REFERENCE_PARAMS,
     cxx_compiler,
@@ -29,10 +32,7 @@ from preftune.compile_choice import (
     planned_steps,
     recorded_choice,
 )
-from preftune.config import TrainConfig
-from preftune.errors import ConfigError
-from preftune.interrupts import Interrupted
-from preftune.stages.dpo import run as run_dpo
+from preftune.training.interrupts import Interrupted
 
 M34 = AUTO_CPU_REFERENCE_PARAMS
 
@@ -134,7 +134,7 @@ def test_the_checkpoint_records_the_choice_and_a_shorter_resume_keeps_it(
     monkeypatch.setattr(compile_choice, "min_cpu_steps", lambda params: 4)
     monkeypatch.setattr(compile_choice, "compile_layers", fake_compile)
     monkeypatch.setattr(compile_choice, "cxx_compiler", gxx)
-    monkeypatch.setattr("preftune.reference.compile_layers", fake_compile)
+    monkeypatch.setattr("preftune.training.reference.compile_layers", fake_compile)
     train, _ = preference_files
     run = tmp_path / "run"
     calls = {"n": 0}

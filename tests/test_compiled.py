@@ -44,7 +44,7 @@ def test_compiled_prefix_shared_logps_and_grads_equal_eager() -> None:
     """Prefix sharing + chunked log-probs + LoRA + gradient checkpointing: compiled == eager to
     1e-5 over 5 batches of 5 lengths, with at most 2 graphs per mode (automatic dynamic shapes).
     (Without LoRA and checkpointing: the DPO run below.)"""
-    from preftune.config import LoraConfig
+    from preftune.config.schema import LoraConfig
 
     lm = apply_lora(tiny_lm("sdpa"), LoraConfig(enabled=True, r=4, alpha=8))
     enable_gradient_checkpointing(lm)
@@ -126,9 +126,9 @@ def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise
     import signal
 
     from conftest import assert_same_weights, weights
-    from preftune import compile_choice
-    from preftune.interrupts import Interrupted
     from preftune.stages.dpo import run as run_dpo
+    from preftune.training import compile_choice
+    from preftune.training.interrupts import Interrupted
 
     train, _ = preference_files
     common = ["--data.group_by_length=false", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune.config import (
+from preftune.config.schema import (
     DPOConfig,
     from_dict,
     load_config,
@@ -101,7 +101,7 @@ def test_nullable_fields_accept_null() -> None:
 def test_shipped_configs_load() -> None:
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ should ship at least one config"
-    from preftune.config import STAGES
+    from preftune.config.schema import STAGES
 
     for path in files:
         stage = path.name.split("-")[0]  # dpo-tiny.yaml -> the dpo stage

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from preftune.config import DPOConfig, load_config
+from preftune.config.schema import DPOConfig, load_config
 from preftune.logprobs import completion_logps, naive_completion_logps
 from preftune.stages.dpo import run as run_dpo
 

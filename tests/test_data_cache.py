@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from preftune.config import DataConfig
+from preftune.config.schema import DataConfig
 from preftune.data.prepare import prepare
 from preftune.models.tiny import synthetic_preferences, train_tokenizer
 from preftune.models.tokenizer import load_tokenizer

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import write_jsonl
-from preftune.config import DataConfig
+from preftune.config.schema import DataConfig
 from preftune.data.load import load_examples
 from preftune.data.prepare import as_demonstrations, prepare
 from preftune.data.records import UnpairedExample

@@ -160,7 +160,7 @@ def test_kl_estimate_is_unbiased_against_the_exact_one_token_kl(tokenizer) -> No
 # --------------------------------------------------------------------------- run_eval on a real run
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> Path:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files
@@ -177,7 +177,7 @@ def final_eval_line(run: Path) -> dict:
 
 
 def test_run_eval_on_a_run_folder_saves_every_metric(dpo_run: Path, judges_module: Path, tmp_path: Path) -> None:
-    from preftune.report import format_table
+    from preftune.report.html import format_table
 
     texts = tmp_path / "held.txt"
     texts.write_text("the a of to and\ngood great fine nice\n", encoding="utf-8")
@@ -225,7 +225,7 @@ def test_run_eval_of_a_checkpoint_and_of_a_plain_model(dpo_run: Path, tiny_model
 
 
 def test_run_eval_remakes_the_eval_fraction_split(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo
 
     train, _ = preference_files
@@ -241,7 +241,7 @@ def test_run_eval_remakes_the_eval_fraction_split(tiny_model_dir: Path, preferen
 
 @pytest.mark.fp32_exact
 def test_run_eval_of_a_lora_run_and_its_checkpoint(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo
 
     train, held = preference_files

@@ -12,7 +12,7 @@ import torch
 from conftest import write_jsonl
 from preftune.data.prompts import read_prompts
 from preftune.errors import ConfigError, DataError
-from preftune.generate import (
+from preftune.eval.generate import (
     GenerationSettings,
     generate,
     generate_ids,
@@ -220,7 +220,7 @@ def test_read_prompts_from_prompt_files_and_preference_data(tmp_path: Path) -> N
 
 def test_write_generations_round_trip(model, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     from preftune.data.prompts import PromptRecord
-    from preftune.generate import generation_records
+    from preftune.eval.generate import generation_records
 
     prompts = [PromptRecord("the a of", None, "p:1"), PromptRecord([{"role": "user", "content": "hi"}], "s", "p:2")]
     settings = GenerationSettings(max_new_tokens=4, num_samples=2, seed=3)
@@ -235,7 +235,7 @@ def test_write_generations_round_trip(model, tokenizer, tmp_path: Path) -> None:
 
 
 def test_run_generate_from_a_model_folder_writes_jsonl(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from preftune.generate import run_generate
+    from preftune.eval.generate import run_generate
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the a of"}, {"prompt": [{"role": "user", "content": "hi"}]}])
     settings = GenerationSettings(max_new_tokens=5, num_samples=2, seed=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune import hardware
+from preftune.system import hardware
 
 
 def test_cpu_info_names_the_processor_and_the_flags_that_matter() -> None:

@@ -61,7 +61,7 @@ def offline(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_model_and_tokenizer_load_by_hub_id_from_the_cache(offline: Path) -> None:
-    from preftune.config import ModelConfig
+    from preftune.config.schema import ModelConfig
     from preftune.models.load import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(ModelConfig(path="preftune-test/tiny-llama"))
@@ -70,7 +70,7 @@ def test_a_model_and_tokenizer_load_by_hub_id_from_the_cache(offline: Path) -> N
 
 
 def test_what_is_not_there_is_one_clear_line(offline: Path) -> None:
-    from preftune.config import ModelConfig
+    from preftune.config.schema import ModelConfig
     from preftune.models.load import load_causal_lm
 
     with pytest.raises(PreftuneError) as err:
@@ -84,7 +84,7 @@ def test_what_is_not_there_is_one_clear_line(offline: Path) -> None:
 
 
 def test_a_dataset_by_hub_id_and_a_hub_layout_folder(offline: Path, tmp_path: Path) -> None:
-    from preftune.config import DataConfig
+    from preftune.config.schema import DataConfig
     from preftune.data.prepare import prepare
     from preftune.models.load import load_tokenizer
     from preftune.models.tiny import synthetic_preferences

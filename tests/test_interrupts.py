@@ -19,8 +19,8 @@ import torch
 
 from conftest import DPO_TINY, REPO, assert_same_weights, dpo_config, read_metrics, weights
 from preftune.errors import TrainingError
-from preftune.interrupts import Interrupted
 from preftune.stages.dpo import run as run_dpo
+from preftune.training.interrupts import Interrupted
 
 #: a run whose config differs from the resumed and the straight one in max_steps only (a resume may change it)
 COMMON = ["--train.deterministic=true", "--train.save_every=null", "--train.eval_every=null", "--train.log_every=1",

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_same_weights, weights
-from preftune.checkpoint import latest_checkpoint
 from preftune.data.pairing import build_pairs
 from preftune.errors import ConfigError, PreftuneError
+from preftune.training.checkpoint import latest_checkpoint
 
 ITERATE_TINY = REPO / "configs" / "iterate-tiny.yaml"
 

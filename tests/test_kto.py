@@ -28,7 +28,7 @@ def unpaired(n: int, seed: int) -> list[dict]:
 
 def log_ratio_margin(policy_dir: Path, reference_dir: Path, records: list[dict]) -> float:
     """Mean log pi/ref of the desirable completions minus that of the undesirable ones (nats)."""
-    from preftune.config import ModelConfig
+    from preftune.config.schema import ModelConfig
     from preftune.data.collate import collate_unpaired
     from preftune.data.records import UnpairedExample
     from preftune.data.tokenize import tokenize_unpaired

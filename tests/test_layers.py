@@ -17,15 +17,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Bottom to top. A module belongs to the first entry that is it or a package above it.
 LAYERS: list[tuple[str, ...]] = [
     ("preftune.errors",),
-    ("preftune.losses", "preftune.logprobs"),  # torch only
-    ("preftune.typed", "preftune.stats", "preftune.trl_names", "preftune.hub", "preftune.progress", "preftune.distributed",
-     "preftune.hardware"),
-    ("preftune.config", "preftune.report", "preftune.plots", "preftune.report_series"),
+    ("preftune.losses", "preftune.logprobs"),  # torch only: the math
+    ("preftune.system",),  # processes, the processor, progress, hub ids: nothing about preference learning
+    ("preftune.config", "preftune.report"),  # the settings; what a run shows (HTML, plots, stats)
     ("preftune.data",),
     ("preftune.models",),
-    ("preftune.reference", "preftune.checkpoint", "preftune.compile_choice", "preftune.precision"),
-    ("preftune.train", "preftune.optim", "preftune.callbacks", "preftune.trackers", "preftune.runlog", "preftune.generate",
-     "preftune.plan", "preftune.interrupts"),
+    ("preftune.training",),  # the loop and what it decides and keeps
     ("preftune.eval",),
     ("preftune.stages",),
     ("preftune.demo",),
@@ -133,6 +130,16 @@ def test_every_module_is_in_a_layer() -> None:
         layer_of(name, LAYERS)
 
 
+def test_the_layers_are_folders_and_the_root_holds_few_modules() -> None:
+    """Each layer above the math is a folder (a package), and at most 10 modules sit directly in src/preftune."""
+    package = SRC / "preftune"
+    for prefixes in LAYERS[2:-1]:
+        for prefix in prefixes:
+            assert (package / prefix.removeprefix("preftune.") / "__init__.py").is_file(), f"{prefix} is not a folder"
+    root = sorted(path.name for path in package.glob("*.py"))
+    assert len(root) <= 10, root
+
+
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     for relative, text in files.items():
         path = tmp_path / "preftune" / relative
@@ -145,11 +152,12 @@ def test_the_checker_catches_an_upward_import_even_inside_a_function(tmp_path: P
     src = _package(tmp_path, {
         "__init__.py": "",
         "losses.py": "import torch\n",
-        "train.py": "from preftune.losses import dpo\n",  # down: fine
+        "training/__init__.py": "",
+        "training/loop.py": "from preftune.losses import dpo\n",  # down: fine
         "data/__init__.py": "",
-        "data/collate.py": "def f():\n    from preftune.train import fit\n",  # up, hidden in a function
+        "data/collate.py": "def f():\n    from preftune.training.loop import fit\n",  # up, hidden in a function
     })
-    assert violations(src, LAYERS) == ["preftune.data.collate (layer 4) imports preftune.train (layer 7)"]
+    assert violations(src, LAYERS) == ["preftune.data.collate (layer 4) imports preftune.training.loop (layer 6)"]
 
 
 def test_the_checker_catches_a_circle(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import LoraConfig, ModelConfig
+from preftune.config.schema import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
 from preftune.models.load import (
     apply_lora,

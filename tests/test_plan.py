@@ -93,7 +93,7 @@ CASES = [pytest.param(*case, marks=pytest.mark.fp32_exact) if case[0] == "tiny" 
 def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1) -> tuple[int, int]:
     """(planned peak, measured peak) in bytes of two steps of ``stage`` with ``strategy``, per process."""
     import preftune
-    from preftune.plan import Setup, estimate, shape_of
+    from preftune.training.plan import Setup, estimate, shape_of
 
     settings, setup = STRATEGIES[strategy]
     if "reference" in settings:
@@ -139,7 +139,7 @@ def test_ddp_estimate_per_process_within_25_percent(tmp_path: Path) -> None:
 
 
 def test_shapes_and_sharding_arithmetic() -> None:
-    from preftune.plan import Setup, estimate, largest_batch, parse_bytes, shape_of
+    from preftune.training.plan import Setup, estimate, largest_batch, parse_bytes, shape_of
 
     model = llama("34m")
     shape = shape_of(model.config)
@@ -187,7 +187,7 @@ def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path, capsys: 
 
 def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from preftune.errors import PreftuneError
-    from preftune.plan import load_shape, shape_of
+    from preftune.training.plan import load_shape, shape_of
 
     sha = "b" * 40
     repo = tmp_path / "cache" / "models--org--big-model"

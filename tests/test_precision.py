@@ -19,12 +19,13 @@ import torch
 import yaml
 
 from conftest import assert_same_weights, dpo_config, read_metrics, weights
-from preftune import hardware, precision
-from preftune.checkpoint import STATE_FILE, write_manifest
 from preftune.errors import ConfigError
-from preftune.interrupts import Interrupted
-from preftune.precision import AUTO_MIN_PARAMS, decide, recorded_choice
 from preftune.stages.dpo import run as run_dpo
+from preftune.system import hardware
+from preftune.training import precision
+from preftune.training.checkpoint import STATE_FILE, write_manifest
+from preftune.training.interrupts import Interrupted
+from preftune.training.precision import AUTO_MIN_PARAMS, decide, recorded_choice
 
 AMX = (True, "CPU with AMX (amx_bf16)")
 NONE = (False, "CPU without bf16 units (avx2; no amx_bf16 or avx512_bf16)")

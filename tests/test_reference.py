@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import TINY_PAD, dpo_config, random_pairs, read_metrics, tiny_lm
-from preftune.config import DPOConfig
+from preftune.config.schema import DPOConfig
 from preftune.data.collate import collate_pairs, collate_prefix_shared
 from preftune.errors import PreftuneError
 from preftune.models.load import freeze
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps
-from preftune.reference import cache_key, hash_pairs, resolve_reference_strategy
 from preftune.stages.dpo import run as run_dpo
+from preftune.training.reference import cache_key, hash_pairs, resolve_reference_strategy
 
 
 # --------------------------------------------------------------------------- strategy resolution
@@ -100,9 +100,9 @@ def test_the_data_hash_sees_every_token_and_the_boundaries() -> None:
 
 # --------------------------------------------------------------------------- references on batches
 def test_adapter_off_and_cached_references_take_shared_batches(tmp_path: Path) -> None:
-    from preftune.config import LoraConfig
+    from preftune.config.schema import LoraConfig
     from preftune.models.load import apply_lora
-    from preftune.reference import (
+    from preftune.training.reference import (
         AdapterOffReference,
         FrozenCopyReference,
         load_or_compute_cache,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from preftune.errors import PreftuneError
-from preftune.report import format_table, reward_axis, write_report
+from preftune.report.html import format_table, reward_axis, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -70,7 +70,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 
 def short_run(model_dir: Path, train: Path, held: Path | None, out: Path, *overrides: str) -> Path:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.stages.dpo import run as run_dpo
 
     cfg = load_config(DPOConfig, REPO / "configs" / "dpo-tiny.yaml", [

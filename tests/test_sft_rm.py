@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_jsonl
-from preftune.config import RMConfig, SFTConfig, load_config
+from preftune.config.schema import RMConfig, SFTConfig, load_config
 from preftune.errors import PreftuneError
 
 CONFIGS = REPO / "configs"
@@ -77,7 +77,7 @@ def test_sft_on_chat_messages_and_prompt_completion_records(tiny_model_dir: Path
 
 
 def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> None:
-    from preftune.config import ModelConfig
+    from preftune.config.schema import ModelConfig
     from preftune.data import load_examples
     from preftune.data.collate import collate_packed, collate_unpaired, pack
     from preftune.data.prepare import as_demonstrations

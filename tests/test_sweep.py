@@ -36,7 +36,7 @@ def test_each_value_is_a_run_folder_and_only_reference_losses_read_the_cache(tin
 @pytest.mark.slow
 def test_a_three_value_beta_sweep_computes_the_reference_once(tiny_model_dir: Path, preference_files, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
-    import preftune.reference as reference
+    import preftune.training.reference as reference
     from preftune.cli.main import main
 
     loads, forwards = [], []

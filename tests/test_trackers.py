@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import preftune
-from preftune.trackers import flat_config, trl_metric_names
+from preftune.training.trackers import flat_config, trl_metric_names
 
 
 def test_trl_metric_names() -> None:
@@ -111,7 +111,7 @@ def test_mlflow_file_store_receives_the_config_and_the_metrics(tracked_run: dict
 
 
 def test_an_unknown_or_missing_tracker_is_a_clear_error(tmp_path: Path) -> None:
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"report_to: unknown tracker\(s\) 'wandbb' \(known: tensorboard, wandb, mlflow\)"):

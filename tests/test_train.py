@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_same_weights, dpo_config, read_metrics, weights, write_jsonl
-from preftune.config import DPOConfig, RMConfig, SFTConfig, load_config
+from preftune.config.schema import DPOConfig, RMConfig, SFTConfig, load_config
 from preftune.errors import TrainingError
 from preftune.stages.dpo import run as run_dpo
 
@@ -91,7 +91,7 @@ def test_dpo_accumulation_is_exact_with_weighted_pairs(tiny_model_dir: Path, eig
 
 
 def test_sum_counts_adds_each_count_over_the_micro_batches() -> None:
-    from preftune.train import count_examples, sum_counts
+    from preftune.training.loop import count_examples, sum_counts
 
     batches = [{"weight": torch.ones(3)}, {"weight": torch.ones(5)}]
     assert float(sum_counts(batches, count_examples)["examples"]) == 8.0
@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_with_the_step(tiny_model_dir: Path, preference_fi
 
 
 def test_likelihood_displacement_warns_once() -> None:
-    from preftune.callbacks import DisplacementWatch
+    from preftune.training.callbacks import DisplacementWatch
 
     watch = DisplacementWatch(patience=3)
     with pytest.warns(UserWarning, match="likelihood displacement"):

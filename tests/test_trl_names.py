@@ -8,11 +8,11 @@ import re
 import pytest
 
 from conftest import REPO
-from preftune.config import DPOConfig, load_config
+from preftune.config.schema import DPOConfig, load_config
+from preftune.config.trl_names import TRL_LOSS_TYPES, TRL_NAMES, trl_hint
+from preftune.config.typed import _all_keys
 from preftune.errors import ConfigError
 from preftune.losses import LOSSES
-from preftune.trl_names import TRL_LOSS_TYPES, TRL_NAMES, trl_hint
-from preftune.typed import _all_keys
 
 trl = pytest.importorskip("trl", reason="TRL is a dev dependency (make test installs it)")
 
@@ -27,7 +27,7 @@ def trl_fields() -> tuple[set[str], set[str]]:
 
 def test_every_trl_dpo_setting_is_in_the_table() -> None:
     every, own = trl_fields()
-    assert own - set(TRL_NAMES) == set(), "TRL DPOConfig fields missing from preftune.trl_names.TRL_NAMES"
+    assert own - set(TRL_NAMES) == set(), "TRL DPOConfig fields missing from preftune.config.trl_names.TRL_NAMES"
     assert set(TRL_NAMES) - every == set(), "names in the table that TRL's DPOConfig does not have"
 
 

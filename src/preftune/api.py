@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.config import DPOConfig, KTOConfig, RMConfig, SFTConfig, build_config, to_dict
+from preftune.config.schema import DPOConfig, KTOConfig, RMConfig, SFTConfig, build_config, to_dict
+from preftune.config.trl_names import trl_hint
 from preftune.errors import ConfigError
-from preftune.trl_names import trl_hint
 
 EVAL_SPLITS = ("validation", "eval", "test")
 
@@ -108,7 +108,7 @@ def iterate(config: Any = None, *, judge: Any = None, callbacks: Sequence[Any] =
     """
     import json
 
-    from preftune.config import load_config
+    from preftune.config.schema import load_config
     from preftune.stages import iterate as stage
     from preftune.stages.iterate_config import IterateConfig, check
 

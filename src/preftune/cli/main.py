@@ -4,7 +4,7 @@ Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneEr
 ``OSError`` about a path the user named); it is printed as one short paragraph and the exit
 status is 2. ``--debug``, anywhere on the command line, shows the traceback instead. SIGINT and
 SIGTERM end the command with one line and the shell's status (130, 143); during training the
-loop first finishes its step and writes a checkpoint (:mod:`preftune.interrupts`).
+loop first finishes its step and writes a checkpoint (:mod:`preftune.training.interrupts`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 import threading
 
 from preftune.cli.verbs import VERBS, Verb
-from preftune.distributed import world
 from preftune.errors import PreftuneError
-from preftune.interrupts import Interrupted
+from preftune.system.distributed import world
+from preftune.training.interrupts import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(BaseException):
-    """SIGTERM outside a training loop (which handles it itself: :mod:`preftune.interrupts`)."""
+    """SIGTERM outside a training loop (which handles it itself: :mod:`preftune.training.interrupts`)."""
 
 
 def _terminate(signum: int, frame: object) -> None:

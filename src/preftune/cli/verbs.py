@@ -1,7 +1,7 @@
 """Every verb of the command line, declared once: its arguments and what it calls.
 
 :data:`VERBS` is the table :mod:`preftune.cli.main` builds the parser from. Settings' defaults
-live in their dataclasses (the stage configs, :class:`~preftune.generate.GenerationSettings`,
+live in their dataclasses (the stage configs, :class:`~preftune.eval.generate.GenerationSettings`,
 :class:`~preftune.eval.run.EvalSettings`): argparse defaults are None where a dataclass has the
 default, and only flags given on the command line are passed on. Each ``_verb`` function takes
 the parsed arguments and the dotted overrides, and returns the exit status.
@@ -53,7 +53,7 @@ def _stage(name: str) -> Callable[[argparse.Namespace, list[str]], int]:
     def run(args: argparse.Namespace, overrides: list[str]) -> int:
         import importlib
 
-        from preftune.config import STAGES, load_config, to_yaml
+        from preftune.config.schema import STAGES, load_config, to_yaml
 
         cfg = load_config(STAGES[name], args.config, overrides)
         if args.print_config:
@@ -85,8 +85,8 @@ def _stage_verb(name: str, help_text: str) -> Verb:
 
 
 def _iterate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.config import to_yaml
-    from preftune.report_series import format_iteration
+    from preftune.config.schema import to_yaml
+    from preftune.report.series import format_iteration
     from preftune.stages import iterate
     from preftune.stages.iterate_config import load_iterate_config
 
@@ -101,7 +101,7 @@ def _iterate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # --------------------------------------------------------------------------- data inspect
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    from preftune.config import DataConfig
+    from preftune.config.schema import DataConfig
     from preftune.data.formats import FORMATS
 
     defaults = DataConfig()
@@ -195,7 +195,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.generate import GenerationSettings, run_generate
+    from preftune.eval.generate import GenerationSettings, run_generate
 
     settings = GenerationSettings(**_given(GenerationSettings, args))
     path = run_generate(args.model, args.prompts, args.out, settings, system=args.system, max_records=args.max_records,
@@ -232,7 +232,7 @@ def _trust_flag(parser: argparse.ArgumentParser) -> None:
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.eval.run import EvalSettings, run_eval
-    from preftune.report import format_table, write_report
+    from preftune.report.html import format_table, write_report
 
     results = run_eval(EvalSettings(**_given(EvalSettings, args)))
     if results.get("run_dir"):
@@ -262,7 +262,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.report_series import write_any
+    from preftune.report.series import write_any
 
     print(write_any(args.run_dir))
     return 0
@@ -280,10 +280,10 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    from preftune.config import STAGES, load_config
-    from preftune.distributed import world
+    from preftune.config.schema import STAGES, load_config
     from preftune.errors import PreftuneError
-    from preftune.plan import base_setup, format_plan, load_shape, parse_bytes, plan
+    from preftune.system.distributed import world
+    from preftune.training.plan import base_setup, format_plan, load_shape, parse_bytes, plan
 
     if world()[1] > 1:
         raise PreftuneError(f"`preftune plan` runs in one process; it was launched in {world()[1]}. Run it alone, with --devices N.")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.config import DataConfig
+from preftune.config.schema import DataConfig
 from preftune.data.store import ItemsWriter, TokenizedItems, open_items, start_file
 
 CACHE_VERSION = 2  # 2: ids, offsets and fields in one safetensors file, memory-mapped (data/store.py)

@@ -3,7 +3,7 @@
 A data entry that is a file, or a folder written by ``datasets``' ``save_to_disk``, is read by
 :mod:`preftune.data.readers` as before. A folder in the hub's layout (a ``README.md`` card and
 data files: Parquet, JSON Lines, JSON, CSV) and a hub dataset id (``org/name``, resolved to its
-snapshot in the hub cache by :mod:`preftune.hub`; offline with ``HF_HUB_OFFLINE=1`` or
+snapshot in the hub cache by :mod:`preftune.system.hub`; offline with ``HF_HUB_OFFLINE=1`` or
 ``HF_DATASETS_OFFLINE=1``) are loaded with ``datasets.load_dataset`` on the local folder, with
 ``data.subset``, the split, and ``data.data_files``; no loading script is ever run.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from preftune.data.readers import SAVE_TO_DISK_MARKERS, InMemory
 from preftune.errors import DataError
-from preftune.hub import looks_like_repo_id, snapshot
+from preftune.system.hub import looks_like_repo_id, snapshot
 
 
 def resolve_source(entry: Any, *, split: str, subset: str | None = None, data_files: dict[str, str] | None = None) -> Any:

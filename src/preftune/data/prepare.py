@@ -30,11 +30,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from preftune.config import DataConfig
+from preftune.config.schema import DataConfig
 from preftune.data.records import DataReport, PreferenceExample, TokenizedPair, TokenizedUnpaired, UnpairedExample
 from preftune.data.store import TokenizedItems
 from preftune.errors import DataError, PreftuneError
-from preftune.progress import status
+from preftune.system.progress import status
 
 Records = Literal["pairs", "demonstrations", "unpaired"]
 #: examples tokenized at a time (a chunk's texts and token lists are what memory holds of them)

@@ -1,7 +1,7 @@
 """The demo's evaluation: reference (the SFT model) against each aligned policy on held-out prompts.
 
 Every number comes from the library's own evaluation code (:mod:`preftune.eval.metrics`,
-:mod:`preftune.eval.judges`, :mod:`preftune.generate`); the demo adds only the ground truth
+:mod:`preftune.eval.judges`, :mod:`preftune.eval.generate`); the demo adds only the ground truth
 (:mod:`preftune.demo.task`), which no training stage sees.
 """
 
@@ -15,13 +15,13 @@ from preftune.demo import task
 
 
 def _decode_all(tokenizer: Any, generated: Any) -> list[str]:
-    from preftune.generate import decode
+    from preftune.eval.generate import decode
 
     return [decode(tokenizer, samples[0], generated.stop_ids) for samples in generated.completion_ids]
 
 
 def _sample(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[Any, list[str]]:
-    from preftune.generate import GenerationSettings, generate_ids
+    from preftune.eval.generate import GenerationSettings, generate_ids
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=1.0, num_samples=1, seed=seed, batch_size=128)
     generated = generate_ids(model, tokenizer, prompts, settings)
@@ -50,7 +50,7 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[Any, Pa
     """The closing table's numbers for the reference and each policy; ``eval/eval.json`` too.
 
     ``policies`` maps a beta, or a (column label, beta) pair, to a policy folder."""
-    from preftune.config import ModelConfig
+    from preftune.config.schema import ModelConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import tokenize_pairs
     from preftune.eval.judges import reward_model_judge, win_rate
@@ -134,7 +134,7 @@ def _win(w: dict[str, Any]) -> str:
 
 def frontier_plot(results: dict[str, Any], path: Path) -> Path:
     """Ground-truth reward against KL for each beta (the paper's figure 2, left)."""
-    from preftune.plots import plot_frontier
+    from preftune.report.plots import plot_frontier
 
     points = sorted((p["kl_to_reference"]["mean"], p["ground_truth_reward"], p["beta"]) for p in results["policies"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def frontier_plot(results: dict[str, Any], path: Path) -> Path:
 def write_demo_report(out: Path, summary: dict[str, Any], table: str) -> Path:
     """``out/report.html``: the closing table, the reward-KL frontier (with a sweep), sample
     continuations, and each stage's training curves, images embedded; readable without Python."""
-    from preftune import report
+    from preftune.report import html as report
 
     stages, pairs = report.escape(json.dumps(summary["stage_seconds"])), report.escape(json.dumps(summary["pairs"]))
     parts = ["<h1>preftune demo: steering a tiny model towards positive reviews</h1>",

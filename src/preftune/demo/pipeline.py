@@ -138,8 +138,8 @@ def label_pairs(prompts: list[str], samples: list[list[str]]) -> tuple[list[dict
 
 def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples: int, seed: int) -> list[list[str]]:
     """Temperature-1 samples (the SFT model's own distribution), batched."""
-    from preftune.config import ModelConfig
-    from preftune.generate import generate
+    from preftune.config.schema import ModelConfig
+    from preftune.eval.generate import generate
     from preftune.models.load import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(ModelConfig(path=str(model_dir))).eval()
@@ -159,7 +159,7 @@ def more_rounds(s: Any, out: Path, sft_dir: Path, policies: dict[Any, Path], tra
     reference (as `preftune iterate` does with ``iterate.reference: initial``). Round 1 is the
     demo's usual DPO run, untouched.
     """
-    from preftune.config import DPOConfig, load_config
+    from preftune.config.schema import DPOConfig, load_config
     from preftune.errors import ConfigError
 
     if len(s.betas) != 1:
@@ -185,7 +185,7 @@ def more_rounds(s: Any, out: Path, sft_dir: Path, policies: dict[Any, Path], tra
 
 def main_pipeline(s: DemoSettings) -> dict[str, Any]:
     """Run every stage; return the summary (also written to ``summary.json``)."""
-    from preftune.config import DPOConfig, RMConfig, SFTConfig, load_config
+    from preftune.config.schema import DPOConfig, RMConfig, SFTConfig, load_config
     from preftune.demo.evaluation import (
         closing_table,
         evaluate_demo,

@@ -13,10 +13,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from preftune.eval.generate import GenerationSettings, decode, generate_ids
 from preftune.eval.judges import Judge, win_rate
 from preftune.eval.metrics import kl_from_samples
 from preftune.eval.scoring import score_all
-from preftune.generate import GenerationSettings, decode, generate_ids
 
 #: the seeds of held-out samples: the round's policy, and the initial model (independent draws)
 POLICY_SEED_OFFSET = 1000

@@ -11,7 +11,7 @@
 - win rates by a judge: :mod:`preftune.eval.judges`.
 
 :func:`preftune.eval.run.run_eval` ties them together from folders and files and writes
-``eval.json``; :func:`preftune.report.format_table` renders it for a terminal.
+``eval.json``; :func:`preftune.report.html.format_table` renders it for a terminal.
 Log-probs follow preftune's one convention: summed over completion tokens, EOS included.
 """
 
@@ -27,8 +27,8 @@ from torch import nn
 from preftune.data.prompts import Prompt
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.generate import Generated, GenerationSettings, generate_ids
-from preftune.stats import quantiles
+from preftune.eval.generate import Generated, GenerationSettings, generate_ids
+from preftune.report.stats import quantiles
 
 #: quantiles of the per-pair log-ratio differences reported by :func:`preference_metrics`
 QUANTILES = (5, 25, 50, 75, 95)

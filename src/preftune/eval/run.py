@@ -19,12 +19,12 @@ import torch
 from preftune.data.prompts import PromptRecord, read_prompts
 from preftune.data.records import TokenizedPair
 from preftune.errors import ConfigError, PreftuneError
+from preftune.eval.generate import Generated, GenerationSettings, decode, generate_ids
 from preftune.eval.metrics import (
     kl_from_samples,
     perplexity_details,
     preference_metrics,
 )
-from preftune.generate import Generated, GenerationSettings, decode, generate_ids
 from preftune.models.load import ModelSource, describe_model, load_model
 
 
@@ -164,7 +164,7 @@ def _run_reference(source: ModelSource) -> str | None:
 
 
 def _run_beta(source: ModelSource) -> float:
-    from preftune.config import LossConfig, from_dict
+    from preftune.config.schema import LossConfig, from_dict
 
     loss = source.run_config.get("loss")
     return from_dict(LossConfig, loss).beta if isinstance(loss, dict) and "beta" in loss else LossConfig().beta
@@ -172,7 +172,7 @@ def _run_beta(source: ModelSource) -> float:
 
 def _data_config(source: ModelSource, settings: EvalSettings) -> Any:
     """The run's data settings (or the defaults), with the limits given in ``settings`` on top."""
-    from preftune.config import DataConfig, from_dict
+    from preftune.config.schema import DataConfig, from_dict
 
     data = from_dict(DataConfig, source.run_config["data"]) if "data" in source.run_config else DataConfig()
     if settings.max_length is not None:
@@ -184,7 +184,7 @@ def _data_config(source: ModelSource, settings: EvalSettings) -> Any:
 
 def _held_out_pairs(source: ModelSource, settings: EvalSettings, data: Any, tokenizer: Any) -> tuple[list, list[TokenizedPair], dict]:
     """(examples, tokenized held-out pairs with ``index`` into examples, what was used)."""
-    from preftune.config import TrainConfig, from_dict
+    from preftune.config.schema import TrainConfig, from_dict
     from preftune.data import load_examples, tokenize_pairs
     from preftune.data.records import PreferenceExample
 

@@ -24,7 +24,7 @@ runs eagerly and ONE line on stderr says so: a probe compiles a two-op function 
 failure at the first real call also falls back (the same inputs then run eagerly).
 
 Whether a run compiles (``train.compile``, ``auto`` included) is decided once per run in
-:mod:`preftune.compile_choice`; this module only compiles.
+:mod:`preftune.training.compile_choice`; this module only compiles.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import LoraConfig, ModelConfig
+from preftune.config.schema import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
 from preftune.models.scorers import SequenceLogps, causal_lm_of
 from preftune.models.tokenizer import check_folder, load_tokenizer
@@ -197,7 +197,7 @@ def _last_step(run_dir: Path) -> int | None:
 
 
 def _model_config(source: ModelSource) -> Any:
-    from preftune.config import from_dict
+    from preftune.config.schema import from_dict
 
     return from_dict(ModelConfig, source.run_config["model"]) if "model" in source.run_config else ModelConfig()
 

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import ModelConfig
+from preftune.config.schema import ModelConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import completion_logps
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.scorers import body_of, causal_lm_of
-from preftune.progress import batches
+from preftune.system.progress import batches
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"

@@ -3,7 +3,7 @@ local cache), and the one tokenizer loader. Torch-free, so `preftune data inspec
 stays light.
 
 A name that is not a local folder and looks like a hub id (``org/name`` or ``name``) is resolved
-by :mod:`preftune.hub` to its snapshot in the hub cache (config, tokenizer and safetensors files
+by :mod:`preftune.system.hub` to its snapshot in the hub cache (config, tokenizer and safetensors files
 only; with ``HF_HUB_OFFLINE=1`` from the cache alone), then loaded from that folder exactly as a
 local folder is.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.hub import looks_like_repo_id, snapshot
+from preftune.system.hub import looks_like_repo_id, snapshot
 
 __all__ = ["check_folder", "load_tokenizer"]
 

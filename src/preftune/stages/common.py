@@ -4,7 +4,7 @@ data, save the final model, train, write the report, and say in ``status.json`` 
 outright stays ``running``).
 
 A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
-and objective, and returns the loop's :class:`~preftune.train.Task`; its ``run(cfg)`` is
+and objective, and returns the loop's :class:`~preftune.training.loop.Task`; its ``run(cfg)`` is
 ``train(build_task(cfg), cfg)``. So the CLI, the Python API, the demo and the benchmarks build a
 stage the same way, and a caller that needs the pieces (a benchmark that times the loop) takes
 the task and leaves the rest.
@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune import distributed
-from preftune.checkpoint import resolve_resume
-from preftune.config import to_dict, to_yaml, validate
+from preftune.config.schema import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
-from preftune.precision import PrecisionChoice, resolve_precision
-from preftune.train import Fitted, Task, fit, seed_everything
+from preftune.system import distributed
+from preftune.training.checkpoint import resolve_resume
+from preftune.training.loop import Fitted, Task, fit, seed_everything
+from preftune.training.precision import PrecisionChoice, resolve_precision
 
 
 @dataclass
@@ -280,7 +280,7 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
 
 def write_report_or_warn(run_dir: Path) -> None:
     """report.html for a finished run; a failure here is reported, and the trained model kept."""
-    from preftune.report import write_report
+    from preftune.report.html import write_report
 
     try:
         write_report(run_dir)

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import DPOConfig
+from preftune.config.schema import DPOConfig
 from preftune.data.prepare import prepare
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.reference import Reference
 from preftune.stages.common import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
-from preftune.train import Task
+from preftune.training.loop import Task
+from preftune.training.reference import Reference
 
 
 def loss_hparams(cfg: DPOConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.config import to_dict, to_yaml
+from preftune.config.schema import to_dict, to_yaml
 from preftune.errors import ConfigError, PreftuneError
 from preftune.stages.iterate_config import IterateConfig, check, round_config
 
@@ -40,16 +40,16 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
 
     import torch
 
-    from preftune.checkpoint import latest_checkpoint
     from preftune.data.pairing import build_pairs
     from preftune.data.prompts import read_prompts
-    from preftune.distributed import world
+    from preftune.eval.generate import write_generations
     from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
     from preftune.eval.scoring import load_scorer
-    from preftune.generate import write_generations
     from preftune.models.load import describe_model, load_model
     from preftune.stages import dpo
     from preftune.stages.common import recorded, train
+    from preftune.system.distributed import world
+    from preftune.training.checkpoint import latest_checkpoint
 
     scorer = None
     if judge is not None:
@@ -145,7 +145,7 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
         _write_summary(out, cfg, initial, rounds)
     _write_summary(out, cfg, initial, rounds)
     if cfg.train.report:
-        from preftune.report_series import write_iteration_report
+        from preftune.report.series import write_iteration_report
 
         _say(f"report {write_iteration_report(out)}")
     return out

@@ -1,8 +1,8 @@
 """`preftune iterate`'s configuration: the DPO sections each round trains with, the generation
 settings of `preftune generate` for sampling, and the loop's own options.
 
-It lives beside the stage rather than in :mod:`preftune.config` because its ``generate`` section
-is :class:`~preftune.generate.GenerationSettings` itself (one set of defaults, one check), and
+It lives beside the stage rather than in :mod:`preftune.config.schema` because its ``generate`` section
+is :class:`~preftune.eval.generate.GenerationSettings` itself (one set of defaults, one check), and
 the generation module sits above the config layer.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from preftune.config import DataConfig, DPOConfig, LossConfig, ModelConfig, ReferenceConfig, TrainConfig, load_config, validate
+from preftune.config.schema import DataConfig, DPOConfig, LossConfig, ModelConfig, ReferenceConfig, TrainConfig, load_config, validate
 from preftune.errors import ConfigError
-from preftune.generate import GenerationSettings
+from preftune.eval.generate import GenerationSettings
 
 
 @dataclass

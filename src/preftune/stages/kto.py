@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import KTOConfig
+from preftune.config.schema import KTOConfig
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.reference import Reference
 from preftune.stages.common import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
-from preftune.train import Task
+from preftune.training.loop import Task
+from preftune.training.reference import Reference
 
 
 def make_loss_fn(cfg: KTOConfig, reference: Reference) -> Any:

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune import distributed
-from preftune.compile_choice import resolve_compile
 from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
 from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
-from preftune.precision import resolve_precision
-from preftune.reference import Reference, build_reference, resolve_reference_strategy
 from preftune.stages.common import Given, Run, count_weight, policy_saver
-from preftune.train import Task
+from preftune.system import distributed
+from preftune.training.compile_choice import resolve_compile
+from preftune.training.loop import Task
+from preftune.training.precision import resolve_precision
+from preftune.training.reference import Reference, build_reference, resolve_reference_strategy
 
 #: (reference) -> the loop's loss function scoring rows against that reference
 MakeLoss = Callable[[Reference], Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import RMConfig
+from preftune.config.schema import RMConfig
 from preftune.data.collate import collate_pairs
 from preftune.data.prepare import prepare
 from preftune.logprobs import IGNORE_INDEX
@@ -25,7 +25,7 @@ from preftune.losses import bradley_terry, sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.reward import RewardModel, save_reward_model
 from preftune.stages.common import Given, record_data, recorded, start_run, train, write_config
-from preftune.train import Task
+from preftune.training.loop import Task
 
 
 def count_pairs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import SFTConfig
+from preftune.config.schema import SFTConfig
 from preftune.data.collate import collate_packed, collate_unpaired, pack
 from preftune.data.prepare import prepare
 from preftune.logprobs import IGNORE_INDEX
@@ -26,7 +26,7 @@ from preftune.losses import sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.scorers import SequenceLogps
 from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
-from preftune.train import Task
+from preftune.training.loop import Task
 
 
 def count_tokens(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

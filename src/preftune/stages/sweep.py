@@ -4,14 +4,14 @@ Every value (every combination, when several settings are swept) is a DPO run of
 ``train.output_dir/KEY-VALUE``, trained by :mod:`preftune.stages.dpo` as any run is. The
 reference is paid for once: a run that would read a frozen copy of the reference model
 (``reference.strategy`` ``auto`` or ``copy``, without LoRA) uses the on-disk cache instead
-(:mod:`preftune.reference`), whose key covers the reference weights, the tokenized data, the
+(:mod:`preftune.training.reference`), whose key covers the reference weights, the tokenized data, the
 tokenizer and the precision, none of which a sweep over the loss changes. So the first run
 computes the reference log-probs and the others read them. Runs with a reference-free loss
 (SimPO, ORPO) need none; with LoRA the reference is the adapter switched off, at no extra cost.
 
 When held-out data exists, each run is evaluated (:func:`preftune.eval.run.run_eval`: held-out
 preference metrics, KL from samples), and the sweep's report draws reward against KL, one
-point per value (:mod:`preftune.report_series`). ``sweep.json`` records the runs, whether each
+point per value (:mod:`preftune.report.series`). ``sweep.json`` records the runs, whether each
 read the reference from the cache, and how many reference passes were computed.
 """
 
@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from preftune.config import DPOConfig, build_config, parse_overrides, to_dict
+from preftune.config.schema import DPOConfig, build_config, parse_overrides, to_dict
+from preftune.config.trl_names import trl_hint
+from preftune.config.typed import merge_nested
 from preftune.errors import ConfigError
 from preftune.losses import REFERENCE_FREE
-from preftune.trl_names import trl_hint
-from preftune.typed import merge_nested
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
 def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
     """Train (and, with held-out data, evaluate) every value; write ``sweep.json`` and the report."""
     from preftune.eval.run import EvalSettings, run_eval
-    from preftune.report_series import write_sweep_report
+    from preftune.report.series import write_sweep_report
     from preftune.stages import dpo
 
     sweeps = parse_sweeps(items)

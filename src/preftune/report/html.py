@@ -1,6 +1,6 @@
 """How results are shown: the terminal table of an evaluation, a run's HTML report, and the
 HTML toolkit every page of the project uses (:func:`page` with the one style sheet,
-:func:`table`, :func:`image`, :func:`escape`); the plots themselves are :mod:`preftune.plots`.
+:func:`table`, :func:`image`, :func:`escape`); the plots themselves are :mod:`preftune.report.plots`.
 
 ``write_report(RUN_DIR)`` writes ``RUN_DIR/report.html``, one self-contained file (plots
 embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN_DIR/plots/*.png``:
@@ -16,7 +16,7 @@ embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN
 
 Whatever is missing (no eval yet, no data report, an SFT run without rewards) is left out;
 the report always renders. Every string shown is escaped here. A low layer: of the project,
-only :mod:`preftune.errors` and :mod:`preftune.plots` are imported.
+only :mod:`preftune.errors` and :mod:`preftune.report.plots` are imported.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.plots import (
+from preftune.report.plots import (
     CURVES,
     is_number,
     plot_alignment,

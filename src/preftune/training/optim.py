@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from preftune.config import TrainConfig
+from preftune.config.schema import TrainConfig
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

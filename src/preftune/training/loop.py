@@ -5,7 +5,7 @@ evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise, how to
 and what the loss is a mean over); the loop computes no objective itself. Its one piece of
 preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and ``rewards/margins``,
 it watches them for likelihood displacement. ``accelerate`` places the model, runs autocast (in
-the run's precision, :mod:`preftune.precision`) and wraps the model for multi-process runs; there
+the run's precision, :mod:`preftune.training.precision`) and wraps the model for multi-process runs; there
 is no communication code here. The report, the data report and the final save belong to the stages.
 
 Gradient accumulation is exact for every task: before the forward passes of an optimizer step,
@@ -30,18 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.callbacks import Callbacks, DisplacementWatch
-from preftune.checkpoint import LoopState, load_checkpoint, non_finite, prune_checkpoints, resolve_resume, rng_state, save_checkpoint
-from preftune.compile_choice import CompileChoice, compile_for_run
-from preftune.config import TrainConfig
-from preftune.distributed import all_gather, all_sum, world
+from preftune.config.schema import TrainConfig
 from preftune.errors import PreftuneError, TrainingError
-from preftune.interrupts import Interrupted, StopSignals
 from preftune.models.compiled import compile_stats
-from preftune.optim import make_optimizer, make_scheduler
-from preftune.precision import PrecisionChoice, resolve_precision
-from preftune.progress import batches
-from preftune.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
+from preftune.system.distributed import all_gather, all_sum, world
+from preftune.system.progress import batches
+from preftune.training.callbacks import Callbacks, DisplacementWatch
+from preftune.training.checkpoint import LoopState, load_checkpoint, non_finite, prune_checkpoints, resolve_resume, rng_state, save_checkpoint
+from preftune.training.compile_choice import CompileChoice, compile_for_run
+from preftune.training.interrupts import Interrupted, StopSignals
+from preftune.training.optim import make_optimizer, make_scheduler
+from preftune.training.precision import PrecisionChoice, resolve_precision
+from preftune.training.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -171,9 +171,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model.
 
     ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
-    the run early (:mod:`preftune.callbacks`). ``hparams`` (the whole resolved config) go to the
-    trackers of ``train.report_to`` (:mod:`preftune.trackers`). A SIGTERM or SIGINT ends the run
-    after the current step with a checkpoint (:mod:`preftune.interrupts`).
+    the run early (:mod:`preftune.training.callbacks`). ``hparams`` (the whole resolved config) go to the
+    trackers of ``train.report_to`` (:mod:`preftune.training.trackers`). A SIGTERM or SIGINT ends the run
+    after the current step with a checkpoint (:mod:`preftune.training.interrupts`).
     """
     with StopSignals() as signals:
         return _fit(task, cfg, Path(run_dir), callbacks, hparams, signals)

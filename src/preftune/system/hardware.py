@@ -8,7 +8,7 @@ slower than fp32 itself, for a loss of accuracy that buys nothing.
 ``PREFTUNE_CPU_BF16_UNITS=1`` (or ``0``) makes :func:`cpu_has_bf16_units` answer yes (or no)
 whatever the flags say: the test suite fixes it to ``0`` so that its numbers mean the same on
 every processor, and runs its precision-sensitive tests again with ``1`` (see ``tests/conftest.py``).
-Whether bf16 is then used is decided in :mod:`preftune.precision`.
+Whether bf16 is then used is decided in :mod:`preftune.training.precision`.
 """
 
 from __future__ import annotations
@@ -78,5 +78,5 @@ def bf16_units(device_type: str) -> tuple[bool, str]:
 
 def bf16_wins(device_type: str) -> bool:
     """Whether the device type ("cuda" or "cpu") has bf16 matrix units (whether a model is large
-    enough for them to pay is :mod:`preftune.precision`'s question)."""
+    enough for them to pay is :mod:`preftune.training.precision`'s question)."""
     return bf16_units(device_type)[0]

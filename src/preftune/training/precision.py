@@ -2,7 +2,7 @@
 
 ``true``/``false`` are taken as given. ``null`` (auto) is decided at the start of a fresh run from:
 
-- the device's bf16 matrix units (:func:`preftune.hardware.bf16_units`): a CUDA device that
+- the device's bf16 matrix units (:func:`preftune.system.hardware.bf16_units`): a CUDA device that
   supports bf16, or an x86 CPU with AMX or ``avx512_bf16``. Without them bf16 matmuls are
   emulated through fp32: slower than fp32 and less exact, so auto stays fp32;
 - the model's size: bf16 pays only where the matrices are large enough for the bf16 units to
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.checkpoint import STATE_FILE, resolve_resume
-from preftune.distributed import all_gather, world
 from preftune.errors import ConfigError, PreftuneError
-from preftune.hardware import bf16_units
+from preftune.system.distributed import all_gather, world
+from preftune.system.hardware import bf16_units
+from preftune.training.checkpoint import STATE_FILE, resolve_resume
 
 #: Auto turns bf16 autocast on from this many parameters, on a device with bf16 units.
 #:
@@ -92,7 +92,7 @@ def recorded_choice(folder: Path) -> bool | None:
 def decide(setting: bool | None, device: str, params: int, *, units: tuple[bool, str] | None = None,
            recorded: bool | None = None, resuming: bool = False) -> PrecisionChoice:
     """``train.bf16`` resolved (see the module docstring). ``units`` is whether the device has bf16
-    matrix units and what they are (default: :func:`preftune.hardware.bf16_units` for ``device``);
+    matrix units and what they are (default: :func:`preftune.system.hardware.bf16_units` for ``device``);
     ``recorded`` the resumed checkpoint's choice (None: a fresh run, or ``resuming`` from a
     checkpoint that did not record it)."""
     if setting not in (None, True, False):

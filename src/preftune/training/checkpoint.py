@@ -41,7 +41,7 @@ CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 #: per process may change with the number of processes: their product, the global batch, is
 #: checked on its own (:func:`load_checkpoint`). ``train.compile`` and ``train.bf16`` change how a step
 #: is rounded, not what it computes; a resume takes the recorded choice, and says when a setting
-#: overrides it (:mod:`preftune.compile_choice`, :mod:`preftune.precision`).
+#: overrides it (:mod:`preftune.training.compile_choice`, :mod:`preftune.training.precision`).
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
     "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",

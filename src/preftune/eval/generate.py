@@ -27,7 +27,7 @@ from typing import Any
 
 from preftune.data.prompts import Prompt, PromptRecord, read_prompts
 from preftune.errors import ConfigError, DataError, PreftuneError
-from preftune.progress import batches
+from preftune.system.progress import batches
 
 
 @dataclass

@@ -117,7 +117,7 @@ def load_shape(path: str, *, trust_remote_code: bool = False) -> Shape:
 
     from transformers import AutoConfig
 
-    from preftune.hub import looks_like_repo_id, snapshot
+    from preftune.system.hub import looks_like_repo_id, snapshot
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -239,7 +239,7 @@ def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, comple
     auto resolved for this machine's device and a model of ``params`` parameters, as a run would."""
     import torch
 
-    from preftune.precision import decide
+    from preftune.training.precision import decide
 
     data, model, train = cfg.data, cfg.model, cfg.train
     prompt = prompt_tokens if prompt_tokens is not None else (data.max_prompt_length or data.max_length // 2)

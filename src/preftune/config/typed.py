@@ -1,6 +1,6 @@
 """Typed dataclasses from plain data: checked conversion, dotted overrides, YAML out.
 
-Generic over any dataclass tree; :mod:`preftune.config` holds preftune's own. A key that is not
+Generic over any dataclass tree; :mod:`preftune.config.schema` holds preftune's own. A key that is not
 a field is an error naming the nearest valid key; a value of the wrong type is an error naming
 the key and the expected type.
 """

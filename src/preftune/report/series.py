@@ -1,8 +1,8 @@
 """Reports over several runs: the rounds of `preftune iterate` side by side, and the policies of a
 `preftune dpo --sweep` on one reward-against-KL frontier.
 
-Both pages are built with :mod:`preftune.report`'s toolkit (one style sheet, escaped cells,
-embedded images) and :func:`preftune.plots.plot_frontier`. :func:`write_any` is what
+Both pages are built with :mod:`preftune.report.html`'s toolkit (one style sheet, escaped cells,
+embedded images) and :func:`preftune.report.plots.plot_frontier`. :func:`write_any` is what
 `preftune report FOLDER` calls: an iteration folder (``iterate.json``), a sweep folder
 (``sweep.json``) or a single run.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.plots import plot_frontier
-from preftune.report import _f, image, page, read_evals, reward_axis, table, write_report
+from preftune.report.html import _f, image, page, read_evals, reward_axis, table, write_report
+from preftune.report.plots import plot_frontier
 
 
 def write_any(folder: str | Path) -> Path:

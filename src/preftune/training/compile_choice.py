@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.checkpoint import STATE_FILE, resolve_resume
-from preftune.distributed import all_gather, world
 from preftune.errors import ConfigError, PreftuneError
 from preftune.models.compiled import compile_layers
+from preftune.system.distributed import all_gather, world
+from preftune.training.checkpoint import STATE_FILE, resolve_resume
 
 #: ``auto`` compiles a CPU run of a model of :data:`AUTO_CPU_REFERENCE_PARAMS` parameters that
 #: plans at least this many optimizer steps. Derived from the 34M benchmark (batch 8, about 3,000
@@ -87,7 +87,7 @@ def cxx_compiler() -> str | None:
 
 
 def planned_steps(train: Any, items: int, processes: int = 1) -> int:
-    """The optimizer steps a run of ``items`` training items plans, counted as :func:`preftune.train.fit` counts them."""
+    """The optimizer steps a run of ``items`` training items plans, counted as :func:`preftune.training.loop.fit` counts them."""
     per_epoch = math.ceil(math.ceil(items / (train.batch_size * processes)) / train.grad_accum)
     return train.max_steps or train.epochs * per_epoch
 

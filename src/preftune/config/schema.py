@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from preftune.config.trl_names import TRL_LOSS_TYPES, trl_hint
+from preftune.config.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
 from preftune.errors import ConfigError
-from preftune.trl_names import TRL_LOSS_TYPES, trl_hint
-from preftune.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
 
 __all__ = ["STAGES", "DPOConfig", "DataConfig", "KTOConfig", "KTOLossConfig", "KTOOptions", "LoraConfig", "LossConfig",
            "ModelConfig", "RMConfig", "RMLossConfig", "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig",
            "build_config", "from_dict", "load_config", "parse_overrides", "to_dict", "to_yaml", "validate"]
 
 
-#: train.report_to's trackers -> the package each needs (preftune.trackers starts them)
+#: train.report_to's trackers -> the package each needs (preftune.training.trackers starts them)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -137,8 +137,8 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
-    bf16: bool | None = None  # bf16 autocast; null (auto): bf16 units (CUDA; CPU AMX/avx512_bf16) and >= 5M parameters (precision.py)
-    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, or long CPU runs (compile_choice.py)
+    bf16: bool | None = None  # bf16 autocast; null (auto): bf16 units (CUDA; CPU AMX/avx512_bf16) and >= 5M parameters (training/precision.py)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, long CPU runs (training/compile_choice.py)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size

@@ -3,7 +3,7 @@ histogram, win rates with their intervals, and reward against KL (per checkpoint
 report, per beta in the demo).
 
 Plots use matplotlib's object API on an Agg canvas (no global figure state, no backend switch): a figure
-comes from :func:`_figure` and is written by :func:`_save`. Like :mod:`preftune.report`, this
+comes from :func:`_figure` and is written by :func:`_save`. Like :mod:`preftune.report.html`, this
 is a low layer: it imports nothing of the project.
 """
 

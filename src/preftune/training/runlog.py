@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from preftune.config import TrainConfig
-from preftune.distributed import all_gather, world
+from preftune.config.schema import TrainConfig
 from preftune.errors import TrainingError
+from preftune.system.distributed import all_gather, world
 
 
 class MetricWindow:
@@ -71,7 +71,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def start_trackers(cfg: TrainConfig, run_dir: Path, hparams: dict[str, Any] | None) -> Any:
     """The trackers of ``train.report_to`` (and ``train.tensorboard``), or None when there are none."""
-    from preftune.trackers import Trackers
+    from preftune.training.trackers import Trackers
 
     names = list(cfg.report_to) + (["tensorboard"] if cfg.tensorboard else [])
     if not names:

@@ -26,15 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config import DPOConfig
-from preftune.distributed import all_gather, barrier, world
+from preftune.config.schema import DPOConfig
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
 from preftune.models.compiled import compile_layers
 from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
-from preftune.progress import batches
+from preftune.system.distributed import all_gather, barrier, world
+from preftune.system.progress import batches
 
 CACHE_VERSION = 1
 
@@ -246,8 +246,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     ``ref_model`` is a reference already in memory (the Python API's): frozen and used as is,
     and for the cache keyed by a hash of its weights; ``tokenizer``, when given, keys the cache
     by its content instead of the tokenizer folder's files. ``compile``: the run's resolved
-    ``train.compile`` (:mod:`preftune.compile_choice`), applied to a reference copy's decoder layers;
-    ``bf16``: the run's resolved ``train.bf16`` (:mod:`preftune.precision`), the precision the cache
+    ``train.compile`` (:mod:`preftune.training.compile_choice`), applied to a reference copy's decoder layers;
+    ``bf16``: the run's resolved ``train.bf16`` (:mod:`preftune.training.precision`), the precision the cache
     pass runs in and its key records.
     """
     scorer_cls = scorer_cls or SequenceLogps

@@ -1,6 +1,6 @@
 """SIGTERM and SIGINT during training: finish the step, checkpoint, say where, exit non-zero.
 
-While :func:`preftune.train.fit` runs, the first SIGTERM or SIGINT only sets a flag; the loop
+While :func:`preftune.training.loop.fit` runs, the first SIGTERM or SIGINT only sets a flag; the loop
 looks at it after each optimizer step, writes a checkpoint there (unless one was just written),
 and raises :class:`Interrupted`, whose message says where the checkpoint is and how to continue,
 and whose exit status is the shell's (143 for SIGTERM, 130 for SIGINT). A second signal stops at
@@ -15,8 +15,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from preftune.distributed import all_gather
 from preftune.errors import TrainingError
+from preftune.system.distributed import all_gather
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

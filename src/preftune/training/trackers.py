@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.config import TRACKERS
+from preftune.config.schema import TRACKERS
 from preftune.errors import PreftuneError
 
 
