@@ -323,7 +323,9 @@ def _data_problems(data: DataConfig) -> list[str]:
 
 
 def _train_problems(train: TrainConfig) -> list[str]:
-    problems = []
+    problems = [] if str(train.output_dir).strip() else ["output_dir is empty: name the run's folder (it would be the current one)"]
+    if not 0 <= train.seed < 2**32:
+        problems.append(f"seed must be in [0, 2**32) (got {train.seed})")
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "logprob_chunk_size"):
         if getattr(train, name) < 1:
             problems.append(f"{name} must be at least 1")

@@ -38,12 +38,36 @@ NOT_IN_KEY = ("train", "eval", "eval_fraction", "group_by_length", "prefix_shari
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks (the cache key's data part; checkpoint manifests)."""
+    """sha256 of a file's bytes, read in blocks (the cache key's data part; checkpoint manifests;
+    a run's data, :func:`source_digests`). Not read again in this process while its size, mtime and
+    inode are unchanged."""
+    stat = path.stat()
+    stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+    _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def source_digests(paths: Sequence[Any]) -> dict[str, str]:
+    """sha256 of every local file among ``paths`` (a folder: each file in it), by path; hub ids and
+    data given in memory have none. A run records them in its checkpoints, and a resume on changed
+    data is refused."""
+    found: dict[str, str] = {}
+    for entry in paths:
+        path = Path(entry).expanduser() if isinstance(entry, (str, Path)) else None
+        if path is None or not path.exists():
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        found.update({str(file): file_digest(file) for file in files})
+    return found
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
 import warnings
@@ -28,9 +27,11 @@ import torch
 from torch import nn
 
 from preftune.config.schema import to_dict, to_yaml, validate
+from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
 from preftune.system import distributed
+from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, read_status
 from preftune.training.checkpoint import resolve_resume
 from preftune.training.loop import Fitted, Task, fit, seed_everything
 from preftune.training.precision import PrecisionChoice, resolve_precision
@@ -84,11 +85,11 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     run_dir = Path(cfg.train.output_dir)
     if rank == 0:
-        created = not run_dir.exists()
-        claim_folder(run_dir, cfg.train)
-        _SETUP[run_dir.resolve()] = _Setup.of(run_dir, created)
-        # a resume is checked before anything is written: the checkpoint intact, the config the same
-        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None, global_batch=cfg.train.batch_size * processes)
+        # every check before anything is written: the folder free, the checkpoint intact and readable, the config and data the same
+        check_folder(run_dir, cfg.train)
+        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None, global_batch=cfg.train.batch_size * processes,
+                       data=data_digests(cfg))
+        _SETUP[run_dir.resolve()] = claim_folder(run_dir, cfg.train)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
         if processes > 1:
@@ -101,57 +102,6 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     return Run(cfg, run_dir, tokenizer, device)
 
 
-STATUS_FILE = "status.json"
-#: What a run writes into its folder (removed by train.overwrite, and only that)
-RUN_FILES = ("config.yaml", STATUS_FILE, "data_report.json", "reference.json", "metrics.jsonl", "report.html", "final",
-             "checkpoints", "plots", "tensorboard")
-#: ... and what is worth keeping: a run that trained
-TRAINED_FILES = ("metrics.jsonl", "final", "checkpoints")
-
-
-def claim_folder(run_dir: Path, train: Any) -> None:
-    """Make ``run_dir`` this run's: never two runs at once in one folder, never a finished run
-    overwritten by accident (``train.resume_from`` continues it, ``train.overwrite`` replaces it)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PreftuneError(f"train.output_dir '{run_dir}' is a file, not a folder.")
-    status = _read_status(run_dir)
-    if status.get("status") == "running" and status.get("host") == socket.gethostname() and _alive(status.get("pid")):
-        raise PreftuneError(f"another preftune run (pid {status['pid']}) is writing to '{run_dir}'; wait for it, or choose "
-                            "another train.output_dir.")
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    trained = [name for name in held if name in TRAINED_FILES]  # a run that stopped before training leaves nothing to keep
-    if held and not train.resume_from:
-        if trained and not train.overwrite:
-            what = status.get("status", "unknown state")
-            step = f" at step {status['step']}" if status.get("step") else ""
-            raise PreftuneError(f"'{run_dir}' already holds a run ({what}{step}; {', '.join(trained)}); choose another "
-                                "train.output_dir, continue it with train.resume_from=latest, or replace it with train.overwrite=true.")
-        for name in held:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _read_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        status = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 #: What status.json keeps from one write to the next (the run's decisions, recorded once)
 STATUS_KEEPS = ("precision",)
 
@@ -159,7 +109,7 @@ STATUS_KEEPS = ("precision",)
 def mark(run_dir: Path, status: str, **info: Any) -> None:
     """Write ``status.json``: ``running``, ``finished`` or ``failed`` (with what stopped it), keeping
     what an earlier write recorded of :data:`STATUS_KEEPS`."""
-    before = _read_status(run_dir)
+    before = read_status(run_dir)
     kept = {key: before[key] for key in STATUS_KEEPS if key in before and key not in info}
     (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, **kept, **info}, indent=1), encoding="utf-8")
 
@@ -172,52 +122,27 @@ def with_precision(cfg: Any, precision: PrecisionChoice) -> Any:
 def record_precision(run_dir: Path, cfg: Any, precision: PrecisionChoice) -> None:
     """The run's resolved precision into ``config.yaml`` (``train.bf16``) and ``status.json`` (``precision``)."""
     (run_dir / "config.yaml").write_text(to_yaml(with_precision(cfg, precision)), encoding="utf-8")
-    status = _read_status(run_dir)
+    status = read_status(run_dir)
     status.pop("precision", None)
     mark(run_dir, status.pop("status", "running"), **status, precision=precision.record())
 
 
-@dataclass
-class _Setup:
-    """A run folder as it was before :func:`start_run` wrote into it, so a run that fails before
-    training (bad data, a wrong model) leaves it as it found it: removed when it created it, else
-    its files put back."""
-
-    created: bool
-    files: dict[str, bytes | None]
-
-    @classmethod
-    def of(cls, run_dir: Path, created: bool) -> _Setup:
-        return cls(created, {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
-                           for name in RUN_FILES if not (run_dir / name).is_dir()})
-
-    def undo(self, run_dir: Path) -> None:
-        if self.created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            return
-        for name, data in self.files.items():
-            if data is not None:
-                (run_dir / name).write_bytes(data)
-            elif (run_dir / name).is_file():
-                (run_dir / name).unlink()
-
-
-_SETUP: dict[Path, _Setup] = {}  # run folders started in this process whose training has not begun
+_SETUP: dict[Path, Claim] = {}  # run folders claimed in this process whose training has not begun
 
 
 @contextmanager
 def recorded(cfg: Any) -> Iterator[None]:
     """When the body raises: before training began, put the run folder back as it was (see
-    :class:`_Setup`); once it has, mark it ``failed`` with the error, if this process had started
+    :class:`~preftune.system.runfolder.Claim`); once it has, mark it ``failed`` with the error, if this process had started
     the run there (not when the folder was refused)."""
     run_dir = Path(cfg.train.output_dir)
     try:
         yield
     except BaseException as err:
         setup = _SETUP.pop(run_dir.resolve(), None)
-        ours = _read_status(run_dir).get("pid") == os.getpid()
-        if setup is not None and (ours or setup.created):
-            setup.undo(run_dir)
+        ours = read_status(run_dir).get("pid") == os.getpid()
+        if setup is not None:  # claimed by this process, not yet training
+            setup.undo()
         elif ours:
             mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -227,19 +152,33 @@ def recorded(cfg: Any) -> Iterator[None]:
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
     """Write ``data_report.json`` (the main process) and say on stderr what was dropped or cut;
-    stop when nothing is left to train on."""
+    stop when nothing is left to train on (the report then in the message: the run folder is put
+    back as it was, without it)."""
+    summaries = {split: _data_summary(report) for split, report in reports.items()}
+    if not train:
+        raise PreftuneError(f"no training {what} are left after loading and truncation ({summaries.get('train') or 'no records'}).")
     if distributed.is_main():
         (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
-        for split, report in reports.items():
-            dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
-            cut = {k: v for k, v in report.get("truncation", {}).items() if v and k != "dropped"}
-            if dropped or cut:
-                parts = [f"kept {report['kept']} of {report['records']} records"]
-                parts += [f"dropped {', '.join(f'{v} {k}' for k, v in dropped.items())}"] if dropped else []
-                parts += [f"cut {', '.join(f'{v} {k}' for k, v in cut.items())}"] if cut else []
-                print(f"preftune: {split} data: {'; '.join(parts)} (see {run.dir / 'data_report.json'})", file=sys.stderr)
-    if not train:
-        raise PreftuneError(f"no training {what} are left after loading and truncation; see {run.dir / 'data_report.json'}.")
+        for split, summary in summaries.items():
+            if summary:
+                print(f"preftune: {split} data: {summary} (see {run.dir / 'data_report.json'})", file=sys.stderr)
+
+
+def _data_summary(report: dict[str, Any]) -> str:
+    """'kept K of N records; dropped ...; cut ...', or '' when nothing was dropped or cut."""
+    dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
+    cut = {k: v for k, v in report.get("truncation", {}).items() if v and k != "dropped"}
+    if not (dropped or cut):
+        return ""
+    parts = [f"kept {report.get('kept', 0)} of {report.get('records', 0)} records"]
+    parts += [f"dropped {', '.join(f'{v} {k}' for k, v in dropped.items())}"] if dropped else []
+    parts += [f"cut {', '.join(f'{v} {k}' for k, v in cut.items())}"] if cut else []
+    return "; ".join(parts)
+
+
+def data_digests(cfg: Any) -> dict[str, str]:
+    """The sha256 of each local data file ``cfg.data`` names (hashed once per process while unchanged)."""
+    return source_digests([*cfg.data.train, *cfg.data.eval]) if hasattr(cfg, "data") else {}
 
 
 def policy_saver(run: Run, policy: nn.Module) -> Any:
@@ -262,7 +201,11 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
     from accelerate import PartialState
 
     run_dir = Path(cfg.train.output_dir)
-    _SETUP.pop(run_dir.resolve(), None)  # training begins: from here a failure is recorded in status.json
+    claim = _SETUP.pop(run_dir.resolve(), None)  # training begins: from here a failure is recorded in status.json
+    if claim is not None:
+        claim.commit()
+    if task.data_digests is None:
+        task = replace(task, data_digests=data_digests(cfg))
     if task.precision is None:  # decided once, before the loop; a stage that needed it earlier set it
         task = replace(task, precision=resolve_precision(cfg.train, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu"))
     if PartialState().is_main_process:

@@ -9,7 +9,9 @@ place, so a run killed mid-save never leaves a half-written ``step-N``; the last
 ``manifest.json`` (every other file's size and sha256), and a folder whose manifest is missing
 or does not match its files is never resumed from. A checkpoint also keeps the run's resolved
 config (``run_config.json``): a resume under another config is refused, except for the settings in
-:data:`RESUME_MAY_CHANGE`.
+:data:`RESUME_MAY_CHANGE`; and the sha256 of each data file (``data_digests.json``): a resume on a
+file changed since is refused, naming it. A resume reads every file as plain data before the run
+writes anything.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
+DATA_FILE = "data_digests.json"  # the sha256 of each data file the run read, by path
 #: The settings a resume may change (dotted, as in overrides); any other difference from the
 #: checkpoint's config is refused. They say how long to train, where and how often to log,
 #: evaluate and save, and what to show; none changes what one optimizer step computes. The batch
@@ -97,13 +100,15 @@ def save_checkpoint(
     export: Callable[[Path], None] | None = None,
     rng: list[dict[str, object]] | None = None,
     config: dict[str, Any] | None = None,
+    data: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint atomically to ``folder`` (replacing nothing until complete).
 
     ``export`` writes the model as the stage saves its final one (``save_pretrained``), so a
     checkpoint also loads with ``from_pretrained`` (``PeftModel.from_pretrained`` for LoRA) and
     any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming.
-    ``config`` (the run's resolved config) is kept so a resume can check it continues the same run.
+    ``config`` (the run's resolved config) and ``data`` (each data file's sha256) are kept so a resume
+    can check it continues the same run on the same data.
     Weights that are not all finite are refused: a checkpoint is only ever written from a finite state.
     """
     from safetensors.torch import save_file
@@ -127,6 +132,8 @@ def save_checkpoint(
         export(tmp)
     if config is not None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    if data is not None:
+        (tmp / DATA_FILE).write_text(json.dumps(data, indent=1))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     write_manifest(tmp)  # last: a valid manifest marks a complete checkpoint
     if folder.exists():
@@ -242,7 +249,7 @@ def config_differences(folder: Path, config: dict[str, Any]) -> list[str]:
 
 
 def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = None,
-                   say: Callable[[str], None] | None = None, global_batch: int = 0) -> Path | None:
+                   say: Callable[[str], None] | None = None, global_batch: int = 0, data: dict[str, str] | None = None) -> Path | None:
     """The checkpoint ``train.resume_from`` names (``latest``: the newest intact one, each newer one
     passed over told to ``say``), checked intact and written under ``config`` but for
     :data:`RESUME_MAY_CHANGE`; None when not resuming."""
@@ -256,12 +263,13 @@ def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = No
             raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint{why}.")
     else:
         found = Path(train.resume_from)
-    check_resume(found, config, global_batch)
+    check_resume(found, config, global_batch, data)
     return found
 
 
-def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0) -> None:
-    """Refuse ``folder`` unless it is an intact checkpoint written under ``config`` (but for :data:`RESUME_MAY_CHANGE`)."""
+def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0, data: dict[str, str] | None = None) -> None:
+    """Refuse ``folder`` unless it is an intact checkpoint, readable as plain data, written under
+    ``config`` (but for :data:`RESUME_MAY_CHANGE`) and on the data files of ``data`` as they are now."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainingError(f"train.resume_from: '{folder}' is not a folder.")
@@ -273,11 +281,41 @@ def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int 
         raise TrainingError(f"checkpoint '{folder}' was written under another config; a resume may change only "
                             f"{', '.join(RESUME_MAY_CHANGE)}. Different: {'; '.join(differences)}. Use the run's own config "
                             "(its config.yaml), or start a new run in another train.output_dir.")
+    state = read_plain(folder)[-1]
+    _check_global_batch(folder, state.global_batch, global_batch)
+    _check_data(folder, data)
+
+
+def _check_data(folder: Path, data: dict[str, str] | None) -> None:
     try:
-        saved_batch = json.loads((folder / STATE_FILE).read_text()).get("global_batch", 0)
-    except (OSError, ValueError, AttributeError):
-        saved_batch = 0
-    _check_global_batch(folder, saved_batch, global_batch)
+        saved = json.loads((folder / DATA_FILE).read_text())
+    except FileNotFoundError:  # an older checkpoint, or data given in memory
+        return
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"checkpoint '{folder}': its {DATA_FILE} cannot be read ({err}).") from None
+    changed = sorted(path for path, digest in saved.items() if data is not None and path in data and data[path] != digest)
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise TrainingError(f"'{changed[0]}'{more} has changed since checkpoint '{folder}' was written (sha256 "
+                            f"{saved[changed[0]][:12]}... then, {data[changed[0]][:12]}... now): a resume continues on the same data. "  # type: ignore[index]
+                            "Put the file back, or start a new run in another train.output_dir.")
+
+
+def read_plain(folder: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, LoopState]:
+    """Every file of checkpoint ``folder`` read as plain data (weights, optimizer, scheduler, RNG, loop
+    state), or a TrainingError naming it: a damaged file, or a pickle that would run code, is refused."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        state = LoopState(**json.loads((folder / STATE_FILE).read_text()))
+    except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
+                            f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
+    return weights, optimizer_state, scheduler_state, rng, state
 
 
 def _check_global_batch(folder: Path, saved: int, now: int) -> None:
@@ -301,8 +339,6 @@ def load_checkpoint(
     processes only when the global batch (``batch_size x processes``) is the same; otherwise the
     position would point at other examples, and the resume is refused.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
@@ -310,15 +346,7 @@ def load_checkpoint(
     if problem is not None:
         raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     # Everything is read before anything is restored: a bad file leaves the model untouched.
-    try:
-        weights = load_file(str(folder / WEIGHTS_FILE))
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
-        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-        state = LoopState(**json.loads((folder / STATE_FILE).read_text()))
-    except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
-        raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
-                            f"code when unpickled, which preftune refuses): {type(err).__name__}: {err}") from None
+    weights, optimizer_state, scheduler_state, rng, state = read_plain(folder)
     _check_global_batch(folder, state.global_batch, global_batch)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:

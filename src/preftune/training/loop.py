@@ -75,6 +75,7 @@ class Task:
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
     compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
     precision: PrecisionChoice | None = None  # train.bf16 as the stage resolved it (None: the loop resolves it)
+    data_digests: dict[str, str] | None = None  # sha256 of each data file, kept in checkpoints: a resume on changed data is refused
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -206,7 +207,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     state = LoopState()
-    resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes)
+    resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes, data=task.data_digests)
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                                 rank=rank, global_batch=cfg.batch_size * processes)
@@ -240,7 +241,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         path = run_dir / "checkpoints" / f"step-{state.step}"
         if accelerator.is_main_process:
             save_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                            state=state, export=task.save_model or task.save_final, rng=rngs, config=hparams)
+                            state=state, export=task.save_model or task.save_final, rng=rngs, config=hparams, data=task.data_digests)
             if cfg.save_total_limit:
                 prune_checkpoints(run_dir, cfg.save_total_limit)
         return path
