@@ -114,6 +114,15 @@ def inspect_case(make: Callable[[Workspace], Path], says: str, *extra: str) -> C
     return Case(lambda ws: ["data", "inspect", str(make(ws)), *extra], says)
 
 
+def bad_yaml_run(ws: Workspace) -> Path:
+    """A copy of the finished run whose config.yaml is not valid YAML."""
+    folder = ws.root / "bad-yaml-run"
+    if not folder.exists():
+        shutil.copytree(ws.done, folder)
+        (folder / "config.yaml").write_text("train: [1, 2\nloss: {\n", encoding="utf-8")
+    return folder
+
+
 def fifo(ws: Workspace) -> Path:
     path = ws.root / "inputs" / "fifo.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +287,17 @@ CASES: dict[str, Case] = {
     "score: missing reward model": Case(lambda ws: ["score", str(ws.root / "no-rm"), str(ws.data)], r"no-rm"),
     "demo: beta 0": Case(lambda ws: ["demo", "--beta=0", f"--out={ws.root / 'demo'}"], r"--beta"),
     "demo: out is a file": Case(lambda ws: ["demo", f"--out={ws.root / 'a-file'}"], r"a-file"),
+    # ---- issue 25: what a careful user tried
+    "data: margin a 400-digit integer": data_case("big-margin", lambda ws: ws.lines("big.jsonl", {**GOOD, "margin": 10**400}),
+                                                  r"big\.jsonl, line 1.*margin.*too large"),
+    "data: margin 1e999": data_case("inf-margin", lambda ws: ws.lines("inf.jsonl", GOOD, json.dumps(GOOD)[:-1] + ', "margin": 1e999}'),
+                                    r"inf\.jsonl, line 2.*margin.*finite"),
+    "setting: seed 10^23": Case(lambda ws: ws.dpo("--train.seed=100000000000000000000000"), r"train\.seed"),
+    "run: empty output_dir": Case(lambda ws: ws.dpo("--train.output_dir="), r"train\.output_dir is empty"),
+    "report: config.yaml not YAML": Case(lambda ws: ["report", str(bad_yaml_run(ws))], r"bad-yaml-run/config\.yaml.*not valid YAML"),
+    "eval: config.yaml not YAML": Case(lambda ws: ["eval", str(bad_yaml_run(ws))], r"bad-yaml-run/config\.yaml.*not valid YAML"),
+    "generate: config.yaml not YAML": Case(lambda ws: ["generate", str(bad_yaml_run(ws)), str(ws.data), f"--out={ws.root / 'g.jsonl'}"],
+                                           r"bad-yaml-run/config\.yaml.*not valid YAML"),
 }
 
 

@@ -232,3 +232,43 @@ def test_the_python_api_refuses_a_bad_judge(tiny_model_dir: Path, preference_fil
     with pytest.raises(ConfigError, match="several sections"):
         preftune.iterate(ITERATE_TINY, judge=lambda p, c: 1.0, progress=False, **common)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _factory(bonus: float):  # noqa: ANN202 - closures of one factory share a name, module:_factory.<locals>.judge
+    def judge(prompt: object, completion: str) -> float:
+        return len(completion) + bonus
+
+    return judge
+
+
+def test_a_resumed_iteration_refuses_another_judge_with_the_same_name(preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Another closure of the same factory, or another lambda, has the same module:qualname; its code and
+    closure values tell it apart (checked before any model is loaded)."""
+    import preftune
+    from preftune.eval.scoring import function_fingerprint
+
+    assert function_fingerprint(_factory(1.0)) == function_fingerprint(_factory(1.0))
+    assert function_fingerprint(_factory(1.0)) != function_fingerprint(_factory(2.0))
+    assert function_fingerprint(lambda p, c: 1.0) != function_fingerprint(lambda p, c: 2.0)
+    train, held = preference_files
+    out = tmp_path / "run"
+    common = {"model": tmp_path / "no-model", "prompts": [str(train)], "eval_prompts": [str(held)]}
+    with pytest.raises(PreftuneError, match="no-model"):  # the iteration starts (config.yaml, judge.json), then finds no model
+        preftune.iterate(ITERATE_TINY, judge=_factory(1.0), train={"output_dir": str(out), "progress": False}, **common)
+    resume = {"output_dir": str(out), "progress": False, "resume_from": "latest"}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"_factory.<locals>.judge has the same name but other code, defaults or closure values"):
+        preftune.iterate(ITERATE_TINY, judge=_factory(2.0), train=resume, **common)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(PreftuneError, match="no-model"):  # the same judge again: accepted
+        preftune.iterate(ITERATE_TINY, judge=_factory(1.0), train=resume, **common)
+
+
+def test_a_typo_in_the_judge_name_leaves_nothing_behind(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """`preftune iterate` loads the judge before it writes: the corrected command then runs (here: gets as far as the same check)."""
+    from preftune.cli.main import main
+
+    out = tmp_path / "run"
+    args = _iterate_args(tiny_model_dir, *preference_files, out)
+    assert main([*args, "--iterate.judge=preftune.models.tiny:good_wrods_score"]) == 2
+    assert not out.exists()

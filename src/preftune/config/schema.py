@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from preftune.config.trl_names import TRL_LOSS_TYPES, trl_hint
 from preftune.config.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
+from preftune.config.yamlfile import read_yaml
 from preftune.errors import ConfigError
 
 __all__ = ["STAGES", "DPOConfig", "DataConfig", "KTOConfig", "KTOLossConfig", "KTOOptions", "LoraConfig", "LossConfig",
@@ -241,43 +242,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
                 check: Callable[[Any, str], None] | None = None) -> Any:
     """Read a YAML file (if given), apply dotted overrides, convert and validate (with ``check``
     in place of :func:`validate` for a config that has more to check, such as iterate's)."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found." if not path.exists() else f"{path}: not a regular file.")
-        try:
-            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 - a SafeLoader
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}).") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
-        data = loaded
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data = merge_nested(data, parse_overrides(overrides or [], cls, hint=trl_hint))
     return build_config(cls, data, where=f"{path}: " if path is not None else "", check=check)
-
-
-def _strict_loader() -> type:
-    """yaml's SafeLoader, but a key given twice in one mapping is an error (not the last one silently)."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return StrictLoader
 
 
 def build_config(cls: type, data: dict[str, Any], *, where: str = "", check: Callable[[Any, str], None] | None = None) -> Any:

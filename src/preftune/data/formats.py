@@ -27,6 +27,7 @@ field; its ``reason`` is the key under which a skipped record is counted.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -209,9 +210,16 @@ def _margin(f: _Fields) -> float:
     if f.raw.from_text and isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise f.error("margin", f"must be a number, got {_describe(value)}", "wrong_type")
-    return float(value)
+    try:
+        margin = float(value)
+    except OverflowError:  # an int too large for a float (400 digits)
+        margin = math.inf
+    if not math.isfinite(margin):  # NaN or an infinity would make the loss non-finite, naming no record
+        shown = _describe(value) if isinstance(value, float) else "an integer too large for a float"
+        raise f.error("margin", f"must be a finite number, got {shown}", "wrong_type")
+    return margin
 
 
 def _conversational(f: _Fields, system: str | None) -> Converted:
@@ -357,7 +365,7 @@ def _label(f: _Fields) -> bool:
         value = {"true": True, "false": False, "1": True, "0": False}.get(value.strip().lower(), value)
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):  # 0/1 and 0.0/1.0 (a float column), nothing in between
         return bool(value)
     raise f.error("label", f"must be a boolean (true = desirable), got {_describe(value)}", "wrong_type")
 

@@ -14,6 +14,7 @@ Either is returned as a :class:`~preftune.eval.judges.Judge` with a ``score`` fu
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Callable
@@ -26,6 +27,29 @@ from preftune.eval.judges import Judge, _load_function, accepting, reward_model_
 def function_name(fn: Callable[..., Any]) -> str:
     """How a judge given as a Python function is named in messages and in the recorded config."""
     return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def function_fingerprint(fn: Callable[..., Any]) -> str:
+    """What identifies a judge function beyond its name: a sha256 of its code (bytecode, constants,
+    names), its defaults and its closure's values, so two closures of one factory, or two lambdas,
+    differ. Values are compared by their text when they are plain (numbers, strings, tuples of
+    them, functions by their code), by their type otherwise: a closure's list of calls may grow."""
+
+    def text(value: Any) -> str:
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            return repr(value)
+        if isinstance(value, (tuple, frozenset)):
+            return f"{type(value).__name__}({[text(v) for v in value]})"
+        if hasattr(value, "co_code"):  # a function's code, nested functions' included
+            return f"code({value.co_code.hex()},{[text(c) for c in value.co_consts]},{value.co_names})"
+        if hasattr(value, "__code__"):
+            return f"{function_name(value)}:{text(value.__code__)}"
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+    cells = [text(cell.cell_contents) for cell in (getattr(fn, "__closure__", None) or ())]
+    parts = [function_name(fn), text(getattr(fn, "__code__", None)), text(getattr(fn, "__defaults__", None)),
+             text(tuple(sorted((getattr(fn, "__kwdefaults__", None) or {}).items()))), *cells]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 def function_scorer(spec: str | Callable[..., Any]) -> Judge:

@@ -163,7 +163,7 @@ class ModelSource:
 
 def describe_model(path: str | Path) -> ModelSource:
     """Tell a run folder, ``final/``, a checkpoint, an adapter and a plain model folder apart."""
-    import yaml
+    from preftune.config.yamlfile import read_yaml
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -178,7 +178,7 @@ def describe_model(path: str | Path) -> ModelSource:
         step = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("step")
     if weights.name == "final" and (weights / "merged").is_dir():
         weights = weights / "merged"  # a LoRA run saved merged weights too: the policy, whole
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if run_dir else {}
+    config = read_yaml(run_dir / "config.yaml", "the run's config.yaml") if run_dir else {}
     if run_dir is not None and step is None:
         step = _last_step(run_dir)
     if label.startswith("step-"):

@@ -168,7 +168,7 @@ def reward_axis(evals: list[dict[str, Any]]) -> tuple[str, list[float]] | None:
 # --------------------------------------------------------------------------- the report
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` and ``run_dir/plots/*.png``; return the HTML's path."""
-    import yaml
+    from preftune.config.yamlfile import read_yaml
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -176,7 +176,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not any((run_dir / name).is_file() for name in ("config.yaml", "metrics.jsonl")) and not any(run_dir.glob("eval*.json")):
         raise PreftuneError(f"'{run_dir}' is not a run folder (it holds no config.yaml, metrics.jsonl or eval*.json).")
     metrics = read_metrics(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").is_file() else {}
+    config = read_yaml(run_dir / "config.yaml", "the run's config.yaml") if (run_dir / "config.yaml").is_file() else {}
     data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")) if (run_dir / "data_report.json").is_file() else {}
     evals = read_evals(run_dir)
     plots = run_dir / "plots"

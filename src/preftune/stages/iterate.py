@@ -29,7 +29,8 @@ from preftune.config.schema import to_dict, to_yaml
 from preftune.errors import ConfigError, PreftuneError
 from preftune.stages.iterate_config import IterateConfig, check, round_config
 
-FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots")
+FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots", "judge.json")
+JUDGE_FILE = "judge.json"  # a judge function's name and fingerprint (eval.scoring.function_fingerprint)
 
 
 def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None) -> Path:
@@ -51,9 +52,9 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     from preftune.system.distributed import world
     from preftune.training.checkpoint import latest_checkpoint
 
-    scorer = None
+    scorer, judge_id = None, None
     if judge is not None:
-        from preftune.eval.scoring import function_name, function_scorer
+        from preftune.eval.scoring import function_fingerprint, function_name, function_scorer
 
         if not callable(judge):
             raise ConfigError(f"judge must be a function (prompt, completion) -> number, got {type(judge).__name__}.")
@@ -62,15 +63,17 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
                               f"({cfg.iterate.reward_model or cfg.iterate.judge}); give exactly one.")
         cfg = dataclasses.replace(cfg, iterate=dataclasses.replace(cfg.iterate, judge=function_name(judge)))
         scorer = function_scorer(judge)  # its signature checked before anything is written
+        judge_id = {"name": function_name(judge), "fingerprint": function_fingerprint(judge)}
     check(cfg)
     if world()[1] > 1:
         raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
                             "it was launched in several.")
     out = Path(cfg.train.output_dir)
-    _claim(out, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     it, gen = cfg.iterate, cfg.generate
+    # the judge is loaded before anything is written: a typo in its name leaves nothing that refuses the corrected command
     judge = scorer or load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
+    _claim(out, cfg, judge_id)
     train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
     eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
     initial_path = cfg.model.path
@@ -152,9 +155,9 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
 
 
 # --------------------------------------------------------------------------- pieces
-def _claim(out: Path, cfg: IterateConfig) -> None:
-    """Make ``out`` this iteration's: continue it (``resume_from=latest``, same settings), replace
-    it (``overwrite``), or refuse to touch an iteration already there."""
+def _claim(out: Path, cfg: IterateConfig, judge_id: dict[str, Any] | None) -> None:
+    """Make ``out`` this iteration's: continue it (``resume_from=latest``, same settings, the same judge
+    function), replace it (``overwrite``), or refuse to touch an iteration already there."""
     saved = out / "config.yaml"
     held = [p.name for p in sorted(out.glob("round-*"))] + [name for name in FILES if (out / name).exists()]
     if held and not cfg.train.resume_from:
@@ -165,15 +168,33 @@ def _claim(out: Path, cfg: IterateConfig) -> None:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if cfg.train.resume_from and saved.is_file():
-        import yaml
+        from preftune.config.yamlfile import read_yaml
 
-        before, now = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8"))), _comparable(to_dict(cfg))
+        before, now = _comparable(read_yaml(saved, "the iteration's config.yaml")), _comparable(to_dict(cfg))
         changed = sorted(f"{s}.{k}" for s in now for k in now[s] if (before.get(s) or {}).get(k) != now[s][k])
         if changed:
             raise ConfigError(f"train.resume_from=latest continues the iteration in '{out}' with the settings it began with; "
                               f"changed: {', '.join(changed)} (only iterate.rounds may grow).")
+        _check_judge(out, judge_id)
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(to_yaml(cfg), encoding="utf-8")
+    if judge_id is not None:
+        _write_json(out / JUDGE_FILE, judge_id)
+
+
+def _check_judge(out: Path, judge_id: dict[str, Any] | None) -> None:
+    """A judge function given on resume must be the one the iteration began with: its name is not
+    enough (two closures of one factory, or two lambdas, share it), so its code and closure values are compared."""
+    if judge_id is None:
+        return
+    try:
+        before = json.loads((out / JUDGE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = {}
+    if before.get("fingerprint") != judge_id["fingerprint"]:
+        raise ConfigError(f"train.resume_from=latest continues the iteration in '{out}' with its own judge; the judge function "
+                          f"{judge_id['name']} has the same name but other code, defaults or closure values. Give the same function, or start "
+                          "a new iteration in another train.output_dir.")
 
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """`preftune dpo CONFIG --sweep loss.beta=0.05,0.1,0.2`: one policy per value, one reference pass.
 
 Every value (every combination, when several settings are swept) is a DPO run of its own in
-``train.output_dir/KEY-VALUE``, trained by :mod:`preftune.stages.dpo` as any run is. The
+``train.output_dir/KEY-VALUE`` (made a safe folder name: no separator, no ``..``, unique), trained by :mod:`preftune.stages.dpo` as any run is. The
 reference is paid for once: a run that would read a frozen copy of the reference model
 (``reference.strategy`` ``auto`` or ``copy``, without LoRA) uses the on-disk cache instead
 (:mod:`preftune.training.reference`), whose key covers the reference weights, the tokenized data, the
@@ -13,6 +13,9 @@ When held-out data exists, each run is evaluated (:func:`preftune.eval.run.run_e
 preference metrics, KL from samples), and the sweep's report draws reward against KL, one
 point per value (:mod:`preftune.report.series`). ``sweep.json`` records the runs, whether each
 read the reference from the cache, and how many reference passes were computed.
+
+An interrupted sweep continues with ``train.resume_from=latest``: finished runs are kept, a run
+with a checkpoint resumes from it (exactly), and the others start.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from preftune.config.trl_names import trl_hint
 from preftune.config.typed import merge_nested
 from preftune.errors import ConfigError
 from preftune.losses import REFERENCE_FREE
+from preftune.system.runfolder import read_status
+from preftune.training.checkpoint import latest_checkpoint
 
 
 @dataclasses.dataclass
@@ -66,7 +72,7 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
     for combo in itertools.product(*(values for _, values in sweeps)):
         pairs = list(zip((key for key, _ in sweeps), combo))
         label = ", ".join(f"{key.split('.')[-1]}={value}" for key, value in pairs)
-        folder = "-".join(f"{key.split('.')[-1]}-{value}" for key, value in pairs)
+        folder = _unique(safe_name("-".join(f"{key.split('.')[-1]}-{value}" for key, value in pairs)), {v.folder for v in out})
         overrides = [f"--{key}={value}" for key, value in pairs]
         data = merge_nested(json.loads(json.dumps(base)), parse_overrides(overrides, DPOConfig, hint=trl_hint))
         data["train"]["output_dir"] = str(Path(cfg.train.output_dir) / folder)
@@ -79,6 +85,34 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
             variant.reference.strategy = "cache"  # paid once, read by the other runs
         out.append(Variant(label, folder, variant))
     return out
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one folder name: no separator, no leading dot (so never ``.`` or ``..``), nothing
+    but letters, digits and ``._=+-`` (others become ``_``)."""
+    name = re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+    return "_" + name[1:] if name.startswith(".") else name or "_"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... when two values became the same name."""
+    number, found = 1, name
+    while found in taken:
+        number += 1
+        found = f"{name}-{number}"
+    return found
+
+
+def continued(variant: DPOConfig, folder: Path) -> DPOConfig | None:
+    """A sweep resumed (``train.resume_from=latest``): None for a run that finished (at ``train.max_steps``
+    when set), the run resumed from its latest intact checkpoint, or started again when it saved none."""
+    status = read_status(folder)
+    if status.get("status") == "finished" and (folder / "final").is_dir() and (variant.train.max_steps is None
+                                                                               or (status.get("step") or 0) >= variant.train.max_steps):
+        return None
+    started = latest_checkpoint(folder, say=lambda line: None) is not None
+    return dataclasses.replace(variant, train=dataclasses.replace(variant.train, resume_from="latest" if started else None,
+                                                                 overwrite=not started))
 
 
 def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
@@ -94,10 +128,13 @@ def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
     records: list[dict[str, Any]] = []
     for number, variant in enumerate(runs, start=1):
         print(f"preftune: sweep {number}/{len(runs)}: {variant.label} -> {root / variant.folder}", file=sys.stderr, flush=True)
-        folder = dpo.run(variant.cfg)
+        run_cfg = continued(variant.cfg, root / variant.folder) if cfg.train.resume_from else variant.cfg
+        if run_cfg is None:
+            print(f"preftune: sweep {number}/{len(runs)}: finished before, kept", file=sys.stderr, flush=True)
+        folder = dpo.run(run_cfg) if run_cfg is not None else root / variant.folder
         info = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
         warm = (info.get("train_cache") or {}).get("warm")
-        if held_out:
+        if held_out and (run_cfg is not None or not any(folder.glob("eval*.json"))):
             run_eval(EvalSettings(policy=str(folder)))
         records.append({"label": variant.label, "folder": variant.folder, "reference": info.get("strategy"), "reference_warm": warm})
         passes = sum(1 for r in records if r["reference_warm"] is False)

@@ -16,6 +16,7 @@ writes anything.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -111,8 +112,6 @@ def save_checkpoint(
     can check it continues the same run on the same data.
     Weights that are not all finite are refused: a checkpoint is only ever written from a finite state.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     weights = trainable_state(model)
     bad = non_finite(weights)
@@ -123,6 +122,37 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, weights, optimizer, scheduler, state, export, rng, config, data)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint left behind
+        need = sum(t.numel() * t.element_size() for t in weights.values()) + _state_bytes(optimizer.state_dict())
+        free = shutil.disk_usage(tmp.parent).free
+        if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
+            raise
+        raise TrainingError(f"no space left on the device to write checkpoint '{folder}': it needs about {need / 2**20:.1f} MiB "
+                            f"(weights and optimizer state), {free / 2**20:.1f} MiB are free; the partial files were removed.") from None
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _state_bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_state_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_state_bytes(v) for v in tree)
+    return 0
+
+
+def _write_files(tmp: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState,
+                 export: Callable[[Path], None] | None, rng: list[dict[str, object]] | None, config: dict[str, Any] | None,
+                 data: dict[str, str] | None) -> None:
+    from safetensors.torch import save_file
+
     save_file(weights, str(tmp / WEIGHTS_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -136,10 +166,6 @@ def save_checkpoint(
         (tmp / DATA_FILE).write_text(json.dumps(data, indent=1))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     write_manifest(tmp)  # last: a valid manifest marks a complete checkpoint
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
 
 
 def _files(folder: Path) -> list[Path]:

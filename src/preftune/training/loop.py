@@ -268,7 +268,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
                 finite = all_sum(finite.cpu()) == processes
             if not finite:
                 raise TrainingError(
-                    f"step {state.step + 1}: the loss is {loss.item()} (not finite); training stopped before "
+                    f"step {state.step + 1}: the loss is {loss.item()} (not finite) on {_records(task, local[i])}; training stopped before "
                     f"the update, and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, check the data, or use "
                     "train.max_grad_norm."
                 )
@@ -287,7 +287,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         state.tokens_seen += int(all_sum(torch.tensor(float(step_tokens))))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         if not math.isfinite(float(grad_norm)):  # a finite loss can still have an inf/NaN gradient: never apply it
-            raise TrainingError(f"step {state.step + 1}: the gradient norm is {float(grad_norm)} (not finite); training stopped "
+            raise TrainingError(f"step {state.step + 1}: the gradient norm is {float(grad_norm)} (not finite) on "
+                                f"{_records(task, [j for indices in local for j in indices])}; training stopped "
                                 f"before the update, and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
         optimizer.step()
         scheduler.step()
@@ -355,6 +356,11 @@ def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
     if cfg.save_every:
         return f"no checkpoint was written yet (the first is due at step {cfg.save_every})"
     return "no checkpoint was written (set train.save_every to keep some)"
+
+
+def _records(task: Task, indices: list[int]) -> str:
+    """The batch's records by where they were read (file, line), for an error that must name them."""
+    return "records " + ", ".join(str(getattr(task.train_set[j], "source", None) or f"item {j}") for j in indices[:8]) + " ..." * (len(indices) > 8)
 
 
 def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
