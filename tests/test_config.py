@@ -119,3 +119,16 @@ def test_the_shipped_accelerate_config_loads() -> None:
 
     config = load_config_from_file(str(CONFIGS / "accelerate" / "ddp.yaml"))
     assert config.distributed_type == "MULTI_GPU" and config.num_processes == 2
+
+
+def test_a_yaml_merge_key_is_accepted_and_a_repeated_key_still_refused(tmp_path: Path) -> None:
+    from preftune.config.yamlfile import read_yaml
+
+    text = "train: &shared\n  lr: 3.0e-5\n  batch_size: 4\nreference:\n  cache_dir: c\n"
+    base = read_yaml(write(tmp_path, "defaults: &d\n  lr: 3.0e-5\n  batch_size: 4\ntrain:\n  <<: *d\n  batch_size: 2\n"))
+    assert base["train"] == {"lr": 3.0e-5, "batch_size": 2}  # merged, then overridden once, as yaml.safe_load does
+    cfg = load_config(DPOConfig, write(tmp_path, "train:\n  batch_size: 3\n  <<: {lr: 3.0e-5, epochs: 2}\n"))
+    assert cfg.train.lr == pytest.approx(3e-5) and cfg.train.batch_size == 3 and cfg.train.epochs == 2
+    assert load_config(DPOConfig, write(tmp_path, text)).train.lr == pytest.approx(3e-5)
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(DPOConfig, write(tmp_path, "train:\n  lr: 1.0e-5\n  lr: 2.0e-5\n"))

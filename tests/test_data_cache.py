@@ -76,3 +76,22 @@ def test_a_damaged_cache_file_is_a_miss_and_is_rewritten(tiny_model_dir: Path, t
     again, info = _run(data, tokenizer)
     assert not info["hit"] and again.train == expected
     assert _run(data, tokenizer)[1]["hit"]
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from preftune.data.cache import STALE_AFTER_S, remove_stale
+
+    old = time.time() - 2 * STALE_AFTER_S
+    dead = tmp_path / "k.safetensors.tmp999999999"  # no such process
+    mine = tmp_path / f"k.safetensors.tmp{os.getpid()}"
+    parent = tmp_path / f"k.json.tmp{os.getppid()}"  # a live process
+    fresh = tmp_path / "j.safetensors.tmp999999998"  # dead, but written to a moment ago (another machine's writer?)
+    for path in (dead, mine, parent, fresh):
+        path.write_bytes(b"partial")
+        if path is not fresh:
+            os.utime(path, (old, old))
+    assert remove_stale(tmp_path) == [dead]
+    assert not dead.exists() and mine.exists() and parent.exists() and fresh.exists()

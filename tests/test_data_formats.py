@@ -362,3 +362,10 @@ def test_whole_text_pairs_split_at_the_configured_marker_not_at_a_common_prefix(
     assert (example.prompt, example.chosen, example.rejected) == ("User: hi\nBot:", " Sure thing", " Sure, no")
     with pytest.raises(DataError, match="data.prompt_marker"):
         load_examples(path)  # HH's marker is the default, and this file has none
+
+
+def test_float_labels_zero_and_one_are_booleans(tmp_path: Path) -> None:
+    records = [{"prompt": "p", "completion": "a", "label": 1.0}, {"prompt": "p", "completion": "b", "label": 0.0}]
+    assert [e.desirable for e in _load(tmp_path, records).examples] == [True, False]
+    with pytest.raises(DataError, match="must be a boolean"):
+        _load(tmp_path, [{"prompt": "p", "completion": "c", "label": 0.5}])

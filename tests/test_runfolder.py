@@ -150,3 +150,54 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(tiny_model_dir: Path, 
     refused(dpo(tiny_model_dir, data, out, "--train.max_steps=3", "--train.resume_from=latest"), capsys, r"step-2.*plain data")
     assert tree(out) == before
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_files(tiny_model_dir: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str],
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def full_disk(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        if str(path).endswith("optimizer.pt"):
+            Path(str(path)).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    data = pairs_file(tmp_path / "train.jsonl", 8, seed=1)
+    out = tmp_path / "run"
+    refused(dpo(tiny_model_dir, data, out, "--train.max_steps=2", "--train.save_every=1"), capsys,
+            r"no space left on the device to write checkpoint '[^']*checkpoints/step-1': it needs about [\d.]+ MiB.*partial files were removed")
+    assert not list((out / "checkpoints").iterdir())
+
+
+def test_a_stale_status_naming_a_reused_pid_does_not_block_and_a_held_lock_does(tiny_model_dir: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import fcntl
+    import os
+    import socket
+
+    from preftune.system.runfolder import process_start
+
+    data = pairs_file(tmp_path / "train.jsonl", 8, seed=1)
+    out = tmp_path / "run"
+    assert main(dpo(tiny_model_dir, data, out, "--train.max_steps=1")) == 0
+    other = os.getppid()  # alive, and not a preftune run
+    stale = {"status": "running", "pid": other, "pid_start": "0", "host": socket.gethostname()}
+    (out / "status.json").write_text(json.dumps(stale))  # a crash, then the pid reused by another process
+    assert main(dpo(tiny_model_dir, data, out, "--train.max_steps=1", "--train.overwrite=true")) == 0
+    (out / "status.json").write_text(json.dumps({**stale, "pid_start": process_start(other)}))
+    before = tree(out)
+    refused(dpo(tiny_model_dir, data, out, "--train.max_steps=1", "--train.overwrite=true"), capsys, rf"another preftune run \(pid {other}\)")
+    assert tree(out) == before
+    (out / "status.json").write_text(json.dumps({"status": "finished", "step": 1}))
+    with (out / ".preftune-lock").open("a") as held:  # another run holds the folder's lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        before = tree(out)
+        refused(dpo(tiny_model_dir, data, out, "--train.max_steps=1", "--train.overwrite=true"), capsys, r"holds .*\.preftune-lock")
+        assert tree(out) == before
+    assert main(dpo(tiny_model_dir, data, out, "--train.max_steps=1", "--train.overwrite=true")) == 0

@@ -100,7 +100,7 @@ class ReferenceConfig:
 
     strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"
     path: str | None = None  # reference model folder; defaults to model.path
-    cache_dir: str = ".preftune-cache/reference"
+    cache_dir: str = "~/.cache/preftune/reference"
 
 
 @dataclass
@@ -286,6 +286,8 @@ def _data_problems(data: DataConfig) -> list[str]:
         problems.append("max_prompt_length must be at least 1 (or null)")
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append("eval_fraction must be in [0, 1)")
+    if data.max_records is not None and data.max_records < 1:
+        problems.append(f"max_records must be at least 1 (or null), got {data.max_records}")
     return problems
 
 

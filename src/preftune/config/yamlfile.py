@@ -33,15 +33,15 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
 
 
 def strict_loader() -> type:
-    """yaml's SafeLoader, but a key given twice in one mapping is an error; merge keys are resolved first."""
+    """yaml's SafeLoader, but a key given twice in one mapping is an error (merge keys are SafeLoader's own)."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            if isinstance(node, yaml.MappingNode):
-                self.flatten_mapping(node)  # `<<: *base` merged in (its keys may then be overridden once)
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by SafeLoader, its keys overridable once
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice", key_node.start_mark)

@@ -21,6 +21,7 @@ file that cannot be read is a miss, recomputed and rewritten, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -116,6 +117,29 @@ def load(cache_dir: str | Path, key: str) -> tuple[TokenizedItems, dict[str, Any
         return None
 
 
+STALE_AFTER_S = 600
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete the temporary files (``*.tmpPID``) of writers whose process is gone (a run killed
+    mid-write); a live process's are left alone, and so is a file written to in the last
+    ``STALE_AFTER_S`` seconds (a writer on another machine sharing the folder). Returns what was removed."""
+    import time
+
+    from preftune.system.runfolder import alive
+
+    removed = []
+    for path in folder.glob("*.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        recent = True  # a file gone meanwhile: nothing to do
+        with contextlib.suppress(OSError):
+            recent = time.time() - path.stat().st_mtime < STALE_AFTER_S
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)) and not recent:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class CacheWriter:
     """One split's items streamed into the cache as they are made: ``with CacheWriter(...) as w:
     w.add(item) ...; items = w.commit(report)``. The files appear (atomically) only at
@@ -124,6 +148,7 @@ class CacheWriter:
     def __init__(self, cache_dir: str | Path, key: str, kind: str) -> None:
         self.ids_path, self.meta_path = _paths(cache_dir, key)
         self.ids_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.ids_path.parent)
         self.kind = kind
         self._tmp = self.ids_path.with_name(f"{self.ids_path.name}.tmp{os.getpid()}")
         self._file = self._tmp.open("w+b")

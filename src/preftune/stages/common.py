@@ -31,7 +31,7 @@ from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
 from preftune.models.load import load_tokenizer, save_policy
 from preftune.system import distributed
-from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, read_status
+from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
 from preftune.training.checkpoint import resolve_resume
 from preftune.training.loop import Fitted, Task, fit, seed_everything
 from preftune.training.precision import PrecisionChoice, resolve_precision
@@ -91,7 +91,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
                        data=data_digests(cfg))
         _SETUP[run_dir.resolve()] = claim_folder(run_dir, cfg.train)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        mark(run_dir, "running", pid=os.getpid(), host=socket.gethostname())
+        mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname())
         if processes > 1:
             train = cfg.train
             print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
@@ -148,6 +148,7 @@ def recorded(cfg: Any) -> Iterator[None]:
         raise
     finally:
         _SETUP.pop(run_dir.resolve(), None)
+        unlock(run_dir)
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:

@@ -11,6 +11,10 @@ that never trained) moves its entries aside into ``.preftune-replaced/``; they a
 the new run begins training, and moved back when it fails before that, so a run that stops on bad
 data or a wrong model leaves the folder byte for byte as it found it, subfolders included
 (:meth:`Claim.undo`). A symbolic link among them is refused before anything moves: no run writes one.
+
+One run per folder: a run holds an exclusive lock on ``.preftune-lock`` (``flock``: checked and
+taken in one step, released when the process ends, however it ends), and a ``status.json`` that
+says ``running`` counts only while its process (pid and start time) is alive.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from preftune.errors import PreftuneError
 STATUS_FILE = "status.json"
 MARKER = ".preftune-run"
 STASH = ".preftune-replaced"
+LOCK = ".preftune-lock"
 #: What a run writes into its folder (replaced by train.overwrite, and only that)
 RUN_FILES = ("config.yaml", STATUS_FILE, "data_report.json", "reference.json", "metrics.jsonl", "report.html", "final",
              "checkpoints", "plots", "tensorboard")
@@ -57,6 +62,55 @@ def alive(pid: Any) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot, from /proc), or None where unknown:
+    with the pid it tells a run's process from another that reused its number after a crash."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def writing(status: dict[str, Any]) -> bool:
+    """Whether the run ``status.json`` describes is still writing: running, on this host, its process
+    alive and (where recorded) started when the run's did."""
+    if status.get("status") != "running" or status.get("host") != socket.gethostname() or not alive(status.get("pid")):
+        return False
+    return status.get("pid_start") is None or process_start(status["pid"]) in (None, status["pid_start"])
+
+
+#: run folder -> the open lock file this process holds on it (an flock, released when the process ends)
+_LOCKS: dict[str, int] = {}
+
+
+def lock(run_dir: Path) -> bool:
+    """Hold ``run_dir/.preftune-lock`` exclusively (one run per folder, checked and taken at once);
+    True when this call created the file. A lock this process holds already is kept."""
+    import fcntl
+
+    key = str(run_dir.resolve())
+    if key in _LOCKS:
+        return False
+    path = run_dir / LOCK
+    created = not path.exists()
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise PreftuneError(f"another preftune run is writing to '{run_dir}' (it holds {path}); wait for it, or choose "
+                            "another train.output_dir.") from None
+    _LOCKS[key] = fd
+    return created
+
+
+def unlock(run_dir: Path) -> None:
+    """Release the lock :func:`lock` took (the file stays: removing it would race another run's lock)."""
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def is_ours(run_dir: Path) -> bool:
     """Whether ``run_dir``'s run entries were written by preftune (its marker, or a run's ``status.json``)."""
     if (run_dir / MARKER).is_file():
@@ -78,9 +132,11 @@ class Claim:
     files: dict[str, bytes] = field(default_factory=dict)  # their bytes, for the files the run rewrites
     moved: list[str] = field(default_factory=list)  # entries moved aside into STASH
     marked: bool = False  # the marker was written by this claim
+    locked: bool = False  # the lock file was created by this claim
 
     def undo(self) -> None:
         """Put the folder back as it was found: what this run wrote removed, what it moved aside back."""
+        unlock(self.dir)
         if self.created:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
@@ -93,8 +149,9 @@ class Claim:
         for name in self.moved:
             os.replace(self.dir / STASH / name, self.dir / name)
         shutil.rmtree(self.dir / STASH, ignore_errors=True)
-        if self.marked:
-            (self.dir / MARKER).unlink(missing_ok=True)
+        for name, made in ((MARKER, self.marked), (LOCK, self.locked)):
+            if made:
+                (self.dir / name).unlink(missing_ok=True)
 
     def commit(self) -> None:
         """Training begins: what was replaced is deleted for good."""
@@ -107,7 +164,7 @@ def check_folder(run_dir: Path, train: Any) -> list[str]:
     if os.path.lexists(run_dir) and not run_dir.is_dir():
         raise PreftuneError(f"train.output_dir '{run_dir}' is a file, not a folder.")
     status = read_status(run_dir)
-    if status.get("status") == "running" and status.get("host") == socket.gethostname() and alive(status.get("pid")):
+    if writing(status) and str(run_dir.resolve()) not in _LOCKS:
         raise PreftuneError(f"another preftune run (pid {status['pid']}) is writing to '{run_dir}'; wait for it, or choose "
                             "another train.output_dir.")
     held = _entries(run_dir)
@@ -136,6 +193,12 @@ def claim_folder(run_dir: Path, train: Any) -> Claim:
     held = check_folder(run_dir, train)
     claim = Claim(run_dir, created=not run_dir.exists())
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        claim.locked = lock(run_dir)
+    except PreftuneError:
+        if claim.created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if os.path.lexists(run_dir / STASH):  # left by a run killed before it trained: what it replaced stays replaced
         shutil.rmtree(run_dir / STASH)
     if train.resume_from:
