@@ -293,6 +293,7 @@ CASES: dict[str, Case] = {
     "data: margin 1e999": data_case("inf-margin", lambda ws: ws.lines("inf.jsonl", GOOD, json.dumps(GOOD)[:-1] + ', "margin": 1e999}'),
                                     r"inf\.jsonl, line 2.*margin.*finite"),
     "setting: seed 10^23": Case(lambda ws: ws.dpo("--train.seed=100000000000000000000000"), r"train\.seed"),
+    "data: a plain file named .gz": data_case("fake-gz", lambda ws: ws.lines("plain.jsonl.gz", GOOD), r"plain\.jsonl\.gz.*not gzip"),
     "setting: max_records 0": Case(lambda ws: ws.dpo("--data.max_records=0"), r"data\.max_records"),
     "run: empty output_dir": Case(lambda ws: ws.dpo("--train.output_dir="), r"train\.output_dir is empty"),
     "report: config.yaml not YAML": Case(lambda ws: ["report", str(bad_yaml_run(ws))], r"bad-yaml-run/config\.yaml.*not valid YAML"),

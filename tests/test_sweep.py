@@ -92,7 +92,7 @@ def _sweep_cli(model: Path, train: Path, out: Path, cache: Path, *extra: str) ->
 
     return [sys.executable, "-m", "preftune.cli", "dpo", str(DPO_TINY), "--sweep", "loss.beta=0.05,0.1,0.2", f"--model.path={model}",
             f"--data.train={train}", "--data.eval=[]", f"--train.output_dir={out}", "--train.progress=false", "--train.report=false",
-            "--train.max_steps=6", "--train.batch_size=4", "--train.save_every=1", "--train.eval_every=null",
+            "--train.max_steps=4", "--train.batch_size=4", "--train.save_every=1", "--train.eval_every=null",
             f"--reference.cache_dir={cache}", *extra]
 
 

@@ -209,11 +209,16 @@ def _kind(path: Path, name: str) -> str:
 
 
 @contextmanager
-def _open_bytes(path: Path) -> Iterator[IO[bytes]]:
-    """The file's bytes, gunzipped when its content is gzip (whatever its name says)."""
+def _open_bytes(path: Path, name: str) -> Iterator[IO[bytes]]:
+    """The file's bytes, gunzipped when its content is gzip (whatever its name says); a file named
+    ``.gz`` whose content is not gzip is refused (a wrong name, or a file cut before its header)."""
     with path.open("rb") as raw:
-        is_gzip = raw.read(2) == _GZIP_MAGIC
+        head = raw.read(2)
+        is_gzip = head == _GZIP_MAGIC
         raw.seek(0)
+        if not is_gzip and path.suffix.lower() == ".gz":
+            raise DataError(f"named .gz, but its content is not gzip data (it starts with {head!r}); rename it without .gz if it is "
+                            "plain text, or compress it again", file=name, reason="unreadable")
         if not is_gzip:
             yield raw
             return
@@ -224,7 +229,7 @@ def _open_bytes(path: Path) -> Iterator[IO[bytes]]:
 # --------------------------------------------------------------------------- JSON Lines
 def _read_jsonl(path: Path, name: str, hint: str = "") -> Iterator[RawRecord]:
     index = 0
-    with _open_bytes(path) as stream:
+    with _open_bytes(path, name) as stream:
         for line_no, raw in enumerate(stream, start=1):
             if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -275,7 +280,7 @@ def _json_type(value: Any) -> str:
 
 # --------------------------------------------------------------------------- JSON arrays
 def _read_json(path: Path, name: str) -> Iterator[RawRecord]:
-    first = _first_char(path)
+    first = _first_char(path, name)
     if first == "":
         return  # read_records reports the empty file
     if first == "{":
@@ -289,7 +294,7 @@ def _read_json(path: Path, name: str) -> Iterator[RawRecord]:
             file=name,
             reason="not_an_object",
         )
-    with _open_bytes(path) as stream:
+    with _open_bytes(path, name) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8-sig")
         try:
             for index, value in enumerate(JsonArrayReader(text, name).values()):
@@ -304,9 +309,9 @@ def _read_json(path: Path, name: str) -> Iterator[RawRecord]:
             raise DataError(f"not valid UTF-8: {err.reason}", file=name, reason="invalid_utf8") from None
 
 
-def _first_char(path: Path) -> str:
+def _first_char(path: Path, name: str) -> str:
     """The first non-whitespace character of the (decompressed) file, or '' when there is none."""
-    with _open_bytes(path) as stream:
+    with _open_bytes(path, name) as stream:
         while chunk := stream.read(_PEEK_BYTES):
             stripped = chunk.removeprefix(codecs.BOM_UTF8).lstrip()
             if stripped:
@@ -320,7 +325,7 @@ def _read_csv(path: Path, name: str) -> Iterator[RawRecord]:
     csv.field_size_limit(2**31 - 1)
     delimiter = "\t" if _kind(path, name) == "tsv" else ","
     index = 0
-    with _open_bytes(path) as stream:
+    with _open_bytes(path, name) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
         try:
             reader = csv.DictReader(text, delimiter=delimiter, restkey="\0extra")
