@@ -27,10 +27,10 @@ field; its ``reason`` is the key under which a skipped record is counted.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from math import isfinite
 from typing import Any
 
 from preftune.data.hh import HH_ASSISTANT, HH_TURN_MARKERS, split_hh
@@ -210,15 +210,9 @@ def _margin(f: _Fields) -> float:
     if f.raw.from_text and isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise f.error("margin", f"must be a number, got {_describe(value)}", "wrong_type")
-    try:
-        margin = float(value)
-    except OverflowError:  # an int too large for a float (400 digits)
-        margin = math.inf
-    if not math.isfinite(margin):  # NaN or an infinity would make the loss non-finite, naming no record
-        shown = _describe(value) if isinstance(value, float) else "an integer too large for a float"
-        raise f.error("margin", f"must be a finite number, got {shown}", "wrong_type")
+    margin = float(value) if isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023 and not isinstance(value, bool)) else None
+    if margin is None or not isfinite(margin):  # NaN, an infinity or a 400-digit integer: the loss would be non-finite
+        raise f.error("margin", f"must be a finite number, got {_describe(value)}", "wrong_type")
     return margin
 
 

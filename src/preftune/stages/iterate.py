@@ -164,6 +164,10 @@ def _claim(out: Path, cfg: IterateConfig, judge_id: dict[str, Any] | None) -> No
         if not cfg.train.overwrite:
             raise PreftuneError(f"'{out}' already holds an iteration ({', '.join(held)}); continue it with "
                                 "train.resume_from=latest, replace it with train.overwrite=true, or choose another train.output_dir.")
+        links = [out / name for name in held if (out / name).is_symlink()]
+        if links:  # every entry checked before any is deleted
+            raise PreftuneError(f"'{links[0]}' is a symbolic link, which no preftune iteration writes: nothing was replaced; "
+                                "remove the link, or choose another train.output_dir.")
         for name in held:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()

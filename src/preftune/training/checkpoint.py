@@ -307,7 +307,7 @@ def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int 
         raise TrainingError(f"checkpoint '{folder}' was written under another config; a resume may change only "
                             f"{', '.join(RESUME_MAY_CHANGE)}. Different: {'; '.join(differences)}. Use the run's own config "
                             "(its config.yaml), or start a new run in another train.output_dir.")
-    state = read_plain(folder)[-1]
+    state = read_plain(folder, mapped=True)[-1]
     _check_global_batch(folder, state.global_batch, global_batch)
     _check_data(folder, data)
 
@@ -327,16 +327,23 @@ def _check_data(folder: Path, data: dict[str, str] | None) -> None:
                             "Put the file back, or start a new run in another train.output_dir.")
 
 
-def read_plain(folder: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, LoopState]:
+def read_plain(folder: Path, *, mapped: bool = False) -> tuple[dict[str, Any], Any, Any, Any, LoopState]:
     """Every file of checkpoint ``folder`` read as plain data (weights, optimizer, scheduler, RNG, loop
-    state), or a TrainingError naming it: a damaged file, or a pickle that would run code, is refused."""
+    state), or a TrainingError naming it: a damaged file, or a pickle that would run code, is refused.
+    ``mapped``: the check alone, cheap on a large checkpoint (the pickles unpickled with their tensors
+    memory-mapped, the weights' header read; the bytes themselves are the manifest's checksums' job)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(str(folder / WEIGHTS_FILE))
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
-        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
-        rng = torch.load(folder / "rng.pt", weights_only=True)
+        if mapped:
+            with safe_open(str(folder / WEIGHTS_FILE), "pt") as opened:
+                weights: dict[str, Any] = dict.fromkeys(opened.keys())
+        else:
+            weights = load_file(str(folder / WEIGHTS_FILE))
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, mmap=mapped)
+        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True, mmap=mapped)
+        rng = torch.load(folder / "rng.pt", weights_only=True, mmap=mapped)
         state = LoopState(**json.loads((folder / STATE_FILE).read_text()))
     except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as err:
         raise TrainingError(f"checkpoint '{folder}' cannot be read as plain data (a damaged file, or one that would run "
