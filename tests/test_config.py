@@ -132,3 +132,8 @@ def test_a_yaml_merge_key_is_accepted_and_a_repeated_key_still_refused(tmp_path:
     assert load_config(DPOConfig, write(tmp_path, text)).train.lr == pytest.approx(3e-5)
     with pytest.raises(ConfigError, match="given twice"):
         load_config(DPOConfig, write(tmp_path, "train:\n  lr: 1.0e-5\n  lr: 2.0e-5\n"))
+
+
+def test_caches_default_to_the_users_cache_not_the_current_folder() -> None:
+    cfg = DPOConfig()
+    assert cfg.reference.cache_dir == "~/.cache/preftune/reference" and cfg.data.tokenized_cache_dir == "~/.cache/preftune/tokenized"

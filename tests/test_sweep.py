@@ -131,3 +131,16 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_sweeps_weights(tiny_m
     for name in ("beta-0.05", "beta-0.1", "beta-0.2"):
         a, b = weights(whole / name / "final"), weights(cut / name / "final")
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), name
+
+
+def test_a_swept_value_cannot_put_a_run_outside_the_output_folder(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
+    from preftune.cli.main import main
+
+    out = tmp_path / "a" / "b" / "sweep"
+    status = main(["dpo", str(DPO_TINY), "--sweep", "data.system=x/../../../escaped,y", f"--model.path={tiny_model_dir}",
+                   f"--data.train={preference_files[0]}", "--data.eval=[]", f"--train.output_dir={out}", "--train.progress=false",
+                   "--train.report=false", "--train.max_steps=1", "--train.save_every=null", f"--reference.cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["system-x_.._.._.._escaped", "system-y"]
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "a" / "escaped").exists()
+    assert [r["folder"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["system-x_.._.._.._escaped", "system-y"]
