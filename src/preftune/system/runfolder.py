@@ -36,6 +36,8 @@ LOCK = ".preftune-lock"
 #: What a run writes into its folder (replaced by train.overwrite, and only that)
 RUN_FILES = ("config.yaml", STATUS_FILE, "data_report.json", "reference.json", "metrics.jsonl", "report.html", "final",
              "checkpoints", "plots", "tensorboard")
+#: ... the files a run rewrites before it trains (a resume puts them back when it fails before training)
+REWRITTEN = ("config.yaml", STATUS_FILE, "data_report.json", "reference.json")
 #: ... and what is worth keeping: a run that trained
 TRAINED_FILES = ("metrics.jsonl", "final", "checkpoints")
 
@@ -195,15 +197,19 @@ def claim_folder(run_dir: Path, train: Any) -> Claim:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         claim.locked = lock(run_dir)
+        held = check_folder(run_dir, train)  # again, now that no other run can change the folder
     except PreftuneError:
+        unlock(run_dir)
         if claim.created:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif claim.locked:
+            (run_dir / LOCK).unlink(missing_ok=True)
         raise
     if os.path.lexists(run_dir / STASH):  # left by a run killed before it trained: what it replaced stays replaced
         shutil.rmtree(run_dir / STASH)
     if train.resume_from:
         claim.existed = set(held)
-        claim.files = {name: (run_dir / name).read_bytes() for name in held if (run_dir / name).is_file()}
+        claim.files = {name: (run_dir / name).read_bytes() for name in REWRITTEN if (run_dir / name).is_file()}
     elif held:
         (run_dir / STASH).mkdir()
         for name in held:
