@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,41 @@ def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path,
     assert refused.returncode == 2 and "global batch of 8" in refused.stderr and "this run has 4" in refused.stderr
 
 
+@pytest.mark.fp32_exact
+def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    def kto(out: Path, batch: int) -> list[str]:  # lr 1e-2: a per-process z0 moved the weights by 2e-4 here
+        return ["kto", str(REPO / "configs" / "kto-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
+                "--kto.split_pairs=true", f"--train.output_dir={out}", "--train.max_steps=6", f"--train.batch_size={batch}",
+                "--train.save_every=null", "--train.eval_every=null", *QUIET, "--train.lr=1e-2"]
+
+    preftune(*kto(tmp_path / "one", 8))
+    preftune(*kto(tmp_path / "two", 4), processes=2)
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+    kl_one, kl_two = [m["kl"] for m in read_metrics(tmp_path / "one")], [m["kl"] for m in read_metrics(tmp_path / "two")]
+    assert kl_two == pytest.approx(kl_one, rel=1e-5, abs=1e-7) and max(kl_one) > 1e-3  # the baseline is in play, and global
+
+
+def test_a_signal_to_the_whole_launch_still_writes_a_checkpoint_and_names_the_signal(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGTERM to torchrun's process group reaches each worker twice (directly, then forwarded by
+    torchrun's shutdown): the repeat is the same stop, so the run still checkpoints."""
+    out = tmp_path / "run"
+    command = [*TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "preftune.cli",
+               *dpo(tiny_model_dir, data, out, "--train.max_steps=100000", "--train.batch_size=4", "--train.eval_every=null")]
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+        time.sleep(0.2)
+    os.killpg(launch.pid, signal.SIGTERM)  # as `timeout` or a scheduler does: the whole group
+    _, err = launch.communicate(timeout=300)
+    stops = [line for line in err.splitlines() if line.startswith("preftune: stopped by")]
+    assert len(stops) == 1 and "stopped by SIGTERM after step" in stops[0], err[-3000:]  # once per launch, naming the signal
+    step = int(stops[0].split("after step ")[1].split(":")[0])
+    assert (out / "checkpoints" / f"step-{step}" / "manifest.json").is_file(), err[-3000:]
+    assert "interrupted (SIG" not in err
+
+
 def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     preftune(*dpo(tiny_model_dir, data, tmp_path / "procs", "--train.max_steps=3", "--train.batch_size=4"), processes=2)
     preftune(*dpo(tiny_model_dir, data, tmp_path / "nodes", "--train.max_steps=3", "--train.batch_size=4"), processes=1, nodes=2)
@@ -131,7 +168,7 @@ def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data
 
 def test_what_is_not_supported_is_refused_in_one_line(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     report = preftune("report", str(tmp_path), processes=2, check=False)
-    assert report.returncode != 0 and "`preftune report` runs in one process; it was launched in 2" in report.stderr
+    assert report.returncode != 0 and report.stderr.count("`preftune report` runs in one process; it was launched in 2") == 1
     os.environ["ACCELERATE_USE_FSDP"] = "true"
     try:
         fsdp = preftune(*dpo(tiny_model_dir, data, tmp_path / "fsdp", "--train.max_steps=1"), check=False)

@@ -3,8 +3,11 @@
 Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError` (or an
 ``OSError`` about a path the user named); it is printed as one short paragraph and the exit
 status is 2. ``--debug``, anywhere on the command line, shows the traceback instead. SIGINT and
-SIGTERM end the command with one line and the shell's status (130, 143); during training the
-loop first finishes its step and writes a checkpoint (:mod:`preftune.training.interrupts`).
+SIGTERM end the command with one line naming the signal and the shell's status (130, 143); during
+training the loop first finishes its step and writes a checkpoint (:mod:`preftune.training.interrupts`).
+Launched in several processes, every process exits with the same status but only the first
+(rank 0) prints a PreftuneError: every process reads the same config and data and agrees on
+each stop, so the others would print the same line again (any other error is printed by each).
 """
 
 from __future__ import annotations
@@ -78,21 +81,23 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
         processes = world()[1]
         if processes > 1 and not verb.takes_overrides:  # the training verbs are the ones that run data-parallel
             raise PreftuneError(f"`preftune {verb.name}` runs in one process; it was launched in {processes}. "
-                                "Only dpo, sft and rm train across processes.")
+                                "Only the training verbs (dpo, kto, sft, rm) train across processes.")
         return verb.run(args, overrides)
     except PreftuneError as err:
         if args.debug:
             raise
-        print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}", file=sys.stderr)
+        if world()[0] == 0:  # once per launch (module docstring)
+            print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # a file the user named that cannot be read or written
         if args.debug:
             raise
         print(f"preftune: error: {os_error(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("preftune: interrupted (SIGINT)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a second signal during training (StoppedAtOnce) says which it was
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"preftune: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Terminated:
         print("preftune: terminated (SIGTERM)", file=sys.stderr)
         return 143
