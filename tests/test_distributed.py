@@ -139,6 +139,31 @@ def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline(tiny_model_
     assert kl_two == pytest.approx(kl_one, rel=1e-5, abs=1e-7) and max(kl_one) > 1e-3  # the baseline is in play, and global
 
 
+def held_mib(stderr: str) -> list[float]:
+    """Each process's MiB of trained parameters, gradients and AdamW state, as the sharded run's line says."""
+    line = next(line for line in stderr.splitlines() if line.startswith("preftune: sharded (FSDP2) over"))
+    return [float(x) for x in line.split("each holds ")[1].split(" MiB")[0].split(", ")] + [float(line.split("unsharded: ")[1].split()[0])]
+
+
+@pytest.mark.fp32_exact
+def test_two_sharded_processes_equal_one_for_dpo_with_a_copied_and_a_cached_reference(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for strategy in ("copy", "cache"):
+        ref = [f"--reference.strategy={strategy}", "--train.max_steps=4"]
+        preftune(*dpo(tiny_model_dir, data, tmp_path / f"one-{strategy}", *ref, "--train.batch_size=8",
+                      f"--reference.cache_dir={tmp_path / 'cache-one'}"))
+        two = preftune(*dpo(tiny_model_dir, data, tmp_path / f"two-{strategy}", *ref, "--train.batch_size=4", "--train.sharding=fsdp",
+                            f"--reference.cache_dir={tmp_path / 'cache-two'}"), processes=2)
+        assert "= global batch 8 per optimizer step (sharded: FSDP2)" in two.stderr
+        *each, whole = held_mib(two.stderr)
+        assert len(each) == 2 and all(0.4 * whole <= held <= 0.6 * whole for held in each), two.stderr  # half each
+        assert_same_runs(tmp_path / f"one-{strategy}", tmp_path / f"two-{strategy}")  # eval included: balanced batches
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two-copy" / "final")  # the gathered model, whole
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+
+
 def test_a_signal_to_the_whole_launch_still_writes_a_checkpoint_and_names_the_signal(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     """SIGTERM to torchrun's process group reaches each worker twice (directly, then forwarded by
