@@ -126,17 +126,20 @@ def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path,
 
 
 @pytest.mark.fp32_exact
-def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline_data_parallel_and_sharded(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     def kto(out: Path, batch: int) -> list[str]:  # lr 1e-2: a per-process z0 moved the weights by 2e-4 here
         return ["kto", str(REPO / "configs" / "kto-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
                 "--kto.split_pairs=true", f"--train.output_dir={out}", "--train.max_steps=6", f"--train.batch_size={batch}",
                 "--train.save_every=null", "--train.eval_every=null", *QUIET, "--train.lr=1e-2"]
 
     preftune(*kto(tmp_path / "one", 8))
-    preftune(*kto(tmp_path / "two", 4), processes=2)
-    assert_same_runs(tmp_path / "one", tmp_path / "two")
-    kl_one, kl_two = [m["kl"] for m in read_metrics(tmp_path / "one")], [m["kl"] for m in read_metrics(tmp_path / "two")]
-    assert kl_two == pytest.approx(kl_one, rel=1e-5, abs=1e-7) and max(kl_one) > 1e-3  # the baseline is in play, and global
+    kl_one = [m["kl"] for m in read_metrics(tmp_path / "one")]
+    assert max(kl_one) > 1e-3  # the baseline is in play
+    for name, extra in (("two", []), ("sharded", ["--train.sharding=fsdp"])):
+        preftune(*kto(tmp_path / name, 4), *extra, processes=2)
+        assert_same_runs(tmp_path / "one", tmp_path / name)
+        assert [m["kl"] for m in read_metrics(tmp_path / name)] == pytest.approx(kl_one, rel=1e-5, abs=1e-7)  # global
 
 
 def held_mib(stderr: str) -> list[float]:
@@ -162,6 +165,29 @@ def test_two_sharded_processes_equal_one_for_dpo_with_a_copied_and_a_cached_refe
         assert_same_runs(tmp_path / f"one-{strategy}", tmp_path / f"two-{strategy}")  # eval included: balanced batches
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two-copy" / "final")  # the gathered model, whole
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+
+
+@pytest.mark.fp32_exact
+def test_two_sharded_processes_equal_one_for_sft_with_packing_and_the_reward_model(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    from preftune.models.reward import load_reward_model
+
+    def stage(verb: str, out: Path, batch: int, *extra: str) -> list[str]:
+        return [verb, str(REPO / "configs" / f"{verb}-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
+                f"--train.output_dir={out}", "--train.max_steps=3", f"--train.batch_size={batch}", "--train.save_every=null",
+                "--train.eval_every=null", *QUIET, *extra]
+
+    held_out = f"--data.eval={data[1]}"
+    runs = {"sft": ["--sft.packing=true", "--train.grad_accum=2", held_out], "rm": [held_out]}
+    for verb, extra in runs.items():
+        preftune(*stage(verb, tmp_path / f"one-{verb}", 8, *extra))
+        two = preftune(*stage(verb, tmp_path / f"two-{verb}", 4, *extra, "--train.sharding=fsdp"), processes=2)
+        *each, whole = held_mib(two.stderr)
+        assert all(0.4 * whole <= held <= 0.6 * whole for held in each), (verb, two.stderr)
+        assert_same_runs(tmp_path / f"one-{verb}", tmp_path / f"two-{verb}")
+    model, _ = load_reward_model(tmp_path / "two-rm" / "final")  # the gathered reward model: backbone and head
+    one, _ = load_reward_model(tmp_path / "one-rm" / "final")
+    assert_same_weights(model.state_dict(), one.state_dict(), atol=1e-5)
 
 
 def test_a_signal_to_the_whole_launch_still_writes_a_checkpoint_and_names_the_signal(
