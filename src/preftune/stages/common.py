@@ -72,13 +72,14 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     it was loaded from, when the config names none."""
     given = given or Given()
     validate(cfg)
-    rank, processes = distributed.start()
+    rank, processes = distributed.world()  # the launcher's: refusals come before the process group starts
     if distributed.launcher_asks_fsdp() and cfg.train.sharding == "none":  # decided here, once; config.yaml records it
         cfg.train.sharding = "fsdp"
         if rank == 0:
             print("preftune: accelerate launch asked for FSDP (ACCELERATE_USE_FSDP): train.sharding=fsdp, torch's fully_shard",
                   file=sys.stderr)
     check_supported(cfg.train, lora=cfg.model.lora.enabled or has_adapter(given.model), processes=processes)
+    rank, processes = distributed.start()
     if given.model is not None and not cfg.model.path:
         cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
     if given.tokenizer is None and given.model is not None and not (cfg.model.tokenizer or cfg.model.path):
