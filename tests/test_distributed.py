@@ -1,9 +1,11 @@
 """Data-parallel training on this machine: CPU, gloo, launched with torchrun.
 
 Two processes with a global batch of 8 (4 each) give the losses at every step and the final
-weights of one process with batch 8; a run stopped and resumed on two processes (or resumed on
-one with the same global batch) ends the same; two "nodes" on one machine give the result of two
-processes on one node; what is not supported is refused in one line.
+weights of one process with batch 8, data-parallel (DDP) and sharded (train.sharding=fsdp:
+torch's FSDP2, each process holding half of the parameters, gradients and AdamW state); a run
+stopped and resumed on two processes (or resumed on one with the same global batch) ends the
+same, a sharded one stopped by a SIGTERM to the whole launch included; two "nodes" on one
+machine give the result of two processes on one node; what is not supported is refused in one line.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline_data_parall
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     def kto(out: Path, batch: int) -> list[str]:  # lr 1e-2: a per-process z0 moved the weights by 2e-4 here
         return ["kto", str(REPO / "configs" / "kto-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
-                "--kto.split_pairs=true", f"--train.output_dir={out}", "--train.max_steps=6", f"--train.batch_size={batch}",
+                "--kto.split_pairs=true", f"--train.output_dir={out}", "--train.max_steps=4", f"--train.batch_size={batch}",
                 "--train.save_every=null", "--train.eval_every=null", *QUIET, "--train.lr=1e-2"]
 
     preftune(*kto(tmp_path / "one", 8))
@@ -190,25 +192,43 @@ def test_two_sharded_processes_equal_one_for_sft_with_packing_and_the_reward_mod
     assert_same_weights(model.state_dict(), one.state_dict(), atol=1e-5)
 
 
-def test_a_signal_to_the_whole_launch_still_writes_a_checkpoint_and_names_the_signal(
-        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    """SIGTERM to torchrun's process group reaches each worker twice (directly, then forwarded by
-    torchrun's shutdown): the repeat is the same stop, so the run still checkpoints."""
-    out = tmp_path / "run"
-    command = [*TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "preftune.cli",
-               *dpo(tiny_model_dir, data, out, "--train.max_steps=100000", "--train.batch_size=4", "--train.eval_every=null")]
+def stop_by_sigterm(args: list[str], out: Path) -> tuple[int, str]:
+    """Launch ``preftune ARGS`` in 2 processes, send SIGTERM to the whole launch (as `timeout` or a
+    scheduler does) once 2 steps are logged; (the step its checkpoint is at, stderr)."""
+    command = [*TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "preftune.cli", *args]
     launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     deadline = time.monotonic() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
         assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
         time.sleep(0.2)
-    os.killpg(launch.pid, signal.SIGTERM)  # as `timeout` or a scheduler does: the whole group
+    os.killpg(launch.pid, signal.SIGTERM)
     _, err = launch.communicate(timeout=300)
     stops = [line for line in err.splitlines() if line.startswith("preftune: stopped by")]
     assert len(stops) == 1 and "stopped by SIGTERM after step" in stops[0], err[-3000:]  # once per launch, naming the signal
     step = int(stops[0].split("after step ")[1].split(":")[0])
     assert (out / "checkpoints" / f"step-{step}" / "manifest.json").is_file(), err[-3000:]
-    assert "interrupted (SIG" not in err
+    return step, err
+
+
+@pytest.mark.fp32_exact
+def test_a_sharded_run_stopped_by_sigterm_resumes_on_two_processes_bitwise_and_on_one(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    constant = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.eval_every=null", "--data.eval=[]"]
+    sharded = [*constant, "--train.batch_size=4", "--train.sharding=fsdp"]
+    step, _ = stop_by_sigterm(dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=100000", *sharded), tmp_path / "stopped")
+    checkpoint = tmp_path / "stopped" / "checkpoints" / f"step-{step}"
+    parts = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "sharded/.metadata", "model.safetensors"} <= set(parts)  # each rank's part
+    shutil.copytree(tmp_path / "stopped", tmp_path / "one")
+    finish = [f"--train.max_steps={step + 2}", "--train.resume_from=latest"]
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "stopped", *sharded, *finish), processes=2)
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "straight", *sharded, f"--train.max_steps={step + 2}"), processes=2)
+    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "stopped" / "final"), atol=0.0)
+    # one process, unsharded, with the same global batch: DCP reshards the checkpoint
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", *constant, "--train.batch_size=8", "--train.sharding=none", *finish))
+    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "one" / "final"), atol=1e-5)
 
 
 def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:

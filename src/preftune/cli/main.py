@@ -88,6 +88,8 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
         if args.debug:
             raise
         rank = world()[0]
+        if rank > 0 and isinstance(err, Interrupted):  # every process agreed on the stop: the first one says it
+            return err.exit_code
         if rank > 0:  # once per launch (module docstring)
             _linger()
         print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}" + (f" (process {rank})" if rank else ""),

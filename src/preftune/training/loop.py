@@ -18,7 +18,6 @@ mean (SFT) alike.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -42,7 +41,8 @@ from preftune.training.interrupts import Interrupted, StopSignals
 from preftune.training.optim import make_optimizer, make_scheduler
 from preftune.training.precision import PrecisionChoice, new_accelerator, resolve_precision
 from preftune.training.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
-from preftune.training.sharding import clip_grad_norm, full_state_dict, is_sharded, part_of, say_held, set_gradient_sync, shard_model
+from preftune.training.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
+from preftune.training.sharding import clip_grad_norm, full_state_dict, is_sharded, no_sync, part_of, say_held, shard_model
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -217,7 +217,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes)
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                                rank=rank, global_batch=cfg.batch_size * processes)
+                                rank=rank, global_batch=cfg.batch_size * processes, restore_sharded=load_sharded_state)
     state.global_batch, state.compiled, state.bf16 = cfg.batch_size * processes, compiling, precision.bf16  # what a resume takes over
     metrics_path = run_dir / "metrics.jsonl"
     truncate_metrics(metrics_path, state.step)
@@ -239,13 +239,20 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     tokens_at_start = state.tokens_seen
 
     def checkpoint() -> Path:
-        """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes)."""
+        """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes;
+        sharded: every process writes its part, training/sharded_checkpoint.py)."""
+        path = run_dir / "checkpoints" / f"step-{state.step}"
+        if sharded:
+            save_sharded_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state, output=task.output,
+                                    export=task.save_model or task.save_final, rng=all_gather(rng_state()), config=hparams)
+            if cfg.save_total_limit and accelerator.is_main_process:
+                prune_checkpoints(run_dir, cfg.save_total_limit)
+            return path
         bad = non_finite({n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad})
         if bad:
             raise TrainingError(f"step {state.step}: the weights are not finite ({', '.join(bad[:3])}); no checkpoint written, "
                                 f"and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
         rngs = all_gather(rng_state())
-        path = run_dir / "checkpoints" / f"step-{state.step}"
         if accelerator.is_main_process:
             save_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                             state=state, export=task.save_model or task.save_final, rng=rngs, config=hparams)
@@ -282,7 +289,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
             # loss is this micro-batch's share of the step's loss (divided by the step's totals),
             # so the shares add up to the full batch's loss and its gradient (module docstring).
             # DDP averages gradients over the processes; the shares are of the global loss, so scale back.
-            with _no_sync(accelerator, model, last=i == len(group) - 1):
+            with no_sync(accelerator, model, last=i == len(group) - 1):
                 accelerator.backward(loss * processes if processes > 1 else loss)
             step_loss = step_loss + loss.detach().float()
             window.add(metrics)
@@ -332,9 +339,6 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
             stopped_by = stopped_by or fire("on_save", state.step, {"path": str(last_checkpoint)})
         bar.update(1)
         if signals.pending(processes) and not last:
-            if sharded:
-                raise Interrupted(f"stopped by {signals.name} after step {state.step}; a sharded run writes no checkpoint yet: "
-                                  "nothing to resume from.", signals.received or 15)
             if last_checkpoint != run_dir / "checkpoints" / f"step-{state.step}":
                 last_checkpoint = checkpoint()
             bar.close()
@@ -371,14 +375,6 @@ def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
     if cfg.save_every:
         return f"no checkpoint was written yet (the first is due at step {cfg.save_every})"
     return "no checkpoint was written (set train.save_every to keep some)"
-
-
-def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-batch of a group."""
-    if is_sharded(model):
-        set_gradient_sync(model, last)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

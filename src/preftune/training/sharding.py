@@ -21,13 +21,14 @@ What is sharded, and how:
 - the final model is gathered into one full state dict (:func:`full_state_dict`, every rank
   takes part) and written by the main process with ``save_pretrained``.
 
-Not sharded yet, and refused at start with one line (:func:`check_supported`): LoRA, the
-adapter-off reference, ``train.compile``, and checkpoints (``train.save_every``,
-``train.resume_from``).
+Checkpoints: :mod:`preftune.training.sharded_checkpoint` (DCP, each process its part). Not
+sharded yet, and refused at start with one line (:func:`check_supported`): LoRA (and so the
+adapter-off reference), and ``train.compile=true`` (``auto`` stays eager under sharding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -48,8 +49,6 @@ def check_supported(train: Any, *, lora: bool, processes: int) -> None:
         problems.append("LoRA is not sharded yet (model.lora.enabled=true; run LoRA data-parallel, train.sharding=none)")
     if train.compile is True:
         problems.append("train.compile=true is not combined with sharding yet (set train.compile=false)")
-    if train.save_every or train.resume_from:
-        problems.append("checkpoints of a sharded run are not written yet (set train.save_every=null; no train.resume_from)")
     if problems:
         raise ConfigError("train.sharding=fsdp: " + "; ".join(problems) + ".")
 
@@ -82,9 +81,12 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """Skip (``False``) or run the reduce-scatter of this backward (gradient accumulation)."""
-    model.set_requires_gradient_sync(sync)
+def no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-batch of a group."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
 def local_numel(model: nn.Module) -> int:
