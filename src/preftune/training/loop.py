@@ -5,7 +5,8 @@ evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise, how to
 and what the loss is a mean over); the loop computes no objective itself. Its one piece of
 preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and ``rewards/margins``,
 it watches them for likelihood displacement. ``accelerate`` places the model, runs autocast (in
-the run's precision, :mod:`preftune.training.precision`) and wraps the model for multi-process runs; there
+the run's precision, :mod:`preftune.training.precision`) and wraps the model for multi-process runs;
+with ``train.sharding=fsdp`` torch's FSDP2 shards it instead (:mod:`preftune.training.sharding`); there
 is no communication code here. The report, the data report and the final save belong to the stages.
 
 Gradient accumulation is exact for every task: before the forward passes of an optimizer step,
@@ -71,7 +72,7 @@ class Task:
     counts: CountFn = count_examples  # what loss_fn's means are over (see the module docstring)
     eval_set: Sequence[Any] | None = None
     save_final: Callable[..., None] | None = None  # write the final model to a folder (state_dict=: a sharded run's, gathered)
-    save_model: Callable[[Path], None] | None = None  # the same into each checkpoint (default: save_final)
+    save_model: Callable[..., None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
     compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)

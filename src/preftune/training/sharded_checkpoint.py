@@ -30,7 +30,7 @@ from torch import nn
 from preftune.errors import TrainingError
 from preftune.system.distributed import all_gather, barrier, is_main
 from preftune.training.checkpoint import CONFIG_FILE, STATE_FILE, LoopState, write_manifest
-from preftune.training.sharding import full_state_dict
+from preftune.training.sharding import full_state_dict, part_of
 
 SHARDED_DIR = "sharded"
 
@@ -48,8 +48,6 @@ def save_sharded_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.
                             output: nn.Module | None = None) -> Path:
     """Write ``folder`` atomically; every process calls this (module docstring)."""
     import torch.distributed.checkpoint as dcp
-
-    from preftune.training.sharding import part_of
 
     local = [name for name, p in model.named_parameters()
              if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
