@@ -50,14 +50,19 @@ def assert_refused_in_one_line(run: subprocess.CompletedProcess, variable: str, 
 
 
 @pytest.mark.slow
-def test_accelerate_launch_with_the_fsdp_config_is_refused_in_one_line(tiny_model_dir: Path, preference_files: tuple[Path, Path],
-                                                                      tmp_path: Path) -> None:
-    """The real launcher (one process: this machine has no GPU for eight), with the shipped config."""
+def test_accelerate_launch_with_the_fsdp_config_trains_sharded_and_says_so(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """The real launcher with the shipped config, two processes on this CPU (gloo): torch's FSDP2, not a refusal."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
-                          "--num_processes", "1", *dpo_args(tiny_model_dir, preference_files[0], tmp_path / "run")],
+                          "--num_processes", "2", *dpo_args(tiny_model_dir, preference_files[0], out), "--train.save_every=null",
+                          "--train.batch_size=4", "--data.eval=[]", "--train.progress=false", "--train.report=false"],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert_refused_in_one_line(run, "ACCELERATE_USE_FSDP", tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("preftune: accelerate launch asked for FSDP (ACCELERATE_USE_FSDP): train.sharding=fsdp") == 1
+    assert "(sharded: FSDP2)" in run.stderr and "preftune: sharded (FSDP2) over 2 processes" in run.stderr
+    assert "sharding: fsdp" in (out / "config.yaml").read_text() and (out / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -102,3 +102,16 @@ def test_a_resume_under_another_config_is_refused_and_changes_nothing(
                            f"--train.resume_from={run / 'checkpoints' / 'step-2'}"))
     resumed = run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=3", "--train.resume_from=latest"))
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3]
+
+
+def test_a_repeat_within_the_grace_period_is_the_same_stop_and_a_later_one_stops_at_once_naming_it() -> None:
+    from preftune.training.interrupts import StoppedAtOnce, StopSignals
+
+    with StopSignals() as signals:  # the launcher forwarding the group's SIGTERM a moment later: the same stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.pending() == signal.SIGTERM and signals.name == "SIGTERM"
+    with pytest.raises(StoppedAtOnce) as stop, StopSignals(grace=0.0):  # a second signal after the grace period
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.value.signum == signal.SIGTERM and isinstance(stop.value, KeyboardInterrupt)

@@ -3,8 +3,12 @@
 Every user-fixable problem arrives here as a :class:`~preftune.errors.PreftuneError` (or an
 ``OSError`` about a path the user named); it is printed as one short paragraph and the exit
 status is 2. ``--debug``, anywhere on the command line, shows the traceback instead. SIGINT and
-SIGTERM end the command with one line and the shell's status (130, 143); during training the
-loop first finishes its step and writes a checkpoint (:mod:`preftune.training.interrupts`).
+SIGTERM end the command with one line naming the signal and the shell's status (130, 143); during
+training the loop first finishes its step and writes a checkpoint (:mod:`preftune.training.interrupts`).
+Launched in several processes, a PreftuneError is printed once: by the first process (rank 0),
+since every process reads the same config and data and agrees on each stop; another process
+prints its own only when the launch is still running a moment later (:func:`_linger`), so an
+error of that process alone is never hidden.
 """
 
 from __future__ import annotations
@@ -78,24 +82,47 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
         processes = world()[1]
         if processes > 1 and not verb.takes_overrides:  # the training verbs are the ones that run data-parallel
             raise PreftuneError(f"`preftune {verb.name}` runs in one process; it was launched in {processes}. "
-                                "Only dpo, sft and rm train across processes.")
+                                "Only the training verbs (dpo, kto, sft, rm) train across processes.")
         return verb.run(args, overrides)
     except PreftuneError as err:
         if args.debug:
             raise
-        print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}", file=sys.stderr)
+        rank = world()[0]
+        if rank > 0 and isinstance(err, Interrupted):  # every process agreed on the stop: the first one says it
+            return err.exit_code
+        if rank > 0:  # once per launch (module docstring)
+            _linger()
+        print(f"preftune: {'' if isinstance(err, Interrupted) else 'error: '}{err}" + (f" (process {rank})" if rank else ""),
+              file=sys.stderr)
         return err.exit_code
     except OSError as err:  # a file the user named that cannot be read or written
         if args.debug:
             raise
         print(f"preftune: error: {os_error(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("preftune: interrupted (SIGINT)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a second signal during training (StoppedAtOnce) says which it was
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"preftune: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Terminated:
         print("preftune: terminated (SIGTERM)", file=sys.stderr)
         return 143
+
+
+#: How long another process waits, after its error, for the first one to end the launch
+LINGER_SECONDS = 3.0
+
+
+def _linger() -> None:
+    """A process other than the first waits, after an error, for the launcher to stop it: the
+    first process meets the same error, prints it and exits, and torchrun then ends the others
+    (it checks every 0.1 s) with a SIGTERM that now ends this one silently. Still running after
+    that, the error was this process's alone, and it is printed."""
+    import time
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(LINGER_SECONDS)
 
 
 def os_error(err: OSError) -> str:

@@ -139,6 +139,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0
     bf16: bool | None = None  # bf16 autocast; null (auto): bf16 units (CUDA; CPU AMX/avx512_bf16) and >= 5M parameters (training/precision.py)
+    sharding: Literal["none", "fsdp"] = "none"  # fsdp: torch's FSDP2 (fully_shard) over the processes (training/sharding.py); none: DDP
     compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, long CPU runs (training/compile_choice.py)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None = only at the end

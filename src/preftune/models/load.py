@@ -135,10 +135,12 @@ def has_adapter(model: nn.Module | None) -> bool:
 
 
 
-def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool = False) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request."""
+def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool = False,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request.
+    ``state_dict``: the weights to write instead of the model's own (a sharded run's, gathered)."""
     folder.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(str(folder), safe_serialization=True)
+    policy.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(folder))
     if merge and hasattr(policy, "merge_and_unload"):
         import copy

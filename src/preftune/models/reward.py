@@ -65,11 +65,20 @@ class RewardModel(nn.Module):
 
 
 
-def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path, *, seq_cls: bool = True) -> None:
-    """Backbone (causal LM), tokenizer, head, metadata; and ``seq_cls/`` where possible (and asked)."""
+def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path, *, seq_cls: bool = True,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Backbone (causal LM), tokenizer, head, metadata; and ``seq_cls/`` where possible (and asked).
+    ``state_dict``: the weights to write instead of the model's own (a sharded run's, gathered
+    onto the CPU): they are loaded into an unsharded replica, which is what is written."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(iter(state_dict.values())).dtype
+        model = RewardModel(AutoModelForCausalLM.from_config(model.lm.config, torch_dtype=dtype), chunk_size=model.chunk_size)
+        model.load_state_dict(state_dict)
     if hasattr(model.lm, "merge_and_unload"):  # LoRA: a reward model is used whole, so save it merged
         model = RewardModel(copy.deepcopy(model.lm).merge_and_unload(), model.head)
     model.lm.save_pretrained(str(folder), safe_serialization=True)

@@ -29,12 +29,13 @@ from torch import nn
 from preftune.config.schema import to_dict, to_yaml, validate
 from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
-from preftune.models.load import load_tokenizer, save_policy
+from preftune.models.load import has_adapter, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
 from preftune.training.checkpoint import resolve_resume
 from preftune.training.loop import Fitted, Task, fit, seed_everything
 from preftune.training.precision import PrecisionChoice, resolve_precision
+from preftune.training.sharding import check_supported
 
 
 @dataclass
@@ -72,6 +73,13 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     it was loaded from, when the config names none."""
     given = given or Given()
     validate(cfg)
+    rank, processes = distributed.world()  # the launcher's: refusals come before the process group starts
+    if distributed.launcher_asks_fsdp() and cfg.train.sharding == "none":  # decided here, once; config.yaml records it
+        cfg.train.sharding = "fsdp"
+        if rank == 0:
+            print("preftune: accelerate launch asked for FSDP (ACCELERATE_USE_FSDP): train.sharding=fsdp, torch's fully_shard",
+                  file=sys.stderr)
+    check_supported(cfg.train, lora=cfg.model.lora.enabled or has_adapter(given.model), processes=processes)
     rank, processes = distributed.start()
     if given.model is not None and not cfg.model.path:
         cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
@@ -95,7 +103,8 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         if processes > 1:
             train = cfg.train
             print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
-                  f"{processes * train.batch_size * train.grad_accum} per optimizer step (data parallel)", file=sys.stderr)
+                  f"{processes * train.batch_size * train.grad_accum} per optimizer step "
+                  f"({'sharded: FSDP2' if train.sharding == 'fsdp' else 'data parallel'})", file=sys.stderr)
     distributed.barrier()
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,8 +194,8 @@ def data_digests(cfg: Any) -> dict[str, str]:
 def policy_saver(run: Run, policy: nn.Module) -> Any:
     """``Task.save_final`` for a causal LM policy: the model, the tokenizer and the run's config."""
 
-    def save_final(folder: Path) -> None:
-        save_policy(policy, run.tokenizer, folder, merge=run.cfg.model.lora.merge_on_save)
+    def save_final(folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save_policy(policy, run.tokenizer, folder, merge=run.cfg.model.lora.merge_on_save, state_dict=state_dict)
         write_config(run, folder)
 
     return save_final

@@ -8,6 +8,10 @@ data with a clear error instead of half-accepting it.
 Each record becomes two rows (:func:`~preftune.data.prepare.mismatched_pairs`): its prompt with
 its own completion, and with another record's completion, the mismatched pair whose log-ratio
 enters the KL baseline ``z0 = max(0, mean over the micro-batch of log pi - log ref)``, detached.
+In training the mean is over the GLOBAL micro-batch (its sum and row count summed over every
+process, as TRL gathers it), so two processes with 4 records each give the z0, and the update,
+of one process with 8. Evaluation runs a different number of batches on each process, so there
+z0 is each process's batch mean (no collective in a loop whose length differs).
 The rows go through the same collators (prefix sharing: the prompt is encoded once for both),
 scorers and references as DPO's pairs, so the reference cache works for KTO too. The loss is
 :func:`preftune.losses.kto`, the same function checked against TRL's on the same log-probs.
@@ -27,6 +31,7 @@ from preftune.losses import UnpairedLogps, kto, split_pair
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.stages.common import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
+from preftune.system.distributed import all_sum
 from preftune.training.loop import Task
 from preftune.training.reference import Reference
 
@@ -38,8 +43,8 @@ def make_loss_fn(cfg: KTOConfig, reference: Reference) -> Any:
         logps, tokens = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         rows, ref = split_pair(logps, tokens), reference.logps(batch)
         desirable = batch["preference"] > 0.5
-        out = kto(UnpairedLogps(rows.chosen, rows.chosen_tokens, desirable, kl_logps=rows.rejected),
-                  UnpairedLogps(ref.chosen, ref.chosen_tokens, desirable, kl_logps=ref.rejected),
+        out = kto(UnpairedLogps(rows.chosen, rows.chosen_tokens, desirable),
+                  UnpairedLogps(ref.chosen, ref.chosen_tokens, desirable), kl=kl_baseline(rows.rejected, ref.rejected, scorer.training),
                   beta=cfg.loss.beta, desirable_weight=cfg.loss.desirable_weight, undesirable_weight=cfg.loss.undesirable_weight)
         loss = out.reduce(batch["weight"], totals["weight"].to(logps.device))
         metrics = {"rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards, "kl": out.metrics["kl"],
@@ -47,6 +52,19 @@ def make_loss_fn(cfg: KTOConfig, reference: Reference) -> Any:
         return loss, metrics
 
     return loss_fn
+
+
+def kl_baseline(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor, global_batch: bool) -> torch.Tensor:
+    """KTO's KL estimate: the mean of ``log pi - log ref`` over the mismatched rows, detached.
+
+    ``global_batch``: over the rows of every process (training: each process runs the same
+    micro-batches, so the two sums below meet); else over this process's rows (evaluation).
+    """
+    log_ratios = (policy_kl_logps - reference_kl_logps).detach().double()
+    total, rows = log_ratios.sum(), torch.tensor(float(log_ratios.shape[0]), dtype=torch.float64, device=log_ratios.device)
+    if global_batch:
+        total, rows = all_sum(total), all_sum(rows)
+    return (total / rows).to(policy_kl_logps.dtype)
 
 
 def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:

@@ -27,7 +27,8 @@ from preftune.system import distributed
 from preftune.training.compile_choice import resolve_compile
 from preftune.training.loop import Task
 from preftune.training.precision import resolve_precision
-from preftune.training.reference import Reference, build_reference, resolve_reference_strategy
+from preftune.training.reference import FrozenCopyReference, Reference, build_reference, resolve_reference_strategy
+from preftune.training.sharding import shard_model
 
 #: (reference) -> the loop's loss function scoring rows against that reference
 MakeLoss = Callable[[Reference], Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]]
@@ -64,6 +65,8 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
                                                     ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on,
                                                     bf16=precision.bf16)
+    if cfg.train.sharding == "fsdp" and isinstance(train_ref, FrozenCopyReference):  # sharded as the policy is, frozen
+        shard_model(train_ref.scorer, bf16=precision.bf16)
     ref_info["layout"] = "prefix_shared" if shared else "concatenated"
     if why_not:
         ref_info["prefix_sharing_off"] = why_not

@@ -75,14 +75,14 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
     model = RewardModel(load_policy(cfg.model, given.model), chunk_size=cfg.train.logprob_chunk_size)
     check_vocabulary(model.lm, data.train + data.eval, "data")
 
-    def save_final(folder: Path, seq_cls: bool = True) -> None:
-        save_reward_model(model, run.tokenizer, folder, seq_cls=seq_cls)
+    def save_final(folder: Path, seq_cls: bool = True, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save_reward_model(model, run.tokenizer, folder, seq_cls=seq_cls, state_dict=state_dict)
         write_config(run, folder)
 
     return Task(model=model, loss_fn=make_rm_loss(cfg), train_set=data.train,
                 collate=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id),
                 lengths=[p.length for p in data.train], counts=count_pairs, eval_set=data.eval, save_final=save_final,
-                save_model=lambda folder: save_final(folder, seq_cls=False),
+                save_model=lambda folder, state_dict=None: save_final(folder, seq_cls=False, state_dict=state_dict),
                 group_by_length=cfg.data.group_by_length, output=model)
 
 

@@ -16,8 +16,8 @@ import torch
 
 from preftune.errors import PreftuneError
 
-#: What preftune runs across processes today: plain data parallelism.
-UNSUPPORTED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+#: What preftune does not run across processes: data parallelism (DDP) and FSDP2 sharding do run.
+UNSUPPORTED = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def world() -> tuple[int, int]:
@@ -36,12 +36,18 @@ def start() -> tuple[int, int]:
     for variable, name in UNSUPPORTED.items():
         if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
             raise PreftuneError(f"{name} is not supported yet ({variable} is set by the launcher); preftune runs data-parallel "
-                                "(DDP) across processes: launch with torchrun, or accelerate launch with the DDP config.")
+                                "(DDP) or sharded (train.sharding=fsdp, or accelerate launch with configs/accelerate/fsdp.yaml) "
+                                "across processes.")
     if world()[1] > 1:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
     return world()
+
+
+def launcher_asks_fsdp() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
 
 
 def all_sum(value: torch.Tensor) -> torch.Tensor:

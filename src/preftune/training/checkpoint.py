@@ -50,7 +50,7 @@ RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.batch_size", "train.output_dir", "train.resume_from", "train.overwrite",
     "train.log_every", "train.eval_every", "train.eval_batch_size", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.project", "train.run_name", "train.tensorboard", "train.progress", "train.report",
-    "train.compile", "train.bf16",
+    "train.compile", "train.bf16", "train.sharding",
 )
 
 
@@ -208,7 +208,7 @@ def manifest_problem(folder: Path) -> str | None:
             if file_digest(folder / name) != entry.get("sha256"):
                 return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
         _INTACT[key] = stamp
-    if STATE_FILE not in files or WEIGHTS_FILE not in files:
+    if STATE_FILE not in files or not ({WEIGHTS_FILE, "sharded/.metadata"} & set(files)):  # a sharded run's: DCP's files
         return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"
     return None
 
@@ -336,12 +336,15 @@ def read_plain(folder: Path, *, mapped: bool = False) -> tuple[dict[str, Any], A
     from safetensors.torch import load_file
 
     try:
-        if mapped:
+        if (folder / "sharded").is_dir():  # a sharded run's weights and optimizer state: sharded_checkpoint reads them
+            weights, optimizer_state = {}, {}
+        elif mapped:
             with safe_open(str(folder / WEIGHTS_FILE), "pt") as opened:
                 weights: dict[str, Any] = dict.fromkeys(opened.keys())
         else:
             weights = load_file(str(folder / WEIGHTS_FILE))
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, mmap=mapped)
+        if not (folder / "sharded").is_dir():
+            optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, mmap=mapped)
         scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True, mmap=mapped)
         rng = torch.load(folder / "rng.pt", weights_only=True, mmap=mapped)
         state = LoopState(**json.loads((folder / STATE_FILE).read_text()))
@@ -365,12 +368,15 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int = 0,
     global_batch: int = 0,
+    restore_sharded: Callable[[Path, nn.Module, torch.optim.Optimizer], None] | None = None,
 ) -> LoopState:
     """Restore weights, optimizer, scheduler and this process's RNG from ``folder``; return the loop state.
 
     The data position is counted in global micro-batches, so a run resumes on another number of
     processes only when the global batch (``batch_size x processes``) is the same; otherwise the
-    position would point at other examples, and the resume is refused.
+    position would point at other examples, and the resume is refused. A sharded run's
+    checkpoint keeps weights and optimizer state in ``sharded/``, read by ``restore_sharded``
+    (:mod:`preftune.training.sharded_checkpoint`).
     """
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
@@ -379,9 +385,14 @@ def load_checkpoint(
     if problem is not None:
         raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     # Everything is read before anything is restored: a bad file leaves the model untouched.
+    sharded = (folder / "sharded").is_dir()
     weights, optimizer_state, scheduler_state, rng, state = read_plain(folder)
     _check_global_batch(folder, state.global_batch, global_batch)
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if sharded and restore_sharded is not None:
+        restore_sharded(folder, model, optimizer)
+    elif sharded:
+        raise TrainingError(f"checkpoint '{folder}' is a sharded run's; it is resumed by the training loop.")
+    expected = set() if sharded else {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
         extra = sorted(set(weights) - expected)[:3]
@@ -393,7 +404,8 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(optimizer_state)
+    if not sharded:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     ranks = rng.get("ranks", [rng])  # an older checkpoint holds one state
     set_rng_state(ranks[rank % len(ranks)])

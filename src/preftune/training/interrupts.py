@@ -3,15 +3,22 @@
 While :func:`preftune.training.loop.fit` runs, the first SIGTERM or SIGINT only sets a flag; the loop
 looks at it after each optimizer step, writes a checkpoint there (unless one was just written),
 and raises :class:`Interrupted`, whose message says where the checkpoint is and how to continue,
-and whose exit status is the shell's (143 for SIGTERM, 130 for SIGINT). A second signal stops at
-once (``KeyboardInterrupt``). Handlers can only be set from the main thread; elsewhere (a caller's
-worker thread) signals keep their usual effect.
+and whose exit status is the shell's (143 for SIGTERM, 130 for SIGINT).
+
+A signal sent to the whole launch (Ctrl-C in a terminal, ``timeout``, a scheduler's SIGTERM to
+the process group) reaches each worker twice: directly, and again a moment later from
+``torchrun``'s shutdown, which forwards it to its workers. That repeat is not a user asking
+twice, so a second signal within :data:`GRACE_SECONDS` of the first is the same stop; one after
+it stops at once (:class:`StoppedAtOnce`, a ``KeyboardInterrupt`` naming the signal). Handlers
+can only be set from the main thread; elsewhere (a caller's worker thread) signals keep their
+usual effect.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -19,6 +26,16 @@ from preftune.errors import TrainingError
 from preftune.system.distributed import all_gather
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: A repeat within this many seconds of the first signal is the launcher forwarding it, not a user.
+GRACE_SECONDS = 5.0
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal, after the grace period: training ends now, without a checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class Interrupted(TrainingError):
@@ -31,16 +48,20 @@ class Interrupted(TrainingError):
 
 
 class StopSignals:
-    """A context manager: the first SIGTERM/SIGINT is recorded in :attr:`received`, not acted on."""
+    """A context manager: the first SIGTERM/SIGINT is recorded in :attr:`received`, not acted on;
+    a repeat within :attr:`grace` seconds is ignored, a later one stops at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = GRACE_SECONDS) -> None:
         self.received: int | None = None
+        self.grace = grace
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
-        self.received = signum
+        if self.received is None:
+            self.received, self._received_at = signum, time.monotonic()
+        elif time.monotonic() - self._received_at >= self.grace:  # asked again, well after the first: stop now
+            raise StoppedAtOnce(signum)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -5,7 +5,8 @@ evaluate, checkpoint. A stage hands it a :class:`Task` (what to optimise, how to
 and what the loss is a mean over); the loop computes no objective itself. Its one piece of
 preference knowledge is a warning: when a task logs DPO's ``logps/chosen`` and ``rewards/margins``,
 it watches them for likelihood displacement. ``accelerate`` places the model, runs autocast (in
-the run's precision, :mod:`preftune.training.precision`) and wraps the model for multi-process runs; there
+the run's precision, :mod:`preftune.training.precision`) and wraps the model for multi-process runs;
+with ``train.sharding=fsdp`` torch's FSDP2 shards it instead (:mod:`preftune.training.sharding`); there
 is no communication code here. The report, the data report and the final save belong to the stages.
 
 Gradient accumulation is exact for every task: before the forward passes of an optimizer step,
@@ -18,7 +19,6 @@ mean (SFT) alike.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -40,8 +40,10 @@ from preftune.training.checkpoint import LoopState, load_checkpoint, non_finite,
 from preftune.training.compile_choice import CompileChoice, compile_for_run
 from preftune.training.interrupts import Interrupted, StopSignals
 from preftune.training.optim import make_optimizer, make_scheduler
-from preftune.training.precision import PrecisionChoice, resolve_precision
+from preftune.training.precision import PrecisionChoice, new_accelerator, resolve_precision
 from preftune.training.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
+from preftune.training.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
+from preftune.training.sharding import clip_grad_norm, full_state_dict, is_sharded, no_sync, part_of, say_held, shard_model
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -69,8 +71,8 @@ class Task:
     lengths: list[int]  # tokens per train item, for length grouping
     counts: CountFn = count_examples  # what loss_fn's means are over (see the module docstring)
     eval_set: Sequence[Any] | None = None
-    save_final: Callable[[Path], None] | None = None  # write the final model to a folder
-    save_model: Callable[[Path], None] | None = None  # the same into each checkpoint (default: save_final)
+    save_final: Callable[..., None] | None = None  # write the final model to a folder (state_dict=: a sharded run's, gathered)
+    save_model: Callable[..., None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
     compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
@@ -127,7 +129,9 @@ def evaluate_held_out(task: Task, model: nn.Module, cfg: TrainConfig, accelerato
     set's totals, summed), so it does not depend on how the set is batched or split; the other
     metrics are per-example means. With several processes each scores every n-th item and the
     means are taken over all of them; the model runs unwrapped (no DDP collectives in a loop
-    whose length differs between processes).
+    whose length differs between processes). A sharded model gathers each layer from every
+    process in each forward, so there every process runs as many batches as the busiest one
+    (the extra ones on a repeated item, their results unused).
     """
     if not task.eval_set:
         return {}
@@ -151,6 +155,8 @@ def evaluate_held_out(task: Task, model: nn.Module, cfg: TrainConfig, accelerato
                 loss, metrics = task.loss_fn(net, batch, totals)
             loss_sum += float(loss.detach())
             window.add(metrics)
+        for _ in range(max(all_gather(len(starts))) - len(starts) if is_sharded(net) else 0):
+            task.loss_fn(net, _to_device(task.collate(list(task.eval_set)[:1]), accelerator.device), totals)
     model.train(was_training)
     return {"eval/loss": float(all_sum(loss_sum)), **{f"eval/{k}": v for k, v in window.means().items()}}
 
@@ -187,9 +193,12 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
 
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = task.precision or resolve_precision(cfg, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    accelerator = _new_accelerator(Accelerator, precision)
+    accelerator = new_accelerator(Accelerator, precision)
     rank, processes = world()
     _check_shards(len(task.train_set), cfg, processes)
+    sharded = cfg.sharding == "fsdp"
+    if sharded:  # before the optimizer is made: it steps this process's shards (training/sharding.py)
+        shard_model(task.model, bf16=precision.bf16)
     params = [p for p in task.model.parameters() if p.requires_grad]
     if not params:
         raise PreftuneError("the model has no trainable parameters.")
@@ -197,7 +206,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
     compiling = compile_for_run(task.compile, cfg, task.model, len(task.train_set), run_dir, accelerator.device)
     compiled_before = compile_stats() if compiling else {}
-    model, optimizer = accelerator.prepare(task.model, optimizer)
+    model, optimizer = (task.model, optimizer) if sharded else accelerator.prepare(task.model, optimizer)
 
     batches_per_epoch = math.ceil(len(task.train_set) / (cfg.batch_size * processes))
     if batches_per_epoch == 0:
@@ -210,7 +219,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes, data=task.data_digests)
     if resume is not None:
         state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                                rank=rank, global_batch=cfg.batch_size * processes)
+                                rank=rank, global_batch=cfg.batch_size * processes, restore_sharded=load_sharded_state)
     state.global_batch, state.compiled, state.bf16 = cfg.batch_size * processes, compiling, precision.bf16  # what a resume takes over
     metrics_path = run_dir / "metrics.jsonl"
     truncate_metrics(metrics_path, state.step)
@@ -232,13 +241,20 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     tokens_at_start = state.tokens_seen
 
     def checkpoint() -> Path:
-        """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes)."""
+        """Write checkpoints/step-N from a finite state (every process gathers its RNG, the main one writes;
+        sharded: every process writes its part, training/sharded_checkpoint.py)."""
+        path = run_dir / "checkpoints" / f"step-{state.step}"
+        if sharded:
+            save_sharded_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state, output=task.output,
+                                    export=task.save_model or task.save_final, rng=all_gather(rng_state()), config=hparams)
+            if cfg.save_total_limit and accelerator.is_main_process:
+                prune_checkpoints(run_dir, cfg.save_total_limit)
+            return path
         bad = non_finite({n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad})
         if bad:
             raise TrainingError(f"step {state.step}: the weights are not finite ({', '.join(bad[:3])}); no checkpoint written, "
                                 f"and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
         rngs = all_gather(rng_state())
-        path = run_dir / "checkpoints" / f"step-{state.step}"
         if accelerator.is_main_process:
             save_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                             state=state, export=task.save_model or task.save_final, rng=rngs, config=hparams, data=task.data_digests)
@@ -275,7 +291,7 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
             # loss is this micro-batch's share of the step's loss (divided by the step's totals),
             # so the shares add up to the full batch's loss and its gradient (module docstring).
             # DDP averages gradients over the processes; the shares are of the global loss, so scale back.
-            with _no_sync(accelerator, model, last=i == len(group) - 1):
+            with no_sync(accelerator, model, last=i == len(group) - 1):
                 accelerator.backward(loss * processes if processes > 1 else loss)
             step_loss = step_loss + loss.detach().float()
             window.add(metrics)
@@ -285,12 +301,14 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         window.add({"loss": step_loss.expand(sum(len(indices) for indices in local))})
         state.examples_seen += sum(len(indices) for indices in group)
         state.tokens_seen += int(all_sum(torch.tensor(float(step_tokens))))
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        grad_norm = (clip_grad_norm if sharded else accelerator.clip_grad_norm_)(params, cfg.max_grad_norm or float("inf"))
         if not math.isfinite(float(grad_norm)):  # a finite loss can still have an inf/NaN gradient: never apply it
             raise TrainingError(f"step {state.step + 1}: the gradient norm is {float(grad_norm)} (not finite) on "
                                 f"{_records(task, [j for indices in local for j in indices])}; training stopped "
                                 f"before the update, and {_kept(last_checkpoint, cfg, state.step)}. Lower train.lr, or check the data.")
         optimizer.step()
+        if sharded and state.step == 0:  # what each process holds, measured once (training/sharding.py)
+            say_held(params, optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -342,7 +360,11 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
     if trackers is not None:
         trackers.finish()
     accelerator.wait_for_everyone()
-    if task.save_final is not None and accelerator.is_main_process:
+    if task.save_final is not None and sharded:  # every process gathers; the main one writes
+        weights = part_of(full_state_dict(model), model, task.output or model)
+        if accelerator.is_main_process:
+            task.save_final(run_dir / "final", state_dict=weights)
+    elif task.save_final is not None and accelerator.is_main_process:
         task.save_final(run_dir / "final")
     metrics = {k: v for k, v in {**last_record, **final_eval}.items() if k != "step"}
     return Fitted(state, metrics, stopped_by)
@@ -361,26 +383,6 @@ def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
 def _records(task: Task, indices: list[int]) -> str:
     """The batch's records by where they were read (file, line), for an error that must name them."""
     return "records " + ", ".join(str(getattr(task.train_set[j], "source", None) or f"item {j}") for j in indices[:8]) + " ..." * (len(indices) > 8)
-
-
-def _no_sync(accelerator: Any, model: nn.Module, *, last: bool) -> Any:
-    """Skip the gradient all-reduce on all but the last micro-batch of a group (DDP)."""
-    return contextlib.nullcontext() if last else accelerator.no_sync(model)
-
-
-def _new_accelerator(accelerator_cls: type, precision: PrecisionChoice) -> Any:
-    """An Accelerator with this run's precision, also when an earlier run in the process set another.
-
-    accelerate keeps its settings in a process-wide singleton that refuses a second, different
-    ``mixed_precision``; a process that runs several trainings (a beta sweep, iterative DPO, the
-    demo, tests) needs each run's own. The process group (PartialState) is kept.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-    return accelerator_cls(mixed_precision="bf16" if precision.bf16 else "no", cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

@@ -6,7 +6,9 @@ layers ``L``, key/value width ``kv`` (``kv_heads x head_dim``), MLP width ``m``,
 The run's config gives the rest (dtype, LoRA, reference strategy, checkpointing, bf16, batch,
 lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of ``model.dtype``):
 
-- **parameters** ``P x p`` (P counted from the shapes, biases and norms included);
+- **parameters** ``P x p``: P counted exactly, by building the model on the meta device (no
+  memory, no weights) and counting, for every architecture transformers can build; otherwise from
+  the Llama-family shapes (biases and norms included), and the plan says it is approximate;
 - **gradients** ``T x p`` for the ``T`` trainable parameters (all of them, or LoRA's);
 - **optimizer** AdamW ``2 T x p`` (exp_avg, exp_avg_sq in the parameter's dtype), RMSprop ``T x p``, SGD 0;
 - **reference** ``P x p`` for a frozen copy; 0 for the adapter switched off, the on-disk cache, or none;
@@ -76,6 +78,7 @@ class Shape:
     mlp: int
     tied: bool
     qkv_bias: bool = False
+    counted: int | None = None  # parameters counted on a meta-device build; None: only the Llama formula
 
     def modules(self) -> dict[str, tuple[int, int]]:
         """Each layer's linear maps: name -> (in, out)."""
@@ -88,6 +91,8 @@ class Shape:
         return sum(i * o for i, o in self.modules().values()) + bias + 2 * self.hidden
 
     def params(self) -> int:
+        if self.counted is not None:
+            return self.counted
         head = 0 if self.tied else self.vocab * self.hidden
         return self.vocab * self.hidden + self.layers * self.layer_params() + self.hidden + head
 
@@ -105,10 +110,25 @@ def shape_of(config: Any) -> Shape:
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         return Shape(vocab=int(text.vocab_size), hidden=hidden, layers=layers, kv=kv_heads * head_dim, q=heads * head_dim,
                      mlp=int(text.intermediate_size), tied=bool(getattr(config, "tie_word_embeddings", False)),
-                     qkv_bias=bool(getattr(text, "attention_bias", False) or text.model_type == "qwen2"))
+                     qkv_bias=bool(getattr(text, "attention_bias", False) or text.model_type == "qwen2"),
+                     counted=count_on_meta(config))
     except (AttributeError, TypeError) as err:
         raise PreftuneError(f"the model config ({getattr(config, 'model_type', '?')}) is not a decoder the planner knows "
                             f"(needs hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size): {err}") from None
+
+
+def count_on_meta(config: Any) -> int | None:
+    """The parameters of the causal LM ``config`` describes, built on the meta device (shapes only,
+    no memory) and counted (tied weights once); None where transformers cannot build it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: the formula stands, said approximate
+        return None
+    return sum(p.numel() for p in model.parameters())
 
 
 def load_shape(path: str, *, trust_remote_code: bool = False) -> Shape:
@@ -273,7 +293,9 @@ def plan(shape: Shape, base: Setup, devices: int, memory: int) -> dict[str, Any]
         parts = estimate(shape, s)
         out.append({"strategy": s.name, "devices": s.devices, "batch": s.batch, "fits": parts["peak"] <= memory,
                     "largest_batch": largest_batch(shape, s, memory), "bytes": parts})
-    return {"params": shape.params(), "device_memory": memory, "devices": devices, "stage": base.stage,
+    exact = "exact (counted on a meta-device build)" if shape.counted is not None else \
+        "approximate (transformers could not build this architecture here: counted as a Llama-family decoder)"
+    return {"params": shape.params(), "params_counted": exact, "device_memory": memory, "devices": devices, "stage": base.stage,
             "tokens": {"prompt": base.prompt_tokens, "completion": base.completion_tokens}, "strategies": out}
 
 
@@ -283,7 +305,8 @@ COLUMNS = (("parameters", "params"), ("gradients", "grads"), ("optimizer", "opti
 
 def format_plan(result: dict[str, Any]) -> str:
     """The plan as a table, GiB per device."""
-    head = (f"{result['params'] / 1e9:.2f}B parameters; {result['stage']}, prompt {result['tokens']['prompt']} + completion "
+    counted = result["params_counted"].split(" (")[0]
+    head = (f"{result['params'] / 1e9:.2f}B parameters ({counted}); {result['stage']}, prompt {result['tokens']['prompt']} + completion "
             f"{result['tokens']['completion']} tokens; {result['device_memory'] / GiB:.1f} GiB per device, {result['devices']} device(s)")
     names = ["strategy"] + [short for _, short in COLUMNS] + ["fits", "max batch"]
     rows = [[r["strategy"]] + [f"{r['bytes'][key] / GiB:.2f}" for key, _ in COLUMNS]

@@ -153,3 +153,18 @@ def resolve_precision(train: Any, model: nn.Module, run_dir: Path, device: torch
     if rank == 0:
         print(choice.line(), file=sys.stderr)
     return choice
+
+
+def new_accelerator(accelerator_cls: type, precision: PrecisionChoice) -> Any:
+    """An Accelerator with this run's precision, also when an earlier run in the process set another.
+
+    accelerate keeps its settings in a process-wide singleton that refuses a second, different
+    ``mixed_precision``; a process that runs several trainings (a beta sweep, iterative DPO, the
+    demo, tests) needs each run's own. The process group (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return accelerator_cls(mixed_precision="bf16" if precision.bf16 else "no", cpu=not torch.cuda.is_available())
