@@ -94,7 +94,9 @@ class ModelConfig:
 class ReferenceConfig:
     """Where reference log-probs come from.
 
-    ``auto`` picks ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``.
+    ``auto`` picks ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``; the
+    reference is then always the model as the run starts (a trained LoRA adapter is kept as a
+    frozen copy). ``adapter`` asked for explicitly is the base model with the adapter off.
     """
 
     strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"

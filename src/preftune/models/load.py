@@ -18,6 +18,7 @@ from torch import nn
 
 from preftune.config.schema import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
+from preftune.models.adapters import REFERENCE_ADAPTER
 from preftune.models.scorers import SequenceLogps, causal_lm_of
 from preftune.models.tokenizer import check_folder, load_tokenizer
 
@@ -138,7 +139,11 @@ def has_adapter(model: nn.Module | None) -> bool:
 def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool = False) -> None:
     """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request."""
     folder.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(str(folder), safe_serialization=True)
+    if has_adapter(policy):  # the trained adapter only: a frozen reference copy is not part of the model
+        policy.save_pretrained(str(folder), safe_serialization=True,
+                               selected_adapters=[name for name in policy.peft_config if name != REFERENCE_ADAPTER])
+    else:
+        policy.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     if merge and hasattr(policy, "merge_and_unload"):
         import copy
