@@ -181,6 +181,28 @@ def test_not_a_reward_model_is_a_clear_error(tiny_model_dir: Path) -> None:
         load_reward_model(tiny_model_dir)
 
 
+def test_a_sequence_classification_model_is_refused_before_anything_is_written(
+        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """TRL's RewardTrainer takes AutoModelForSequenceClassification(num_labels=1): it has no LM head,
+    so it is refused, in memory (the Python API) and as a folder (the CLI), and no run folder is left."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import preftune
+
+    seq_cls = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(PreftuneError, match=r"model is a LlamaForSequenceClassification, not a causal LM.*final/seq_cls"):
+        preftune.reward_model(seq_cls, str(preference_files[0]), tokenizer=tokenizer, output_dir=str(tmp_path / "api"), max_steps=1)
+    assert not (tmp_path / "api").exists()
+    seq_cls.save_pretrained(str(tmp_path / "seq-cls"))
+    tokenizer.save_pretrained(str(tmp_path / "seq-cls"))
+    out = subprocess.run([sys.executable, "-m", "preftune.cli", "rm", str(CONFIGS / "rm-tiny.yaml"), f"--model.path={tmp_path / 'seq-cls'}",
+                          f"--data.train={preference_files[0]}", f"--train.output_dir={tmp_path / 'cli'}", "--train.progress=false"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "holds a LlamaForSequenceClassification, not a causal LM" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "cli").exists()
+
+
 # --------------------------------------------------------------------------- CLI
 def test_cli_sft_then_rm_then_score(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files

@@ -54,6 +54,33 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
     return model
 
 
+#: Why a sequence-classification model is refused, and what to pass instead
+SEQ_CLS_HELP = ("preftune trains causal LMs (AutoModelForCausalLM); a reward model is that causal LM plus preftune's own "
+                "scalar head (preftune rm's LM term, loss.lm_weight, needs the LM head a sequence-classification model "
+                "lacks). Pass the causal LM instead (AutoModelForCausalLM.from_pretrained(...)); the trained reward model "
+                "is also saved as an AutoModelForSequenceClassification(num_labels=1) in final/seq_cls/.")
+
+
+def check_causal_lm(model: nn.Module | None = None, folder: str | Path | None = None) -> None:
+    """Refuse a sequence-classification model (TRL's RewardTrainer's input), in memory or as a
+    model folder, before a run writes anything: loaded as a causal LM it has no LM head, and
+    ``from_pretrained`` would make up a random one without a word."""
+    if model is not None:
+        lm = causal_lm_of(model)
+        name = type(lm).__name__
+        if name.endswith(("ForSequenceClassification", "ForTokenClassification")) or (
+                hasattr(lm, "get_output_embeddings") and lm.get_output_embeddings() is None):
+            raise PreftuneError(f"model is a {name}, not a causal LM with an LM head: {SEQ_CLS_HELP}")
+    if folder:
+        config = Path(folder).expanduser() / "config.json"
+        try:
+            architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return  # a missing or unreadable folder is reported where it is loaded
+        if architectures and all(str(a).endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+            raise PreftuneError(f"'{folder}' holds a {architectures[0]}, not a causal LM: {SEQ_CLS_HELP}")
+
+
 def check_vocabulary(model: nn.Module, rows: Any, where: str) -> None:
     """Every token id of the data must have a row in the model's embedding (a tokenizer larger than
     its model would index past it, deep inside torch)."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from preftune.config.schema import to_dict, to_yaml, validate
 from preftune.errors import PreftuneError
-from preftune.models.load import load_tokenizer, save_policy
+from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.training.checkpoint import resolve_resume
 from preftune.training.loop import Fitted, Task, fit, seed_everything
@@ -71,6 +71,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     it was loaded from, when the config names none."""
     given = given or Given()
     validate(cfg)
+    check_causal_lm(given.model, None if given.model is not None else cfg.model.path)  # before anything is written
     rank, processes = distributed.start()
     if given.model is not None and not cfg.model.path:
         cfg.model.path = str(getattr(given.model, "name_or_path", "") or "")
