@@ -156,6 +156,10 @@ class TrainConfig:
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection
     report: bool = True  # write report.html (training curves) at the end
 
+    def __post_init__(self) -> None:
+        if list(self.report_to) == ["none"]:  # TRL's way to say: no trackers
+            self.report_to = []
+
 
 @dataclass
 class DPOConfig:

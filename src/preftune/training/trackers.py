@@ -53,6 +53,8 @@ def trl_hparams(flat: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(target, str) or " / " in target:
             continue
         key, _, rest = target.partition(" ")
+        if rest and rest != "(inverted)" and not rest.startswith("(default"):
+            continue  # a TRL choice such as eval_strategy that preftune says another way
         key, _, equals = key.partition("=")
         key, _, index = key.partition("[")
         if key not in flat:
