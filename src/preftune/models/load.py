@@ -263,7 +263,7 @@ def load_model(source: ModelSource, *, device: torch.device | None = None, like:
 
 def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
     """A training checkpoint's trainable weights on the run's base model (names as the loop saved them)."""
-    from safetensors.torch import load_file
+    from preftune.models.weights import read_weights
 
     if not cfg.path:
         raise PreftuneError(f"'{source.path}' is a checkpoint, but its run's config.yaml names no model.path to load it onto.")
@@ -271,7 +271,7 @@ def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     wrapper = SequenceLogps(model)  # the loop saved the weights of this wrapper: names start with "model."
-    weights = load_file(str(source.path / "weights.safetensors"))
+    weights = read_weights(source.path)
     params = dict(wrapper.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
     if set(weights) != trainable:

@@ -30,9 +30,9 @@ from torch import nn
 
 from preftune.data.cache import file_digest
 from preftune.errors import TrainingError
+from preftune.models.weights import WEIGHTS_FILE, read_weights, write_weights
 
 STATE_FILE = "state.json"
-WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 #: The settings a resume may change (dotted, as in overrides); any other difference from the
@@ -102,12 +102,12 @@ def save_checkpoint(
 
     ``export`` writes the model as the stage saves its final one (``save_pretrained``), so a
     checkpoint also loads with ``from_pretrained`` (``PeftModel.from_pretrained`` for LoRA) and
-    any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming.
+    any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming,
+    less what the export holds already (a full fine-tune's weights are stored once:
+    :mod:`preftune.models.weights`).
     ``config`` (the run's resolved config) is kept so a resume can check it continues the same run.
     Weights that are not all finite are refused: a checkpoint is only ever written from a finite state.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     weights = trainable_state(model)
     bad = non_finite(weights)
@@ -118,13 +118,13 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / WEIGHTS_FILE))
+    if export is not None:
+        export(tmp)
+    write_weights(weights, tmp)  # after the export: what it holds already is not written twice
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     # one RNG state per process, in rank order (gathered by the caller when there are several)
     torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
-    if export is not None:
-        export(tmp)
     if config is not None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
@@ -301,8 +301,6 @@ def load_checkpoint(
     processes only when the global batch (``batch_size x processes``) is the same; otherwise the
     position would point at other examples, and the resume is refused.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
@@ -311,7 +309,7 @@ def load_checkpoint(
         raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     # Everything is read before anything is restored: a bad file leaves the model untouched.
     try:
-        weights = load_file(str(folder / WEIGHTS_FILE))
+        weights = read_weights(folder)
         optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
         scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
         rng = torch.load(folder / "rng.pt", weights_only=True)
