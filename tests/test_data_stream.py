@@ -58,7 +58,9 @@ def _unpaired_file(path: Path, n: int = 40) -> Path:
 
 def _digest(items: list[Any], report: dict[str, Any], path: Path) -> str:
     rows = [[x.prompt_ids, x.chosen_ids, x.rejected_ids, x.index, x.preference, x.weight, x.source, x.margin] for x in items]
-    text = json.dumps([rows, {k: v for k, v in report.items() if k != "tokenized_cache"}]).replace(str(path), "F")
+    # `labels` (KTO's label counts) came after the golden digest, and is empty for pairs
+    kept = {k: v for k, v in report.items() if k != "tokenized_cache" and not (k == "labels" and v == {})}
+    text = json.dumps([rows, kept]).replace(str(path), "F")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
