@@ -210,9 +210,10 @@ def test_tokenizing_shows_a_bar_counting_records(tiny_model_dir: Path, tmp_path:
 
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_preferences(1500, seed=1))  # two chunks of records
     monkeypatch.setattr(progress, "DELAY", 0.0)
-    preftune.dpo(str(tiny_model_dir), str(data), output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, report=False)
+    no_cache = {"tokenized_cache_dir": None}  # a warm tokenized cache (a run before) would read, not tokenize
+    preftune.dpo(str(tiny_model_dir), str(data), output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, report=False, data=no_cache)
     err = capsys.readouterr().err
     assert "tokenize train" in err and "1500 record" in err and "record/s" in err
     preftune.dpo(str(tiny_model_dir), str(data), output_dir=str(tmp_path / "quiet"), max_steps=1, batch_size=2, report=False,
-                 progress=False)
+                 progress=False, data=no_cache)
     assert "tokenize train" not in capsys.readouterr().err
