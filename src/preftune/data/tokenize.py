@@ -90,6 +90,7 @@ from preftune.data.records import (
     TokenizedUnpaired,
     UnpairedExample,
 )
+from preftune.data.render import render
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.data.window import Window
 from preftune.errors import ConfigError, TokenizationError
@@ -145,7 +146,7 @@ def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> li
     """The ids of a prompt exactly as training sees them (no truncation): use it to generate."""
     codec = Codec.of(tokenizer)
     chat = isinstance(prompt, list)
-    text, _, _ = _render(tokenizer, prompt, system, (), "prompt", chat=chat)
+    text, _, _ = render(tokenizer, prompt, system, (), "prompt", chat=chat)
     return codec.prompts([text], ["prompt"], [chat])[0]
 
 
@@ -156,7 +157,7 @@ def turn_end_ids(tokenizer: Any) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         return []
     try:
-        _, _, (text,) = _render(tokenizer, [{"role": "user", "content": "x"}], None, ("y",), "probe", chat=True)
+        _, _, (text,) = render(tokenizer, [{"role": "user", "content": "x"}], None, ("y",), "probe", chat=True)
     except TokenizationError:
         return []
     codec = Codec.of(tokenizer)
@@ -230,7 +231,7 @@ class TokenizeStream:
         for i, (prompt, system, completions, source) in enumerate(rows):
             where = f"record {source}" if source else f"example {start + i}"
             chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
-            prompt_text, texts, fulls = _render(self.tokenizer, prompt, system, completions, where, chat=chat)
+            prompt_text, texts, fulls = render(self.tokenizer, prompt, system, completions, where, chat=chat)
             prompt_texts.append(prompt_text)
             completion_texts.extend((t or "") if chat else codec.trim_after_eos(t) for t in texts)
             sources.append(where)
@@ -385,62 +386,3 @@ def percentiles(values: Sequence[int]) -> dict[str, int]:
     if not values:
         return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
     return quantiles(values, PERCENTILES)
-
-
-# --------------------------------------------------------------------------- rendering
-def _render(
-    tokenizer: Any, prompt: Text, system: str | None, completions: Sequence[Text], where: str, *, chat: bool
-) -> tuple[str, list[Any], list[str | None]]:
-    """(prompt text, completion texts, the whole conversations' texts (chat; else None)) of one
-    example, per the rules in the module docstring; a chat completion whose conversation does not
-    start with the rendered prompt has no text of its own (None)."""
-    for value in (prompt, *completions):
-        if not isinstance(value, (str, list)):
-            kind = type(value).__name__
-            raise TokenizationError(f"{where}: a prompt or completion must be text or messages, got {kind}")
-    if not chat:
-        return (f"{system}\n\n{prompt}" if system else prompt), list(completions), [None] * len(completions)
-    if not getattr(tokenizer, "chat_template", None):
-        raise TokenizationError(
-            f"{where}: the data holds chat messages, but the tokenizer has no chat template. Use a tokenizer "
-            "with one (set `chat_template` in its tokenizer_config.json), or give prompts and completions as text."
-        )
-    messages = _with_system(_as_messages(prompt, "user"), system, where)
-    prompt_text = _apply_template(tokenizer, messages, where, generation_prompt=True)
-    texts: list[str | None] = []
-    fulls: list[str | None] = []
-    for completion in completions:
-        conversation = messages + _as_messages(completion, "assistant")
-        full = _apply_template(tokenizer, conversation, where, generation_prompt=False)
-        # a template that renders the prompt otherwise inside the conversation (one that rewrites
-        # earlier turns): no completion text of its own; split at the ids (_split_chat)
-        texts.append(full[len(prompt_text) :] if full.startswith(prompt_text) else None)
-        fulls.append(full)
-    return prompt_text, texts, fulls
-
-
-def _as_messages(value: Text, role: str) -> list[dict[str, str]]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
-def _with_system(messages: list[dict[str, str]], system: str | None, where: str) -> list[dict[str, str]]:
-    if not system:
-        return messages
-    if messages and messages[0].get("role") == "system":
-        if messages[0].get("content") != system:
-            raise TokenizationError(
-                f"{where}: the record has a system prompt ({system[:40]!r}) and its prompt opens with a different "
-                "system message; keep one of them."
-            )
-        return messages
-    return [{"role": "system", "content": system}] + messages
-
-
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]], where: str, *, generation_prompt: bool) -> str:
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
-        raise TokenizationError(f"{where}: the chat template cannot render this conversation: {err}") from None
-    if not isinstance(text, str):
-        raise TokenizationError(f"{where}: the chat template returned {type(text).__name__}, not text")
-    return text
