@@ -184,3 +184,55 @@ def test_the_run_folder_says_how_the_run_ended(tiny, tmp_path: Path) -> None:  #
     with pytest.raises(preftune.PreftuneError, match="chosen"):
         preftune.dpo(new_model(tiny), train_data=[{"prompt": "a", "rejected": "b"}], tokenizer=tiny, output_dir=str(tmp_path / "bad"), **QUIET)
     assert not (tmp_path / "bad").exists()  # a run that fails before training leaves no folder behind
+
+
+# --------------------------------------------------------------------------- TRL habits
+def test_trl_habits_peft_config_processing_class_model_section_and_report_to_none(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    from peft import LoraConfig
+
+    model_dir = tmp_path / "model"
+    new_model(tiny).save_pretrained(str(model_dir))
+    tiny.save_pretrained(str(model_dir))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    result = preftune.dpo(model={"path": str(model_dir), "dtype": "float32"}, train_data=pairs(16), processing_class=tiny,
+                          peft_config=lora, max_steps=1, output_dir=str(tmp_path / "run"), train={"report_to": "none"}, **QUIET)
+    assert result.config.model.lora.enabled and (result.config.model.lora.r, result.config.model.lora.alpha) == (4, 8)
+    assert result.config.model.lora.target_modules == ["q_proj", "v_proj"] and result.config.train.report_to == []
+    assert result.tokenizer is tiny and (result.run_dir / "final" / "adapter_config.json").is_file()
+    with pytest.raises(ConfigError, match="peft_config sets use_dora"):
+        preftune.dpo(new_model(tiny), pairs(8), tokenizer=tiny, peft_config=LoraConfig(r=4, use_dora=True), output_dir=str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="processing_class= is TRL's name for tokenizer="):
+        preftune.dpo(new_model(tiny), pairs(8), tokenizer=tiny, processing_class=tiny, output_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_trl_dpo_config_is_converted(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    trl = pytest.importorskip("trl")
+
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl-args"), learning_rate=5e-4, beta=0.3, max_steps=2, per_device_train_batch_size=4,
+                         adam_beta2=0.98, loss_type=["ipo"], use_cpu=True, bf16=False, logging_steps=1, report_to="none",
+                         hub_model_id="me/model")
+    with pytest.warns(UserWarning, match="no preftune equivalent are ignored: .*hub_model_id"):
+        result = preftune.dpo(new_model(tiny), pairs(16), tokenizer=tiny, config=args, **QUIET)
+    cfg = result.config
+    assert (cfg.train.lr, cfg.loss.beta, cfg.loss.name, cfg.train.max_steps, cfg.train.batch_size) == (5e-4, 0.3, "ipo", 2, 4)
+    assert cfg.train.adam_betas == [0.9, 0.98] and cfg.train.output_dir == str(tmp_path / "trl-args") and result.step == 2
+    for bad, match in ((dict(ld_alpha=0.5), "ld_alpha"), (dict(loss_type=["sigmoid", "sft"]), "loss_type="),
+                       (dict(sync_ref_model=True), "sync_ref_model")):
+        with pytest.raises(ConfigError, match=f"the TRL config sets {match}.*change what a run computes"):
+            preftune.dpo(new_model(tiny), pairs(8), tokenizer=tiny, config=trl.DPOConfig(output_dir=str(tmp_path / "y"), use_cpu=True,
+                                                                                         bf16=False, **bad))
+
+
+@pytest.mark.parametrize("setting,answer", [
+    ("eval_strategy", "train.eval_every"), ("save_strategy", "train.save_every"), ("train_dataset", "train_data="),
+    ("peft_config", "model.lora"), ("processing_class", "tokenizer="), ("dataset_name", "data.train"), ("use_peft", "model.lora.enabled=true"),
+])
+def test_trl_names_get_the_right_hint(setting: str, answer: str) -> None:
+    from preftune.config.schema import DPOConfig, load_config
+
+    with pytest.raises(ConfigError, match=f"'{setting}' is TRL's.*{re.escape(answer)}"):
+        load_config(DPOConfig, None, [f"--{setting}" if setting == "use_peft" else f"--{setting}=x"])
+    with pytest.raises(ConfigError, match=f"'{setting}' is TRL's.*{re.escape(answer)}"):
+        preftune.dpo("/not/used", [], **{setting: "x"}) if setting not in ("peft_config", "processing_class") else \
+            load_config(DPOConfig, None, [f"--train.{setting}=x"])

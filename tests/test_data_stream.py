@@ -58,7 +58,9 @@ def _unpaired_file(path: Path, n: int = 40) -> Path:
 
 def _digest(items: list[Any], report: dict[str, Any], path: Path) -> str:
     rows = [[x.prompt_ids, x.chosen_ids, x.rejected_ids, x.index, x.preference, x.weight, x.source, x.margin] for x in items]
-    text = json.dumps([rows, {k: v for k, v in report.items() if k != "tokenized_cache"}]).replace(str(path), "F")
+    # `labels` (KTO's label counts) came after the golden digest, and is empty for pairs
+    kept = {k: v for k, v in report.items() if k != "tokenized_cache" and not (k == "labels" and v == {})}
+    text = json.dumps([rows, kept]).replace(str(path), "F")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -197,3 +199,21 @@ def test_unpaired_records_for_a_pair_stage_are_a_clear_error(tiny_model_dir: Pat
         prepare(DataConfig(train=[str(path)], tokenized_cache_dir=str(tmp_path / "cache")), load_tokenizer(str(tiny_model_dir)),
                 records="pairs", seed=0)
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-written is left behind
+
+
+def test_tokenizing_shows_a_bar_counting_records(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long tokenization shows a bar (records and rate) while it runs, not only a line at the end;
+    the bar waits progress.DELAY seconds (here 0), so short steps show nothing."""
+    import preftune
+    from preftune.system import progress
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_preferences(1500, seed=1))  # two chunks of records
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    no_cache = {"tokenized_cache_dir": None}  # a warm tokenized cache (a run before) would read, not tokenize
+    preftune.dpo(str(tiny_model_dir), str(data), output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, report=False, data=no_cache)
+    err = capsys.readouterr().err
+    assert "tokenize train" in err and "1500 record" in err and "record/s" in err
+    preftune.dpo(str(tiny_model_dir), str(data), output_dir=str(tmp_path / "quiet"), max_steps=1, batch_size=2, report=False,
+                 progress=False, data=no_cache)
+    assert "tokenize train" not in capsys.readouterr().err

@@ -217,16 +217,35 @@ def test_messages_without_a_chat_template_are_an_error(tok: Tokenizer) -> None:
     assert one(bare, pair("hi", " yo")).chosen_ids[-1] == tok.eos_token_id  # text still works
 
 
-def test_template_rendering_the_prompt_differently_is_an_error(tok: Tokenizer) -> None:
+def ids_of(tokenizer: Tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
+
+
+@pytest.mark.parametrize("template,why", [
+    # the generation prompt says "assistant" but an assistant turn renders as "bot" (a template that
+    # rewrites the prompt inside the conversation, as DeepSeek-R1's drops earlier turns' reasoning)
+    ("{% for m in messages %}<|im_start|>{{ 'bot' if m['role'] == 'assistant' else m['role'] }}\n"
+     "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "rewrites"),
+    # a generation prompt that ends in a space: alone it is a space token, in the conversation it merges with the reply
+    ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n<|im_start|>assistant:"
+     "{% else %} {{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}", "space"),
+])
+def test_a_prompt_that_is_not_a_prefix_of_the_conversation_is_split_as_trl_does(tok: Tokenizer, template: str, why: str) -> None:
+    """Where the prompt's ids are not a prefix of the whole conversation's, the prompt ends where
+    they diverge (TRL's common prefix) and each completion is the rest of the whole: prompt +
+    completion is exactly ``apply_chat_template`` of the conversation. Counted and warned."""
     odd = copy.deepcopy(tok)
-    # The generation prompt says "assistant" but an assistant turn renders as "bot".
-    odd.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ 'bot' if m['role'] == 'assistant' else m['role'] }}\n"
-        "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    example = pair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}], source="d.jsonl:9")
-    with pytest.raises(TokenizationError, match="d.jsonl:9.*renders the prompt differently"):
-        one(odd, example)
+    odd.chat_template = template
+    user, chosen, rejected = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "the yo"}], \
+        [{"role": "assistant", "content": "the no"}]
+    report = DataReport(kept=1)
+    with pytest.warns(UserWarning, match="not a prefix of the tokenized conversation"):
+        (item,) = tokenize_pairs([pair(user, chosen, rejected, source="d.jsonl:9")], odd, max_length=4096, report=report)
+    prompt_ids = ids_of(odd, user, True)
+    assert item.prompt_ids == prompt_ids[: len(item.prompt_ids)] and len(item.prompt_ids) < len(prompt_ids)
+    assert item.prompt_ids + item.chosen_ids == ids_of(odd, user + chosen, False)
+    assert item.prompt_ids + item.rejected_ids == ids_of(odd, user + rejected, False)
+    assert report.findings["prompt_not_prefix"] == 1 and report.examples["prompt_not_prefix"] == ["d.jsonl:9"]
 
 
 def test_a_template_that_raises_is_a_tokenization_error(tok: Tokenizer) -> None:

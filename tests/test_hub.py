@@ -77,7 +77,7 @@ def test_what_is_not_there_is_one_clear_line(offline: Path) -> None:
         load_causal_lm(ModelConfig(path="preftune-test/not-cached"))
     message = str(err.value)
     assert "\n" not in message
-    for part in ("'preftune-test/not-cached'", str(offline), "offline", "huggingface-cli download preftune-test/not-cached"):
+    for part in ("'preftune-test/not-cached'", str(offline), "offline", "hf download preftune-test/not-cached"):
         assert part in message, part
     with pytest.raises(PreftuneError, match="is not a folder, nor a Hugging Face hub id"):
         load_causal_lm(ModelConfig(path="/no/such/folder"))

@@ -4,6 +4,7 @@ test_losses_trl_parity.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,31 @@ def test_each_record_gets_another_records_completion_for_its_kl_row() -> None:
     assert mismatched_pairs(items, max_length=4, seed=3) == rows  # fixed per record: cacheable
     with pytest.raises(PreftuneError, match="at least 2 records"):
         mismatched_pairs(items[:1], max_length=4, seed=0)
+
+
+@pytest.mark.slow
+def test_label_balance_is_reported_warned_and_margins_logged(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from preftune.cli import main
+
+    rows = unpaired(48, seed=3)
+    unbalanced = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]][:12]  # 48 desirable, 12 undesirable
+    data = write_jsonl(tmp_path / "unbalanced.jsonl", unbalanced)
+    assert main(["data", "inspect", str(data)]) == 0
+    shown = capsys.readouterr().out
+    assert "labels (unpaired records kept)" in shown and re.search(r"\n  desirable +48\n  undesirable +12\n", shown)
+    assert "between 3 and 4" in shown
+    settings = dict(config=preftune.load_config(preftune.KTOConfig, CONFIG), max_steps=2, log_every=1, progress=False, report=False)
+    with pytest.warns(UserWarning, match=r"= 4.00, outside the \[1, 4/3\].*undesirable_weight between 3 and 4"):
+        result = preftune.kto(str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "unbalanced"), **settings)
+    line = read_metrics(result.run_dir)[0]
+    assert line["rewards/margins"] == pytest.approx(line["rewards/chosen"] - line["rewards/rejected"])  # as TRL's KTO logs it
+    assert json.loads((result.run_dir / "data_report.json").read_text())["train"]["labels"] == {"desirable": 48, "undesirable": 12}
+    import warnings
+
+    with warnings.catch_warnings():  # weights in the recommended range: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        preftune.kto(str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "weighted"), loss={"undesirable_weight": 3.5},
+                     **{k: v for k, v in settings.items() if k != "config"}, kto={})
+    everything_good = write_jsonl(tmp_path / "desirable.jsonl", [r for r in rows if r["label"]])
+    with pytest.warns(UserWarning, match="every record is desirable"):
+        preftune.kto(str(tiny_model_dir), train_data=str(everything_good), output_dir=str(tmp_path / "all"), **settings)

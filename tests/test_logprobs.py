@@ -10,6 +10,7 @@ import torch
 from preftune.logprobs import (
     IGNORE_INDEX,
     completion_logps,
+    completion_logps_with_stats,
     naive_completion_logps,
     token_logps,
 )
@@ -212,3 +213,23 @@ def test_sequence_logps_on_a_real_tiny_llama() -> None:
     expected.sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_entropy_and_top1_hits_match_the_full_logits(chunk_size: int) -> None:
+    hidden, weight, bias, labels = make_batch(7)
+    hidden.requires_grad_(True)
+    logps, tokens, entropy, hits = completion_logps_with_stats(hidden, weight, labels, bias=bias, chunk_size=chunk_size)
+    logits = reference_logits(hidden.detach(), weight, bias)[:, :-1]
+    targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+    log_p = torch.log_softmax(logits, dim=-1)
+    want_entropy = (-(log_p.exp() * log_p).sum(-1) * scored).sum(1)  # by hand: -sum_v p_v log p_v, over completion tokens
+    want_hits = ((logits.argmax(-1) == targets) & scored).sum(1).float()
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hits, want_hits) and entropy[2] == 0 and hits[2] == 0  # row 2 scores nothing
+    plain = completion_logps(hidden, weight, labels, bias=bias, chunk_size=chunk_size)
+    torch.testing.assert_close(logps, plain[0], atol=0, rtol=0)
+    assert torch.equal(tokens, plain[1])
+    (grad,) = torch.autograd.grad(logps.sum(), hidden)  # the statistics change no gradient
+    (plain_grad,) = torch.autograd.grad(plain[0].sum(), hidden)
+    torch.testing.assert_close(grad, plain_grad, atol=0, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,11 @@ def test_sft_learns_the_completions_and_saves_a_loadable_model(tiny_model_dir: P
     run = run_sft(sft_cfg(tiny_model_dir, train, held, tmp_path / "sft"))
     evals = [m for m in metrics_of(run) if "eval/loss" in m]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.5, evals
+    # TRL's SFT metrics: token means of the next-token entropy (learning lowers it) and of top-1 accuracy
+    # (their values against the full logits: tests/test_logprobs.py)
+    assert all(0 <= m["eval/mean_token_accuracy"] <= 1 for m in evals)
+    assert evals[-1]["eval/entropy"] < evals[0]["eval/entropy"] <= math.log(300) + 1e-3  # at most log(vocab)
+    assert {"entropy", "mean_token_accuracy"} <= set(next(m for m in metrics_of(run) if "loss" in m))
     model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
     assert model.config.architectures == ["LlamaForCausalLM"]
     report = json.loads((run / "data_report.json").read_text())
@@ -83,7 +89,7 @@ def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preferenc
     from preftune.data.prepare import as_demonstrations
     from preftune.data.tokenize import tokenize_unpaired
     from preftune.models.load import load_causal_lm, load_tokenizer
-    from preftune.models.scorers import SequenceLogps
+    from preftune.models.scorers import SequenceLogpsWithStats
     from preftune.stages.sft import count_tokens, sft_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -92,11 +98,13 @@ def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preferenc
     packs = pack(items, 128)
     assert len(packs) < len(items)  # something was packed
     assert sorted(x.index for row in packs for x in row) == sorted(x.index for x in items)  # nothing lost
-    scorer = SequenceLogps(load_causal_lm(ModelConfig(path=str(tiny_model_dir))), chunk_size=5)
+    scorer = SequenceLogpsWithStats(load_causal_lm(ModelConfig(path=str(tiny_model_dir))), chunk_size=5)
     plain_batch, packed_batch = collate_unpaired(items, tokenizer.pad_token_id), collate_packed(packs, tokenizer.pad_token_id)
-    plain, _ = sft_loss(scorer, plain_batch, count_tokens(plain_batch))
-    packed, _ = sft_loss(scorer, packed_batch, count_tokens(packed_batch))
+    plain, plain_metrics = sft_loss(scorer, plain_batch, count_tokens(plain_batch))
+    packed, packed_metrics = sft_loss(scorer, packed_batch, count_tokens(packed_batch))
     assert float(packed.detach()) == pytest.approx(float(plain.detach()), abs=1e-5)
+    for name in ("entropy", "mean_token_accuracy"):  # token means: the same however rows are packed
+        assert float(packed_metrics[name].mean()) == pytest.approx(float(plain_metrics[name].mean()), abs=1e-5)
     grads = []
     for batch in (collate_unpaired(items, tokenizer.pad_token_id), collate_packed(packs, tokenizer.pad_token_id)):
         scorer.zero_grad()
@@ -179,6 +187,28 @@ def test_not_a_reward_model_is_a_clear_error(tiny_model_dir: Path) -> None:
 
     with pytest.raises(PreftuneError, match="not a preftune reward model"):
         load_reward_model(tiny_model_dir)
+
+
+def test_a_sequence_classification_model_is_refused_before_anything_is_written(
+        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """TRL's RewardTrainer takes AutoModelForSequenceClassification(num_labels=1): it has no LM head,
+    so it is refused, in memory (the Python API) and as a folder (the CLI), and no run folder is left."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import preftune
+
+    seq_cls = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(PreftuneError, match=r"model is a LlamaForSequenceClassification, not a causal LM.*final/seq_cls"):
+        preftune.reward_model(seq_cls, str(preference_files[0]), tokenizer=tokenizer, output_dir=str(tmp_path / "api"), max_steps=1)
+    assert not (tmp_path / "api").exists()
+    seq_cls.save_pretrained(str(tmp_path / "seq-cls"))
+    tokenizer.save_pretrained(str(tmp_path / "seq-cls"))
+    out = subprocess.run([sys.executable, "-m", "preftune.cli", "rm", str(CONFIGS / "rm-tiny.yaml"), f"--model.path={tmp_path / 'seq-cls'}",
+                          f"--data.train={preference_files[0]}", f"--train.output_dir={tmp_path / 'cli'}", "--train.progress=false"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "holds a LlamaForSequenceClassification, not a causal LM" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "cli").exists()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,5 +1,6 @@
 """trackers.py: train.report_to sends the config and every log line, under TRL's names, to
-TensorBoard, Weights & Biases (offline) and MLflow (a local file store); read back here."""
+TensorBoard, Weights & Biases (offline) and MLflow (a local file store); read back here. The
+TensorBoard tags are those of TRL's DPOTrainer on the same run."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from pathlib import Path
 import pytest
 
 import preftune
-from preftune.training.trackers import flat_config, trl_metric_names
+from preftune.training.trackers import flat_config, trl_hparams, trl_metric_names
 
 
 def test_trl_metric_names() -> None:
     record = {"step": 3, "loss": 0.5, "lr": 1e-6, "eval/rewards/accuracies": 0.75, "num_tokens": 10, "note": "x", "done": True}
     assert trl_metric_names(record) == {"loss": 0.5, "learning_rate": 1e-6, "eval_rewards/accuracies": 0.75, "num_tokens": 10}
+    assert trl_metric_names(record, prefixed=True) == {"train/loss": 0.5, "train/learning_rate": 1e-6, "eval/rewards/accuracies": 0.75,
+                                                       "train/num_tokens": 10}
+    hparams = trl_hparams(flat_config({"train": {"lr": 1e-6, "adam_betas": [0.9, 0.99], "progress": False, "bf16": None},
+                                       "loss": {"name": "dpo", "beta": 0.2}, "reference": {"strategy": "cache"}}))
+    assert hparams == {"learning_rate": 1e-6, "adam_beta1": 0.9, "adam_beta2": 0.99, "disable_tqdm": True, "bf16": "null",
+                       "loss_type": "sigmoid", "beta": 0.2, "precompute_ref_log_probs": True}
     assert flat_config({"train": {"lr": 1e-6, "adam_betas": [0.9, 0.99]}, "data": {"columns": {}, "system": None}}) == {
         "train.lr": 1e-6, "train.adam_betas": "[0.9, 0.99]", "data.columns": "{}", "data.system": "null"}
 
@@ -71,10 +78,10 @@ def test_tensorboard_receives_every_log_line(tracked_run: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tracked_run["result"].run_dir / "tensorboard")).Reload()
-    assert [e.step for e in events.Scalars("loss")] == [m["step"] for m in tracked_run["train"]]
-    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in tracked_run["train"]])
-    assert [e.value for e in events.Scalars("learning_rate")] == pytest.approx([m["lr"] for m in tracked_run["train"]])
-    assert [e.value for e in events.Scalars("eval_rewards/accuracies")] == pytest.approx(
+    assert [e.step for e in events.Scalars("train/loss")] == [m["step"] for m in tracked_run["train"]]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in tracked_run["train"]])
+    assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([m["lr"] for m in tracked_run["train"]])
+    assert [e.value for e in events.Scalars("eval/rewards/accuracies")] == pytest.approx(
         [m["eval/rewards/accuracies"] for m in tracked_run["eval"]])
 
 
@@ -86,13 +93,15 @@ def test_wandb_offline_receives_the_config_and_the_metrics(tracked_run: dict) ->
                for r in records if r.WhichOneof("record_type") == "history"]
     config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert config["loss.beta"] == 0.2 and config["train.max_steps"] == 4 and config["model.disable_dropout"] is True
+    assert config["beta"] == 0.2 and config["max_steps"] == 4 and config["disable_dropout"] is True  # and under TRL's names
     by_step = {row["_step"]: row for row in history}
     for line in tracked_run["train"]:
-        assert by_step[line["step"]]["loss"] == pytest.approx(line["loss"])
-        assert by_step[line["step"]]["learning_rate"] == pytest.approx(line["lr"])
-        assert by_step[line["step"]]["num_tokens"] == line["num_tokens"]
+        assert by_step[line["step"]]["train/loss"] == pytest.approx(line["loss"])
+        assert by_step[line["step"]]["train/learning_rate"] == pytest.approx(line["lr"])
+        assert by_step[line["step"]]["train/num_tokens"] == line["num_tokens"]
+        assert by_step[line["step"]]["train/global_step"] == line["step"]
     for line in tracked_run["eval"]:
-        assert by_step[line["step"]]["eval_loss"] == pytest.approx(line["eval/loss"])
+        assert by_step[line["step"]]["eval/loss"] == pytest.approx(line["eval/loss"])
 
 
 def test_mlflow_file_store_receives_the_config_and_the_metrics(tracked_run: dict) -> None:
@@ -103,6 +112,7 @@ def test_mlflow_file_store_receives_the_config_and_the_metrics(tracked_run: dict
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked"
     assert run.data.params["loss.beta"] == "0.2" and run.data.params["train.output_dir"].endswith("run")
+    assert run.data.params["beta"] == "0.2" and run.data.params["learning_rate"] == run.data.params["train.lr"]
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [m["step"] for m in tracked_run["train"]]
     assert [m.value for m in losses] == pytest.approx([m["loss"] for m in tracked_run["train"]])
@@ -116,3 +126,39 @@ def test_an_unknown_or_missing_tracker_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"report_to: unknown tracker\(s\) 'wandbb' \(known: tensorboard, wandb, mlflow\)"):
         load_config(DPOConfig, None, ["--train.report_to=[wandbb]"])
+
+
+#: What TRL's DPOTrainer logs and preftune does not: full-vocabulary logits statistics (preftune
+#: never materialises the logits), the trainer's timings and FLOPs, and end-of-run summaries.
+TRL_ONLY = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "runtime", "samples_per_second", "steps_per_second",
+            "total_flos", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+            "eval/num_tokens"}  # TRL repeats the training token count in its eval lines
+#: ... and what preftune logs that TRL does not
+PREFTUNE_ONLY = {"tokens_per_second"}
+
+
+@pytest.mark.slow
+def test_tensorboard_tags_are_trls_on_the_same_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="make test installs tensorboard (the dev extras)")
+    from datasets import Dataset
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    train, held = ([json.loads(line) for line in path.read_text().splitlines()][:n] for path, n in zip(preference_files, (16, 4)))
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
+                     logging_steps=1, eval_steps=2, eval_strategy="steps", save_strategy="no", report_to=["tensorboard"],
+                     use_cpu=True, disable_tqdm=True)
+    DPOTrainer(model=str(tiny_model_dir), args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held),
+               processing_class=AutoTokenizer.from_pretrained(str(tiny_model_dir))).train()
+    preftune.dpo(str(tiny_model_dir), train, eval_data=held, batch_size=4, max_steps=2, log_every=1, eval_every=2,
+                 output_dir=str(tmp_path / "ours"), progress=False, report=False, report_to=["tensorboard"])
+
+    def tags(folder: Path) -> set[str]:
+        folders = {path.parent for path in folder.rglob("events.out.tfevents.*")}  # hyperparameters write their own
+        return {tag for events in folders for tag in EventAccumulator(str(events)).Reload().Tags()["scalars"]}
+
+    theirs, ours = tags(tmp_path / "trl"), tags(tmp_path / "ours")
+    assert {"train/loss", "train/rewards/chosen", "train/learning_rate", "eval/loss", "eval/rewards/margins"} <= ours
+    shared_theirs = {tag for tag in theirs if tag.split("/", 1)[1] not in TRL_ONLY and tag not in TRL_ONLY}
+    assert shared_theirs == {tag for tag in ours if tag.split("/", 1)[1] not in PREFTUNE_ONLY}

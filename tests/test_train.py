@@ -193,11 +193,19 @@ def test_checkpoints_load_with_from_pretrained(tiny_model_dir: Path, preference_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from preftune.models.weights import read_weights
+
     options = ["--model.lora.enabled=true", "--reference.strategy=adapter", "--model.lora.r=4"] if lora else []
     run = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.max_steps=2",
                              "--train.save_every=1", "--train.eval_every=null", "--train.lr=1e-2", *options))
     checkpoint = run / "checkpoints" / "step-1"
-    trained = {name.removeprefix("model."): value for name, value in load_file(str(checkpoint / "weights.safetensors")).items()}
+    trained = {name.removeprefix("model."): value for name, value in read_weights(checkpoint).items()}
+    # a full fine-tune's weights are stored once (in model.safetensors); LoRA's adapter, which peft names otherwise, in both
+    assert (len(load_file(str(checkpoint / "weights.safetensors"))) == 0) is not lora
+    assert (checkpoint / "weights_in_export.json").is_file() is not lora
+    if not lora:
+        weights_size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        assert weights_size < 1.01 * (checkpoint / "model.safetensors").stat().st_size
     if lora:
         from peft import PeftModel
 
@@ -242,9 +250,9 @@ def test_a_non_finite_gradient_is_never_applied_and_the_last_checkpoint_is_good(
                      "--train.eval_every=null")
     with pytest.raises(TrainingError, match=r"step 2: the gradient norm is nan \(not finite\) on records \S+:\d+.*last good checkpoint is .*step-1"):
         run_dpo(cfg, extra_terms=[nan_gradient_on_second_step])
-    from safetensors.torch import load_file
+    from preftune.models.weights import read_weights
 
-    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-1" / "weights.safetensors"))
+    saved = read_weights(tmp_path / "run" / "checkpoints" / "step-1")
     assert all(bool(torch.isfinite(v).all()) for v in saved.values())
     resumed = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.save_every=1",
                                  "--train.max_steps=2", "--train.eval_every=null", "--train.resume_from=latest"))

@@ -152,12 +152,17 @@ def _prepare(cls: type, config: Any, settings: dict[str, Any], model: Any, train
              tokenizer: Any, ref_model: Any) -> tuple[Any, Any]:
     from preftune.stages.common import Given
 
-    if config is not None and not isinstance(config, cls):
-        raise ConfigError(f"config must be a {cls.__name__}, got {type(config).__name__}")
-    data = to_dict(config) if config is not None else {}
+    tokenizer = _alias(settings, "processing_class", "tokenizer", tokenizer)
+    peft_config = settings.pop("peft_config", None)
+    data = _config_data(cls, config)
     for section, values in _sections(cls, settings).items():
         data.setdefault(section, {}).update(values)
-    if isinstance(model, (str, Path)):
+    if peft_config is not None:
+        data.setdefault("model", {})["lora"] = {**data.get("model", {}).get("lora", {}), **lora_settings(peft_config)}
+    if isinstance(model, dict):  # the model section, given by the argument of the same name
+        data.setdefault("model", {}).update(model)
+        model = None
+    elif isinstance(model, (str, Path)):
         data.setdefault("model", {})["path"] = str(model)
         model = None
     train_data, eval_data = _splits(train_data, eval_data)
@@ -172,6 +177,56 @@ def _prepare(cls: type, config: Any, settings: dict[str, Any], model: Any, train
     in_memory = {split: value for split, value in (("train", train_data), ("eval", eval_data)) if not isinstance(value, (str, Path))}
     return cfg, Given(model=model, tokenizer=tokenizer, ref_model=ref_model,
                       train_data=in_memory.get("train"), eval_data=in_memory.get("eval"))
+
+
+def _alias(settings: dict[str, Any], trl_name: str, name: str, value: Any) -> Any:
+    """TRL's keyword ``trl_name`` as preftune's ``name`` (both given: an error)."""
+    if trl_name not in settings:
+        return value
+    if value is not None:
+        raise ConfigError(f"{trl_name}= is TRL's name for {name}=; give one of them.")
+    return settings.pop(trl_name)
+
+
+def _config_data(cls: type, config: Any) -> dict[str, Any]:
+    """``config`` as a nested dict: a preftune config, or a TRL config object converted (its
+    fields with no equivalent that change results refused, the others named in a warning)."""
+    if config is None:
+        return {}
+    if isinstance(config, cls):
+        return to_dict(config)
+    if type(config).__module__.split(".")[0] == "trl" and dataclasses.is_dataclass(config):
+        import warnings
+
+        from preftune.config.trl_names import from_trl_config
+
+        data, ignored = from_trl_config(config)
+        if ignored:
+            warnings.warn(f"the TRL {type(config).__name__}'s settings with no preftune equivalent are ignored: {', '.join(ignored)}",
+                          stacklevel=4)
+        return data
+    raise ConfigError(f"config must be a preftune {cls.__name__} (preftune.config.schema) or a TRL config object, "
+                      f"got {type(config).__module__}.{type(config).__name__}")
+
+
+def lora_settings(peft_config: Any) -> dict[str, Any]:
+    """A peft ``LoraConfig`` as ``model.lora``'s settings; a field preftune cannot apply, set away
+    from peft's default, is refused (it would change what trains)."""
+    if type(peft_config).__name__ != "LoraConfig" or not dataclasses.is_dataclass(peft_config):
+        raise ConfigError(f"peft_config must be a peft LoraConfig (preftune's adapters are LoRA), got {type(peft_config).__name__}")
+    targets = peft_config.target_modules
+    out: dict[str, Any] = {"enabled": True, "r": peft_config.r, "alpha": peft_config.lora_alpha, "dropout": peft_config.lora_dropout}
+    if targets is not None:
+        out["target_modules"] = [targets] if isinstance(targets, str) else sorted(targets)
+    applied = {"r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "peft_type", "base_model_name_or_path", "revision",
+               "inference_mode", "auto_mapping"}
+    defaults = type(peft_config)()
+    unsupported = [f.name for f in dataclasses.fields(peft_config)
+                   if f.name not in applied and getattr(peft_config, f.name) != getattr(defaults, f.name)]
+    if unsupported:
+        raise ConfigError(f"peft_config sets {', '.join(unsupported)}, which preftune's LoRA does not apply (it takes r, lora_alpha, "
+                          "lora_dropout, target_modules); unset them, or pass a model already wrapped with get_peft_model.")
+    return out
 
 
 def _splits(train_data: Any, eval_data: Any) -> tuple[Any, Any]:

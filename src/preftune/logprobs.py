@@ -43,11 +43,38 @@ def completion_logps(
     tokens = scored.sum(dim=1)
     row_of = torch.nonzero(scored, as_tuple=True)[0]
     selected = hidden[:, :-1][scored]  # (N, hidden): only the positions that are scored
-    token_logps = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden)
+    token_logps, _, _ = _ChunkedTokenLogps.apply(
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
     )
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
     return sums, tokens
+
+
+def completion_logps_with_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`completion_logps`, plus per-row sums over the completion tokens of the predictive
+    entropy (nats, ``-sum_v p_v log p_v``) and of top-1 hits (the label is the argmax), both without
+    gradients: SFT's ``entropy`` and ``mean_token_accuracy``, as TRL logs them. Taken from each
+    chunk's logits as they are computed, so they cost no second projection."""
+    rows = hidden.shape[0]
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    row_of = torch.nonzero(scored, as_tuple=True)[0]
+    token_logps, entropy, hits = _ChunkedTokenLogps.apply(
+        hidden[:, :-1][scored], weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap,
+        compute_dtype(hidden), True,
+    )
+    per_row = [torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, values)
+               for values in (token_logps, entropy, hits)]
+    return per_row[0], scored.sum(dim=1), per_row[1], per_row[2]
 
 
 def token_logps(
@@ -68,8 +95,8 @@ def token_logps(
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     selected = hidden[:, :-1][scored]
-    values = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden)
+    values, _, _ = _ChunkedTokenLogps.apply(
+        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
     )
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     out[scored] = values
@@ -113,22 +140,28 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log p(target) for N hidden rows, logits recomputed chunk by chunk in the backward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, cap, dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, cap, dtype, stats):  # type: ignore[override]
+        # -> (log p(target), and with ``stats`` each token's entropy and top-1 hit (else empty): no gradients)
         with torch.autocast(hidden.device.type, enabled=False):
             out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             lse_all = torch.empty_like(out)
+            entropy, hits = (torch.empty_like(out), torch.empty_like(out)) if stats else (out.new_empty(0), out.new_empty(0))
             for start in range(0, hidden.shape[0], chunk_size):
                 end = start + chunk_size
                 logits, _ = _logits(hidden[start:end], weight, bias, scale, cap, dtype)
                 lse = torch.logsumexp(logits, dim=-1)
                 out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
                 lse_all[start:end] = lse
+                if stats:
+                    entropy[start:end] = lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+                    hits[start:end] = (logits.argmax(dim=-1) == targets[start:end]).float()
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.config = (chunk_size, scale, cap, dtype)
-        return out
+        ctx.mark_non_differentiable(entropy, hits)
+        return out, entropy, hits
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_entropy, _grad_hits):  # type: ignore[override]
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         chunk_size, scale, cap, dtype = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
@@ -158,5 +191,5 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )

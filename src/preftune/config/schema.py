@@ -95,7 +95,9 @@ class ModelConfig:
 class ReferenceConfig:
     """Where reference log-probs come from.
 
-    ``auto`` picks ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``.
+    ``auto`` picks ``none`` for reference-free losses, ``adapter`` with LoRA, else ``copy``; the
+    reference is then always the model as the run starts (a trained LoRA adapter is kept as a
+    frozen copy). ``adapter`` asked for explicitly is the base model with the adapter off.
     """
 
     strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"
@@ -155,6 +157,10 @@ class TrainConfig:
     progress: bool = True
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection
     report: bool = True  # write report.html (training curves) at the end
+
+    def __post_init__(self) -> None:
+        if list(self.report_to) == ["none"]:  # TRL's way to say: no trackers
+            self.report_to = []
 
 
 @dataclass

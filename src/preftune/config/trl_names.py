@@ -10,6 +10,12 @@ against the installed TRL. The README lists it.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from typing import Any
+
+from preftune.errors import ConfigError
+
 #: TRL field -> preftune key, or (None, why) where there is no equivalent.
 TRL_NAMES: dict[str, str | tuple[None, str]] = {
     # DPOConfig's own fields
@@ -67,7 +73,31 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "disable_tqdm": "train.progress (inverted)",
     "report_to": "train.report_to",
     "run_name": "train.run_name",
+    "eval_strategy": "train.eval_every (a number of steps; null: no evaluation)",
+    "save_strategy": "train.save_every (a number of steps; null: no checkpoints)",
+    "logging_strategy": "train.log_every (a number of steps)",
 }
+
+#: TRL's trainer and script arguments (not DPOConfig fields) -> what preftune takes instead.
+TRL_ARGUMENTS: dict[str, str] = {
+    "train_dataset": "train_data= in Python (a Dataset, DatasetDict, list of dicts or path), data.train in a config",
+    "eval_dataset": "eval_data= in Python, data.eval in a config",
+    "processing_class": "tokenizer= in Python (processing_class= is accepted too), model.tokenizer (a folder) in a config",
+    "peft_config": "model.lora.* (enabled, r, alpha, dropout, target_modules); in Python peft_config=LoraConfig(...) is accepted too",
+    "dataset_name": "data.train (a hub id or a local path)",
+    "use_peft": "model.lora.enabled=true",
+    "model_name_or_path": "model.path",
+    "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout",
+    "lora_target_modules": "model.lora.target_modules",
+}
+
+#: TRL settings with no equivalent that would not change what a run computes: listed, not refused.
+HARMLESS = {"dataset_num_proc", "pad_to_multiple_of", "activation_offloading", "pad_token"}
+#: TrainingArguments fields outside the table that change results: a TRL config setting one is refused.
+CHANGES_RESULTS = {"fp16", "label_smoothing_factor", "lr_scheduler_kwargs", "optim_args", "neftune_noise_alpha",
+                   "train_sampling_strategy", "data_seed", "tf32"}
 
 #: TRL's loss_type values -> preftune's loss.name (paper names, not shapes).
 TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
@@ -76,9 +106,75 @@ TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "r
 def trl_hint(key: str) -> str | None:
     """A sentence naming preftune's equivalent of TRL's ``key`` (its last dotted part), or None."""
     name = key.rpartition(".")[2]
+    if name in TRL_ARGUMENTS:
+        return f" '{name}' is TRL's; preftune's is {TRL_ARGUMENTS[name]}."
     target = TRL_NAMES.get(name)
     if target is None:
         return None
     if isinstance(target, tuple):
         return f" '{name}' is TRL's setting; preftune has no equivalent: {target[1]}."
     return f" '{name}' is TRL's name; preftune's is '{target}'."
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def from_trl_config(config: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """A TRL config object (``trl.DPOConfig`` and the like) -> (preftune's sections, the TRL
+    fields set with no equivalent, ignored). Only the fields set away from TRL's defaults are
+    carried over; one with no equivalent that changes results is refused (:class:`ConfigError`)."""
+    sections: dict[str, dict[str, Any]] = {}
+    ignored, refused = [], []
+    for f in dataclasses.fields(config):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        value = _plain(getattr(config, f.name))
+        if value == _plain(default) or f.name not in TRL_NAMES and f.name not in CHANGES_RESULTS:
+            if value != _plain(default) and f.name not in TRL_NAMES:
+                ignored.append(f.name)
+            continue
+        target = TRL_NAMES.get(f.name)
+        if not isinstance(target, str):
+            (ignored if f.name in HARMLESS else refused).append(f.name)
+            continue
+        converted = _convert(f.name, value, target)
+        if converted is None:
+            refused.append(f"{f.name}={value!r}")
+            continue
+        for key, item in converted.items():
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = item
+    if {"adam_beta1", "adam_beta2"} & {f.name for f in dataclasses.fields(config)}:
+        betas = [config.adam_beta1, config.adam_beta2]
+        if betas != [0.9, 0.999]:
+            sections.setdefault("train", {})["adam_betas"] = betas
+    if refused:
+        raise ConfigError(f"the TRL config sets {', '.join(refused)}, which preftune has no equivalent for and which change what "
+                          "a run computes; unset them, or write a preftune config (see the README's table of TRL names).")
+    return sections, sorted(ignored)
+
+
+def _convert(name: str, value: Any, target: str) -> dict[str, Any] | None:
+    """One TRL field's value as preftune's ``{dotted key: value}``; None when it cannot be said."""
+    key = target.split(" ")[0]
+    if name == "loss_type":
+        names = value if isinstance(value, list) else [value]
+        return {"loss.name": TRL_LOSS_TYPES[names[0]]} if len(names) == 1 and names[0] in TRL_LOSS_TYPES else None
+    if name in ("eval_strategy", "save_strategy", "logging_strategy"):
+        return {key: None} if value == "no" and name != "logging_strategy" else ({} if value == "steps" else None)
+    if name in ("adam_beta1", "adam_beta2"):
+        return {}  # both at once, below
+    if name == "precompute_ref_log_probs":
+        return {"reference.strategy": "cache"} if value else {}
+    if name == "disable_tqdm":
+        return {"train.progress": not value}
+    if name == "report_to":
+        return {key: [] if value in ("none", ["none"]) else list(value) if isinstance(value, list) else [value]}
+    if name == "model_init_kwargs":
+        dtype = str((value or {}).get("dtype", "")).removeprefix("torch.")
+        return {"model.dtype": dtype} if set(value or {}) == {"dtype"} and dtype in ("float32", "bfloat16", "float16") else None
+    if name in ("optim", "lr_scheduler_type"):
+        plain = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd", "rmsprop": "rmsprop"}.get(value, value)
+        return {key: plain} if plain in ("adamw", "sgd", "rmsprop", "constant", "linear", "cosine") else None
+    return {key: value}

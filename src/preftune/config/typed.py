@@ -151,6 +151,9 @@ def parse_overrides(items: list[str], cls: type, hint: KeyHint | None = None) ->
             key, raw = body, items[i + 1]
             i += 1
         else:
+            explained = hint(body) if hint and body not in valid else None
+            if explained:  # a TRL flag such as --use_peft: say preftune's setting, not how to give a value
+                raise ConfigError(f"unknown config key '{body}' in override '{item}'.{explained}")
             raise ConfigError(f"override '{item}' has no value: write --{body}=VALUE.")
         if key not in valid:
             match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)

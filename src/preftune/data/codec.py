@@ -67,17 +67,18 @@ class Codec:
         """Completion ids ending with EOS once; a chat turn that the template closes with a special
         token of its own (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, EOS) is kept as rendered."""
         chat = chat or [False] * len(texts)
-        out = []
-        for ids, where, templated in zip(encode_texts(self.tokenizer, texts, special=False), sources, chat):
-            if templated and self.closes_turn(ids):
-                out.append(ids)
-                continue
-            if not ids or ids[-1] != self.eos_id:
-                ids = ids + [self.eos_id]
-            elif len(ids) >= 2 and ids[-2] == self.eos_id:
-                raise TokenizationError(f"{where}: a completion ends with EOS twice ({self.eos_text!r} in its text).")
-            out.append(ids)
-        return out
+        return [self.finish(ids, where, templated)
+                for ids, where, templated in zip(encode_texts(self.tokenizer, texts, special=False), sources, chat)]
+
+    def finish(self, ids: list[int], where: str, templated: bool) -> list[int]:
+        """A completion's ids ending with EOS once (a templated turn closed by a special token: as is)."""
+        if templated and self.closes_turn(ids):
+            return ids
+        if not ids or ids[-1] != self.eos_id:
+            return ids + [self.eos_id]
+        if len(ids) >= 2 and ids[-2] == self.eos_id:
+            raise TokenizationError(f"{where}: a completion ends with EOS twice ({self.eos_text!r} in its text).")
+        return ids
 
 
 def encode_texts(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:

@@ -57,12 +57,40 @@ def format_report(summary: dict[str, Any]) -> str:
         else:
             where = _where(examples.get(name)) if count else ""
         lines.append(f"  {name:<26}{count:>7}{where}")
+    if summary.get("labels"):  # unpaired (KTO) records: how many of each kind
+        labels = summary["labels"]
+        lines.append("labels (unpaired records kept)")
+        for label in ("desirable", "undesirable"):
+            lines.append(f"  {label:<26}{labels.get(label, 0):>7}")
+        warning = label_balance_warning(labels.get("desirable", 0), labels.get("undesirable", 0))
+        if warning:
+            lines.append(f"  ! {warning}")
     for section in ("tokens", "truncation"):
         if section in summary:
             lines.append(section)
             for key, value in summary[section].items():
                 lines.append(f"  {key:<26}{_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def label_balance_warning(desirable: int, undesirable: int, desirable_weight: float = 1.0,
+                          undesirable_weight: float = 1.0) -> str | None:
+    """What KTO's authors (and TRL) say about the labels' balance, or None when it is as they
+    recommend: both kinds present, and ``desirable_weight x n_D / (undesirable_weight x n_U)`` in
+    [1, 4/3] (Ethayarajh et al. 2024, section 4.3)."""
+    if desirable + undesirable == 0:
+        return None
+    if not desirable or not undesirable:
+        only = "desirable" if desirable else "undesirable"
+        return (f"every record is {only} ({desirable + undesirable}): KTO then only moves {only} completions against the "
+                "KL baseline, with nothing on the other side; add records of the other label.")
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1.0 <= ratio <= 4 / 3:
+        return None
+    low, high = desirable / undesirable / (4 / 3) * desirable_weight, desirable / undesirable * desirable_weight
+    return (f"desirable_weight x n_desirable / (undesirable_weight x n_undesirable) = {desirable_weight:g} x {desirable} / "
+            f"({undesirable_weight:g} x {undesirable}) = {ratio:.2f}, outside the [1, 4/3] KTO's authors recommend: "
+            f"set loss.undesirable_weight between {low:.3g} and {high:.3g} (with loss.desirable_weight={desirable_weight:g}).")
 
 
 def _where(locations: list[str] | None) -> str:

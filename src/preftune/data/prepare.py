@@ -34,7 +34,7 @@ from preftune.config.schema import DataConfig
 from preftune.data.records import DataReport, PreferenceExample, TokenizedPair, TokenizedUnpaired, UnpairedExample
 from preftune.data.store import TokenizedItems
 from preftune.errors import DataError, PreftuneError
-from preftune.system.progress import status
+from preftune.system.progress import counter, status
 
 Records = Literal["pairs", "demonstrations", "unpaired"]
 #: examples tokenized at a time (a chunk's texts and token lists are what memory holds of them)
@@ -83,7 +83,8 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
             reports[split]["tokenized_cache"] = {"key": key, "hit": True}
             status(f"read tokenized {split} records from the cache", len(hit[0]), time.perf_counter() - started, enabled=progress)
             continue
-        tokenized[split], reports[split] = _tokenize_split(paths, data, tokenizer, records, split_pairs, key)
+        tokenized[split], reports[split] = _tokenize_split(paths, data, tokenizer, records, split_pairs, key,
+                                                           progress=progress, desc=f"tokenize {split}")
         if key:
             reports[split] = {**reports[split], "tokenized_cache": {"key": key, "hit": False}}
         status(f"read and tokenized {split} records", reports[split]["records"], time.perf_counter() - started, enabled=progress)
@@ -94,7 +95,7 @@ def prepare(data: DataConfig, tokenizer: Any, *, records: Records, seed: int, so
 
 
 def _tokenize_split(paths: list[Any], data: DataConfig, tokenizer: Any, records: Records, split_pairs: bool,
-                    key: str | None) -> tuple[TokenizedItems, dict[str, Any]]:
+                    key: str | None, *, progress: bool = False, desc: str = "tokenize") -> tuple[TokenizedItems, dict[str, Any]]:
     """Stream one split's records into stored items: (items, the data report as a dict). With a
     cache ``key`` the ids go straight into the tokenized cache file, which is then memory-mapped."""
     from preftune.data.cache import CacheWriter
@@ -115,10 +116,11 @@ def _tokenize_split(paths: list[Any], data: DataConfig, tokenizer: Any, records:
     else:
         examples = _unpaired(stream, tally, split_pairs)
     sink: Any = CacheWriter(data.tokenized_cache_dir, key, kind) if key else contextlib.nullcontext(ItemsWriter(kind))
-    with sink as writer:
+    with sink as writer, counter(desc, unit="record", enabled=progress) as bar:
         for chunk in chunked(examples, CHUNK):
             for item in tokens.add(chunk):
                 writer.add(item)
+            bar.update(len(chunk))
         tally.apply(stream.report)  # after the loader's counts, as when every example was loaded first
         tokens.fill(stream.report)
         report = dataclasses.asdict(stream.report)

@@ -104,3 +104,5 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     truncation: dict[str, int] = field(default_factory=dict)
+    #: unpaired (KTO) records kept, by label: ``desirable`` and ``undesirable``; empty for pairs
+    labels: dict[str, int] = field(default_factory=dict)

@@ -7,7 +7,7 @@ Rendering
     tokenizer's chat template: the prompt with ``add_generation_prompt=True``, and the whole
     conversation (prompt + completion messages) without it; the completion's text is the
     rendered conversation minus the rendered prompt, so a template that renders the prompt
-    differently on its own is an error, never patched. The system prompt becomes a leading
+    differently on its own is split at the ids (below). The system prompt becomes a leading
     ``{"role": "system"}`` message unless the prompt already opens with one (a different one is
     an error). If any of prompt or completions is a message list, the whole example is a chat:
     a plain-text prompt becomes one user message, a plain-text completion one assistant message.
@@ -24,7 +24,14 @@ Ids
     written without a leading space one anyway, as TRL's tokenization does too.)
 
 Chat data: exactly ``apply_chat_template``
-    For chat examples the ids are the rendered template's and nothing else: the prompt's ids
+    For chat examples the whole conversation is tokenized too, and each completion's ids are the
+    whole's after the prompt's (:meth:`TokenizeStream._split_chat`): separate tokenization of the
+    completion text can differ (a merge across the boundary, a normalizer that prepends a space;
+    counted in ``report.findings['completion_retokenized']``). Where the prompt's ids are not a
+    prefix of the whole (a generation prompt that ends in a space, a template that rewrites earlier
+    turns), the prompt is cut to the longest prefix the wholes share, as TRL does, and the record
+    is counted in ``report.findings['prompt_not_prefix']`` and warned about.
+    So the ids are the rendered template's and nothing else: the prompt's ids
     equal ``apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)`` and prompt +
     completion equal ``apply_chat_template(prompt + completion, tokenize=True)`` (tested on
     ChatML, Llama-3, Mistral-instruct, Gemma and Zephyr styles). So no BOS is added that the
@@ -69,6 +76,7 @@ Bounded work: only a window of characters around what truncation can keep is enc
 
 from __future__ import annotations
 
+import warnings
 from array import array
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +90,7 @@ from preftune.data.records import (
     TokenizedUnpaired,
     UnpairedExample,
 )
+from preftune.data.render import render
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.data.window import Window
 from preftune.errors import ConfigError, TokenizationError
@@ -137,7 +146,7 @@ def encode_prompt(tokenizer: Any, prompt: Text, system: str | None = None) -> li
     """The ids of a prompt exactly as training sees them (no truncation): use it to generate."""
     codec = Codec.of(tokenizer)
     chat = isinstance(prompt, list)
-    text, _ = _render(tokenizer, prompt, system, (), "prompt", chat=chat)
+    text, _, _ = render(tokenizer, prompt, system, (), "prompt", chat=chat)
     return codec.prompts([text], ["prompt"], [chat])[0]
 
 
@@ -148,7 +157,7 @@ def turn_end_ids(tokenizer: Any) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         return []
     try:
-        _, (text,) = _render(tokenizer, [{"role": "user", "content": "x"}], None, ("y",), "probe", chat=True)
+        _, _, (text,) = render(tokenizer, [{"role": "user", "content": "x"}], None, ("y",), "probe", chat=True)
     except TokenizationError:
         return []
     codec = Codec.of(tokenizer)
@@ -181,6 +190,9 @@ class TokenizeStream:
                        "dropped": 0}
         self.dropped_at: list[str] = []
         self.cut_at: list[str] = []
+        #: chat rows whose ids were split from the whole conversation (:meth:`_split_chat`)
+        self.split_counts = {"completion_retokenized": 0, "prompt_not_prefix": 0}
+        self.split_at: dict[str, list[str]] = {name: [] for name in self.split_counts}
         self.seen = 0
 
     def add(self, examples: Sequence[PreferenceExample | UnpairedExample]) -> list[Any]:
@@ -200,26 +212,41 @@ class TokenizeStream:
     def fill(self, report: DataReport) -> None:
         """Fill ``report.tokens`` and ``report.truncation`` and count the drops, over every chunk added."""
         _fill_report(report, self.lengths, self.counts, self.dropped_at, self.cut_at)
+        for name, count in self.split_counts.items():
+            if count:
+                report.findings[name] = report.findings.get(name, 0) + count
+                report.examples.setdefault(name, []).extend(self.split_at[name][:MAX_EXAMPLES])
+        if self.split_counts["prompt_not_prefix"]:
+            warnings.warn(f"{self.split_counts['prompt_not_prefix']} chat record(s) (e.g. {', '.join(self.split_at['prompt_not_prefix'])}): "
+                          "the tokenized prompt is not a prefix of the tokenized conversation (a generation prompt ending in "
+                          "a space, or a template that rewrites earlier turns); the prompt ends where they diverge, as in "
+                          "TRL, so training sees a slightly other context than generation does (counted as prompt_not_prefix "
+                          "in data_report.json and `data inspect`).", stacklevel=2)
 
     def _tokenize(self, rows: list[_Row], start: int) -> list[tuple[int, list[int], list[list[int]]]]:
         """Render, encode, check, measure and fit every row; returns (position in rows, prompt, completions)."""
         codec, window, names = self.codec, self.window, self.names
         max_length, max_prompt_length, on_overflow = self.limits
-        prompt_texts, completion_texts, sources, chats = [], [], [], []
+        prompt_texts, completion_texts, sources, chats, rendered = [], [], [], [], {}
         for i, (prompt, system, completions, source) in enumerate(rows):
             where = f"record {source}" if source else f"example {start + i}"
             chat = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
-            prompt_text, texts = _render(self.tokenizer, prompt, system, completions, where, chat=chat)
+            prompt_text, texts, fulls = render(self.tokenizer, prompt, system, completions, where, chat=chat)
             prompt_texts.append(prompt_text)
-            completion_texts.extend(t if chat else codec.trim_after_eos(t) for t in texts)
+            completion_texts.extend((t or "") if chat else codec.trim_after_eos(t) for t in texts)
             sources.append(where)
             chats.append(chat)
+            if chat:
+                rendered[i] = (prompt_text, texts, fulls)
         prompts = _encode(codec.prompts, [window.prompt(t) for t in prompt_texts], prompt_texts, sources, chats, window)
         flat = _encode(codec.completions, [window.completion(t) for t in completion_texts], completion_texts,
                        [w for w in sources for _ in names], [c for c in chats for _ in names], window)
         k = len(names)
         completions = [flat[i * k : (i + 1) * k] for i in range(len(rows))]
         del prompt_texts, completion_texts, flat
+        for i, (prompt_text, texts, fulls) in rendered.items():
+            prompts[i], completions[i] = self._split_chat(prompt_text, texts, fulls, prompts[i], completions[i], sources[i],
+                                                          rows[i][3] or str(start + i))
 
         self.lengths["prompt"].extend(len(p) for p in prompts)
         for j, name in enumerate(names):
@@ -245,6 +272,45 @@ class TokenizeStream:
                 _note(self.cut_at, rows[i][3] or str(start + i))
             fitted.append((i, new_prompt, new_comps))
         return fitted
+
+
+    def _split_chat(self, prompt_text: str, texts: list[str | None], fulls: list[str], prompt: list[int],
+                    separate: list[list[int]], where: str, label: str) -> tuple[list[int], list[list[int]]]:
+        """A chat row's ids as ``apply_chat_template`` gives the whole conversation: each
+        completion is the whole's ids after the prompt's, where separate tokenization differs (a
+        merge across the boundary, a normalizer that prepends a space). Where the prompt's ids are
+        not a prefix of the whole (a generation prompt ending in a space, a template that rewrites
+        earlier turns), the prompt is cut to the longest prefix all the wholes share, as TRL does;
+        both are counted (``report.findings``)."""
+        codec, window = self.codec, self.window
+        windowed = window.prompt(prompt_text)
+        used = prompt_text if window.too_short(windowed, prompt_text, prompt) else windowed
+        if any(t is None for t in texts) and used is not prompt_text:
+            raise TokenizationError(f"{where}: the chat template renders the prompt otherwise inside the conversation, and "
+                                    "the prompt is too long to split the whole at it; shorten the prompt.")
+        wholes = codec.prompts([used + window.completion(t) if t is not None else full for t, full in zip(texts, fulls)],
+                               [where] * len(texts), [True] * len(texts))
+        shared = min(_common_prefix(prompt, whole) for whole in wholes)
+        if shared == 0 or any(len(whole) <= shared for whole in wholes):
+            raise TokenizationError(f"{where}: the chat template's conversation shares no prompt with its rendered prompt, "
+                                    "or leaves a completion empty after it; this template cannot be split into prompt and completion.")
+        completions = [codec.finish(whole[shared:], where, True) for whole in wholes]
+        if shared < len(prompt):
+            self.split_counts["prompt_not_prefix"] += 1
+            _note(self.split_at["prompt_not_prefix"], label)
+        elif completions != separate:
+            self.split_counts["completion_retokenized"] += 1
+            _note(self.split_at["completion_retokenized"], label)
+        return prompt[:shared], completions
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _note(locations: list[str], where: str) -> None:
@@ -320,62 +386,3 @@ def percentiles(values: Sequence[int]) -> dict[str, int]:
     if not values:
         return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
     return quantiles(values, PERCENTILES)
-
-
-# --------------------------------------------------------------------------- rendering
-def _render(
-    tokenizer: Any, prompt: Text, system: str | None, completions: Sequence[Text], where: str, *, chat: bool
-) -> tuple[str, list[str]]:
-    """(prompt text, completion texts) of one example, per the rules in the module docstring."""
-    for value in (prompt, *completions):
-        if not isinstance(value, (str, list)):
-            kind = type(value).__name__
-            raise TokenizationError(f"{where}: a prompt or completion must be text or messages, got {kind}")
-    if not chat:
-        return (f"{system}\n\n{prompt}" if system else prompt), list(completions)
-    if not getattr(tokenizer, "chat_template", None):
-        raise TokenizationError(
-            f"{where}: the data holds chat messages, but the tokenizer has no chat template. Use a tokenizer "
-            "with one (set `chat_template` in its tokenizer_config.json), or give prompts and completions as text."
-        )
-    messages = _with_system(_as_messages(prompt, "user"), system, where)
-    prompt_text = _apply_template(tokenizer, messages, where, generation_prompt=True)
-    texts = []
-    for completion in completions:
-        conversation = messages + _as_messages(completion, "assistant")
-        full = _apply_template(tokenizer, conversation, where, generation_prompt=False)
-        if not full.startswith(prompt_text):
-            raise TokenizationError(
-                f"{where}: the chat template renders the prompt differently on its own than inside the full "
-                f"conversation, so the prompt's tokens would not be a prefix of the sequence. Prompt ends with "
-                f"{prompt_text[-60:]!r}; the conversation has {full[: len(prompt_text)][-60:]!r} there."
-            )
-        texts.append(full[len(prompt_text) :])
-    return prompt_text, texts
-
-
-def _as_messages(value: Text, role: str) -> list[dict[str, str]]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
-def _with_system(messages: list[dict[str, str]], system: str | None, where: str) -> list[dict[str, str]]:
-    if not system:
-        return messages
-    if messages and messages[0].get("role") == "system":
-        if messages[0].get("content") != system:
-            raise TokenizationError(
-                f"{where}: the record has a system prompt ({system[:40]!r}) and its prompt opens with a different "
-                "system message; keep one of them."
-            )
-        return messages
-    return [{"role": "system", "content": system}] + messages
-
-
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]], where: str, *, generation_prompt: bool) -> str:
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as err:  # jinja's TemplateError, or a template's own raise_exception
-        raise TokenizationError(f"{where}: the chat template cannot render this conversation: {err}") from None
-    if not isinstance(text, str):
-        raise TokenizationError(f"{where}: the chat template returned {type(text).__name__}, not text")
-    return text

@@ -134,8 +134,11 @@ class ReportBuilder:
             elif _digest(example.system, example.prompt, example.rejected, example.chosen) in self._seen_pairs:
                 self.note("contradictory_pairs", where)
             self._seen_pairs.add(pair)
-        elif is_blank(example.completion):
-            self.note("blank_completion", where)
+        else:
+            label = "desirable" if example.desirable else "undesirable"
+            self.report.labels[label] = self.report.labels.get(label, 0) + 1
+            if is_blank(example.completion):
+                self.note("blank_completion", where)
         if is_blank(example.prompt):
             self.note("blank_prompt", where)
         prompt = _digest(example.system, example.prompt)

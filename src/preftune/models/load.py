@@ -18,6 +18,7 @@ from torch import nn
 
 from preftune.config.schema import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
+from preftune.models.adapters import REFERENCE_ADAPTER
 from preftune.models.scorers import SequenceLogps, causal_lm_of
 from preftune.models.tokenizer import check_folder, load_tokenizer
 
@@ -51,6 +52,33 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
         raise PreftuneError(f"could not load a causal LM from '{folder}' (a damaged or incomplete weights file?): "
                             f"{type(err).__name__}: {err}") from None
     return model
+
+
+#: Why a sequence-classification model is refused, and what to pass instead
+SEQ_CLS_HELP = ("preftune trains causal LMs (AutoModelForCausalLM); a reward model is that causal LM plus preftune's own "
+                "scalar head (preftune rm's LM term, loss.lm_weight, needs the LM head a sequence-classification model "
+                "lacks). Pass the causal LM instead (AutoModelForCausalLM.from_pretrained(...)); the trained reward model "
+                "is also saved as an AutoModelForSequenceClassification(num_labels=1) in final/seq_cls/.")
+
+
+def check_causal_lm(model: nn.Module | None = None, folder: str | Path | None = None) -> None:
+    """Refuse a sequence-classification model (TRL's RewardTrainer's input), in memory or as a
+    model folder, before a run writes anything: loaded as a causal LM it has no LM head, and
+    ``from_pretrained`` would make up a random one without a word."""
+    if model is not None:
+        lm = causal_lm_of(model)
+        name = type(lm).__name__
+        if name.endswith(("ForSequenceClassification", "ForTokenClassification")) or (
+                hasattr(lm, "get_output_embeddings") and lm.get_output_embeddings() is None):
+            raise PreftuneError(f"model is a {name}, not a causal LM with an LM head: {SEQ_CLS_HELP}")
+    if folder:
+        config = Path(folder).expanduser() / "config.json"
+        try:
+            architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return  # a missing or unreadable folder is reported where it is loaded
+        if architectures and all(str(a).endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+            raise PreftuneError(f"'{folder}' holds a {architectures[0]}, not a causal LM: {SEQ_CLS_HELP}")
 
 
 def check_vocabulary(model: nn.Module, rows: Any, where: str) -> None:
@@ -140,7 +168,12 @@ def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool 
     """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request.
     ``state_dict``: the weights to write instead of the model's own (a sharded run's, gathered)."""
     folder.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+    if has_adapter(policy):  # the trained adapter only: a frozen reference copy is not part of the model
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        policy.save_pretrained(str(folder), safe_serialization=True,
+                               selected_adapters=[name for name in policy.peft_config if name != REFERENCE_ADAPTER], **extra)
+    else:
+        policy.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(folder))
     if merge and hasattr(policy, "merge_and_unload"):
         import copy
@@ -233,7 +266,7 @@ def load_model(source: ModelSource, *, device: torch.device | None = None, like:
 
 def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
     """A training checkpoint's trainable weights on the run's base model (names as the loop saved them)."""
-    from safetensors.torch import load_file
+    from preftune.models.weights import read_weights
 
     if not cfg.path:
         raise PreftuneError(f"'{source.path}' is a checkpoint, but its run's config.yaml names no model.path to load it onto.")
@@ -241,7 +274,7 @@ def _load_checkpoint(source: ModelSource, cfg: Any) -> nn.Module:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     wrapper = SequenceLogps(model)  # the loop saved the weights of this wrapper: names start with "model."
-    weights = load_file(str(source.path / "weights.safetensors"))
+    weights = read_weights(source.path)
     params = dict(wrapper.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
     if set(weights) != trainable:

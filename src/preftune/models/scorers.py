@@ -23,7 +23,7 @@ from torch import nn
 
 from preftune.data.collate import MASKED_ATTENTION
 from preftune.errors import PreftuneError
-from preftune.logprobs import IGNORE_INDEX, completion_logps, compute_dtype
+from preftune.logprobs import IGNORE_INDEX, completion_logps, completion_logps_with_stats, compute_dtype
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -59,11 +59,11 @@ class SequenceLogps(nn.Module):
                              use_cache=False).last_hidden_state
         return self.head_logps(lm, hidden, labels)
 
-    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any)."""
         head = lm.get_output_embeddings()
         config = lm.config
-        return completion_logps(
+        return self.head_fn(
             hidden,
             head.weight,
             labels,
@@ -72,6 +72,16 @@ class SequenceLogps(nn.Module):
             logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
             final_logit_softcap=getattr(config, "final_logit_softcapping", None),
         )
+
+
+    head_fn = staticmethod(completion_logps)
+
+
+class SequenceLogpsWithStats(SequenceLogps):
+    """:class:`SequenceLogps` that also gives per-row sums of the completion tokens' predictive
+    entropy and top-1 hits (:func:`preftune.logprobs.completion_logps_with_stats`): four tensors."""
+
+    head_fn = staticmethod(completion_logps_with_stats)
 
 
 def _layout(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

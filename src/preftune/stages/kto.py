@@ -19,6 +19,7 @@ scorers and references as DPO's pairs, so the reference cache works for KTO too.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ import torch
 from torch import nn
 
 from preftune.config.schema import KTOConfig
+from preftune.data.inspect import label_balance_warning
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.stages.common import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
+from preftune.system import distributed
 from preftune.system.distributed import all_sum
 from preftune.training.loop import Task
 from preftune.training.reference import Reference
@@ -75,6 +78,10 @@ def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:
     data = prepare(cfg.data, run.tokenizer, records="unpaired", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress, split_pairs=cfg.kto.split_pairs)
     record_data(run, data.reports, data.train, "records")
+    desirable = sum(1 for item in data.train if item.desirable)
+    warning = label_balance_warning(desirable, len(data.train) - desirable, cfg.loss.desirable_weight, cfg.loss.undesirable_weight)
+    if warning and distributed.is_main():
+        warnings.warn(f"KTO training data: {warning}", stacklevel=2)
     train_rows = mismatched_pairs(data.train, cfg.data.max_length, cfg.train.seed)
     eval_rows = mismatched_pairs(data.eval, cfg.data.max_length, cfg.train.seed + 1) if data.eval else []
     policy = load_policy(cfg.model, given.model)

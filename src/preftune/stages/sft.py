@@ -4,7 +4,8 @@ Data: prompt/completion records, chats (``messages``: the last assistant turn is
 completion), or preference data (the chosen side). The loss is the next-token NLL per completion
 token (prompt tokens are masked; :func:`preftune.losses.sft_nll`), computed with the same
 chunked log-prob code as DPO, and averaged over the optimizer step's tokens, so gradient
-accumulation is exact. With ``sft.packing`` several short examples share a row: positions
+accumulation is exact. As TRL, it logs ``entropy`` (of the next-token distribution) and
+``mean_token_accuracy`` (the label is the argmax), means over completion tokens. With ``sft.packing`` several short examples share a row: positions
 restart for each and a block-diagonal attention mask keeps them from seeing each other, so the
 loss is exactly the unpacked one.
 """
@@ -24,7 +25,7 @@ from preftune.data.prepare import prepare
 from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.models.scorers import SequenceLogps
+from preftune.models.scorers import SequenceLogpsWithStats
 from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
 from preftune.training.loop import Task
 
@@ -36,10 +37,13 @@ def count_tokens(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def sft_loss(scorer: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch's share of the step's per-token NLL; per-row NLL and token counts for the log."""
-    logps, tokens = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
+    logps, tokens, entropy, hits = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
     loss = sft_nll(logps, tokens, total_tokens=totals["tokens"])
     per_row = -logps / tokens.clamp(min=1)
-    return loss, {"nll": per_row.detach(), "tokens": tokens.float().detach()}
+    # TRL's token means: each row's mean repeated once per token, so the log's mean weighs tokens, not rows
+    per_token = {name: torch.repeat_interleave(values / tokens.clamp(min=1), tokens) for name, values in
+                 (("entropy", entropy), ("mean_token_accuracy", hits))}
+    return loss, {"nll": per_row.detach(), "tokens": tokens.float().detach(), **per_token}
 
 
 def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
@@ -52,7 +56,7 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
     record_data(run, data.reports, data.train, "examples")
 
     policy = load_policy(cfg.model, given.model)
-    scorer = SequenceLogps(policy, chunk_size=cfg.train.logprob_chunk_size)
+    scorer = SequenceLogpsWithStats(policy, chunk_size=cfg.train.logprob_chunk_size)
     pad = run.tokenizer.pad_token_id
     if cfg.sft.packing:
         dtype = next(policy.parameters()).dtype

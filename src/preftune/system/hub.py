@@ -52,7 +52,7 @@ def snapshot(repo_id: str, what: str, *, repo_type: str = "model", patterns: lis
                                    allow_patterns=patterns)
     except Exception as err:  # noqa: BLE001 - not found, no network, gated, ...: all mean "not available here"
         asked = "offline, so the hub was not asked" if offline else f"the hub could not provide it ({type(err).__name__})"
-        download = f"huggingface-cli download {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id}"
+        download = f"hf download {'--repo-type dataset ' if repo_type == 'dataset' else ''}{repo_id}"
         raise PreftuneError(
             f"{what} '{repo_id}' is not a local path, and the Hugging Face cache at {cache} does not hold it ({asked}); "
             f"download it where there is network (`{download}`) into that cache, point HF_HUB_CACHE at a cache "

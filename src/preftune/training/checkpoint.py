@@ -33,9 +33,9 @@ from torch import nn
 
 from preftune.data.cache import file_digest
 from preftune.errors import TrainingError
+from preftune.models.weights import IN_EXPORT_FILE, WEIGHTS_FILE, read_weights, write_weights
 
 STATE_FILE = "state.json"
-WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 DATA_FILE = "data_digests.json"  # the sha256 of each data file the run read, by path
@@ -107,9 +107,10 @@ def save_checkpoint(
 
     ``export`` writes the model as the stage saves its final one (``save_pretrained``), so a
     checkpoint also loads with ``from_pretrained`` (``PeftModel.from_pretrained`` for LoRA) and
-    any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming.
-    ``config`` (the run's resolved config) and ``data`` (each data file's sha256) are kept so a resume
-    can check it continues the same run on the same data.
+    any tool can evaluate it; ``weights.safetensors`` stays the loop's own record for resuming,
+    less what the export holds already (a full fine-tune's weights are stored once:
+    :mod:`preftune.models.weights`). ``config`` (the run's resolved config) and ``data`` (each data
+    file's sha256) are kept so a resume can check it continues the same run on the same data.
     Weights that are not all finite are refused: a checkpoint is only ever written from a finite state.
     """
     folder = Path(folder)
@@ -151,15 +152,13 @@ def _state_bytes(tree: Any) -> int:
 def _write_files(tmp: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState,
                  export: Callable[[Path], None] | None, rng: list[dict[str, object]] | None, config: dict[str, Any] | None,
                  data: dict[str, str] | None) -> None:
-    from safetensors.torch import save_file
-
-    save_file(weights, str(tmp / WEIGHTS_FILE))
+    if export is not None:
+        export(tmp)
+    write_weights(weights, tmp)  # after the export: what it holds already is not written twice
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     # one RNG state per process, in rank order (gathered by the caller when there are several)
     torch.save({"ranks": rng if rng is not None else [rng_state()]}, tmp / "rng.pt")
-    if export is not None:
-        export(tmp)
     if config is not None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     if data is not None:
@@ -333,7 +332,6 @@ def read_plain(folder: Path, *, mapped: bool = False) -> tuple[dict[str, Any], A
     ``mapped``: the check alone, cheap on a large checkpoint (the pickles unpickled with their tensors
     memory-mapped, the weights' header read; the bytes themselves are the manifest's checksums' job)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         if (folder / "sharded").is_dir():  # a sharded run's weights and optimizer state: sharded_checkpoint reads them
@@ -341,8 +339,10 @@ def read_plain(folder: Path, *, mapped: bool = False) -> tuple[dict[str, Any], A
         elif mapped:
             with safe_open(str(folder / WEIGHTS_FILE), "pt") as opened:
                 weights: dict[str, Any] = dict.fromkeys(opened.keys())
+            if (folder / IN_EXPORT_FILE).is_file():
+                weights.update(dict.fromkeys(json.loads((folder / IN_EXPORT_FILE).read_text(encoding="utf-8"))))
         else:
-            weights = load_file(str(folder / WEIGHTS_FILE))
+            weights = read_weights(folder)
         if not (folder / "sharded").is_dir():
             optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, mmap=mapped)
         scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True, mmap=mapped)

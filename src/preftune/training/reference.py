@@ -1,8 +1,11 @@
 """Where reference log-probs come from.
 
 - ``copy``: a frozen copy of the reference model (eval mode, no grads, dropout off);
-- ``adapter``: with LoRA, the policy's own weights with the adapter switched off, so there is
-  no second copy in memory;
+- ``adapter``: with LoRA, the base model with the adapter off: the policy's own weights, no
+  second copy in memory. With ``auto`` this is chosen only when it is the model as the run starts
+  (a fresh adapter, every ``lora_B`` zero); a trained adapter (SFT-LoRA, then DPO) is scored
+  through a frozen copy of itself instead (:mod:`preftune.models.adapters`), as TRL does. Asked
+  for explicitly with a trained adapter, it is the base model, with a warning;
 - ``cache``: computed once before training, stored on disk, and looked up by example index.
   The file name is a hash of the reference weights, the tokenized data, the tokenizer and the
   precision, so a change to any of them gives a new key: a stale cache is never read. Runs and
@@ -17,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,11 +34,12 @@ from torch import nn
 from preftune.config.schema import DPOConfig
 from preftune.errors import PreftuneError
 from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
+from preftune.models.adapters import adapter_is_zero, add_reference_adapter, using_adapter
 from preftune.models.compiled import compile_layers
 from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
-from preftune.system.distributed import all_gather, barrier, world
+from preftune.system.distributed import all_gather, barrier, is_main, world
 from preftune.system.progress import batches
 
 CACHE_VERSION = 1
@@ -59,17 +65,20 @@ class FrozenCopyReference(Reference):
 
 
 class AdapterOffReference(Reference):
-    """The LoRA policy with its adapter disabled: the base weights, shared, not copied."""
+    """The LoRA policy with its adapter disabled (the base weights, shared, not copied), or, with
+    ``adapter``, scored through that other (frozen) adapter of the policy."""
 
-    def __init__(self, scorer: nn.Module) -> None:
+    def __init__(self, scorer: nn.Module, adapter: str | None = None) -> None:
         self.scorer = scorer  # SequenceLogps around the peft model
+        self.adapter = adapter
 
     def logps(self, batch: dict[str, Any]) -> PairLogps:
         peft_model = self.scorer.model
         was_training = peft_model.training
         peft_model.eval()  # dropout off, as for a frozen copy
+        switch = peft_model.disable_adapter() if self.adapter is None else using_adapter(peft_model, self.adapter)
         try:
-            with torch.no_grad(), peft_model.disable_adapter():
+            with torch.no_grad(), switch:
                 logps, tokens = self.scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         finally:
             peft_model.train(was_training)
@@ -236,6 +245,28 @@ def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, g
     return strategy
 
 
+def adapter_reference(cfg: DPOConfig, policy_scorer: nn.Module, info: dict[str, Any]) -> AdapterOffReference:
+    """The LoRA policy's reference: its adapter off when that is the model as it starts (a zero
+    adapter) or when ``reference.strategy=adapter`` asks for it (warned when the adapter is not
+    zero); else a frozen copy of the trained adapter. ``info`` records which."""
+    peft_model = policy_scorer.model
+    if adapter_is_zero(peft_model):
+        info["adapter"] = "off (a zero adapter: the model as it starts)"
+        return AdapterOffReference(policy_scorer)
+    if cfg.reference.strategy == "adapter":
+        warnings.warn("reference.strategy=adapter is the base model with the adapter off, but this adapter is trained "
+                      "(not zero): the reference is not the model as it starts (TRL's reference is). Leave "
+                      "reference.strategy=auto for a frozen copy of the adapter.", stacklevel=2)
+        info["adapter"] = "off (a trained adapter: the base model, as reference.strategy=adapter asked)"
+        return AdapterOffReference(policy_scorer)
+    name = add_reference_adapter(peft_model)
+    if is_main():
+        print(f"preftune: the LoRA adapter is trained (not zero): the reference is a frozen copy of it ('{name}'), "
+              "the model as it starts", file=sys.stderr)
+    info["adapter"] = f"frozen copy of the trained adapter ('{name}')"
+    return AdapterOffReference(policy_scorer, name)
+
+
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
                     held: Sequence[Any], collate: Callable, device: torch.device,
                     scorer_cls: type[nn.Module] | None = None, *, ref_model: nn.Module | None = None,
@@ -267,7 +298,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     if strategy == "none":
         return Reference(), Reference(), info
     if strategy == "adapter":
-        ref = AdapterOffReference(policy_scorer)
+        ref = adapter_reference(cfg, policy_scorer, info)
         return ref, ref, info
     if strategy == "copy":
         ref = FrozenCopyReference(copy_scorer())

@@ -37,7 +37,12 @@ class MetricWindow:
                 for name, value in their_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
                     counts[name] = counts.get(name, 0) + their_counts[name]
-        return {name: sums[name] / counts[name] for name in sorted(sums) if counts[name]}
+        means = {name: sums[name] / counts[name] for name in sorted(sums) if counts[name]}
+        if "rewards/margins" not in means and {"rewards/chosen", "rewards/rejected"} <= set(means):
+            # rewards of unpaired rows (KTO's desirable and undesirable) have no per-example margin:
+            # the difference of the two means, as TRL's KTOTrainer logs it
+            means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+        return dict(sorted(means.items()))
 
 
 def log_record(record: dict[str, Any], path: Path, trackers: Any, accelerator: Any) -> None:
