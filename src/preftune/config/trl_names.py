@@ -26,12 +26,12 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "pad_to_multiple_of": (None, "batches pad to their longest row, grouped by length (data.group_by_length)"),
     "precompute_ref_log_probs": "reference.strategy=cache",
     "precompute_ref_batch_size": "train.eval_batch_size",
-    "loss_weights": (None, "one loss per run; extra terms from Python (extra_terms=...)"),
+    "loss_weights": "loss.weights (with loss.name a list: [dpo, bco, sft])",
     "ld_alpha": (None, "LD-DPO is not implemented"),
-    "f_divergence_type": (None, "f-DPO is not implemented"),
-    "f_alpha_divergence_coef": (None, "f-DPO is not implemented"),
+    "f_divergence_type": "loss.f_divergence_type",
+    "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
     "use_weighting": (None, "WPO weighting is not implemented; per-record weights come from the data's weight field"),
-    "discopop_tau": (None, "DiscoPOP is not implemented"),
+    "discopop_tau": "loss.discopop_tau",
     "activation_offloading": (None, "not implemented; model.gradient_checkpointing saves activation memory"),
     "sync_ref_model": (None, "TR-DPO reference syncing is not implemented"),
     "ref_model_mixup_alpha": (None, "TR-DPO reference syncing is not implemented"),
@@ -70,7 +70,12 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
 }
 
 #: TRL's loss_type values -> preftune's loss.name (paper names, not shapes).
-TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
+#: Every one is also accepted as written (preftune.losses.TRL_ALIASES); preftune's own name is what it logs and documents.
+TRL_LOSS_TYPES = {
+    "sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "exo_pair": "exo", "nca_pair": "nca", "bco_pair": "bco",
+    "sppo_hard": "sppo", "aot": "aot", "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero", "apo_down": "apo_down",
+    "discopop": "discopop", "sft": "sft", "sigmoid_norm": "dpo_norm",
+}
 
 
 def trl_hint(key: str) -> str | None:

@@ -50,6 +50,7 @@ def make_loss_fn(
             cfg.loss.name,
             policy,
             ref,
+            weights=cfg.loss.weights,
             nll_alpha=cfg.loss.nll_alpha,
             extra_terms=extra_terms,
             preference=None if bool((preference == 1.0).all()) else preference,

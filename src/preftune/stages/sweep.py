@@ -28,7 +28,7 @@ from preftune.config.schema import DPOConfig, build_config, parse_overrides, to_
 from preftune.config.trl_names import trl_hint
 from preftune.config.typed import merge_nested
 from preftune.errors import ConfigError
-from preftune.losses import REFERENCE_FREE
+from preftune.losses import needs_reference
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
             variant = build_config(DPOConfig, data)
         except ConfigError as err:
             raise ConfigError(f"--sweep {label}: {err}") from None
-        if (variant.reference.strategy in ("auto", "copy") and variant.loss.name not in REFERENCE_FREE
+        if (variant.reference.strategy in ("auto", "copy") and needs_reference(variant.loss.name)
                 and not variant.model.lora.enabled):
             variant.reference.strategy = "cache"  # paid once, read by the other runs
         out.append(Variant(label, folder, variant))

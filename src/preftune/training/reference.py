@@ -28,7 +28,7 @@ from torch import nn
 
 from preftune.config.schema import DPOConfig
 from preftune.errors import PreftuneError
-from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
+from preftune.losses import PairLogps, needs_reference, split_pair
 from preftune.models.compiled import compile_layers
 from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
@@ -219,7 +219,7 @@ def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, g
     ``adapter`` with LoRA (``adapter``: the policy carries one; default ``model.lora.enabled``),
     else ``copy``."""
     strategy = cfg.reference.strategy
-    reference_free = cfg.loss.name in REFERENCE_FREE
+    reference_free = not needs_reference(cfg.loss.name)
     adapter = cfg.model.lora.enabled if adapter is None else adapter
     if strategy == "auto":
         if reference_free:
