@@ -96,8 +96,8 @@ def exo(
     _check(beta > 0, f"exo needs beta > 0, got {beta}")
     _check(0.0 < label_smoothing < 0.5, f"exo needs 0 < label_smoothing (the paper's epsilon, e.g. 1e-3) < 0.5, got {label_smoothing}")
     h, _, _, chosen_rewards, rejected_rewards = score_difference(policy, reference, beta, f_divergence_type, f_alpha_divergence_coef)
-    log_qw, log_ql = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
-    losses = log_qw.exp() * (log_qw - math.log1p(-label_smoothing)) + log_ql.exp() * (log_ql - math.log(label_smoothing))
+    qw, ql = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+    losses = qw * (F.logsigmoid(beta * h) - math.log1p(-label_smoothing)) + ql * (F.logsigmoid(-beta * h) - math.log(label_smoothing))
     return LossOutput(losses, chosen_rewards, rejected_rewards)
 
 
