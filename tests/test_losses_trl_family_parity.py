@@ -26,7 +26,8 @@ SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
 
 def run_trl(loss_types: list[str], seed: int, *, beta: float = 0.1, weights: list[float] | None = None, label_smoothing: float = 0.0,
-            f_divergence_type: str = "reverse_kl", alpha: float = 0.5, tau: float = 0.05) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, PairLogps]:
+            f_divergence_type: str = "reverse_kl", alpha: float = 0.5,
+            tau: float = 0.05) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, PairLogps]:
     """TRL's batch loss (backpropagated into the per-token log-probs), its metrics, and our inputs.
     The alpha-divergence runs in float32: TRL's clamp table has no float64 entry."""
     from trl.trainer.dpo_trainer import DPOTrainer
