@@ -99,6 +99,9 @@ class ReferenceConfig:
     strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"
     path: str | None = None  # reference model folder; defaults to model.path
     cache_dir: str = ".preftune-cache/reference"
+    sync_ref_model: bool = False  # TR-DPO: move the reference towards the policy every ref_model_sync_steps (copy strategy only)
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO: ref <- alpha * policy + (1 - alpha) * ref; 1.0 replaces it (hard update)
+    ref_model_sync_steps: int = 512  # TR-DPO: optimizer steps between syncs
 
 
 @dataclass
@@ -310,6 +313,8 @@ def validate(cfg: Any, where: str = "") -> None:
             problems.extend(f"{name}.{problem}" for problem in check(section))
     if isinstance(cfg, DPOConfig) and "kto" in ([cfg.loss.name] if isinstance(cfg.loss.name, str) else cfg.loss.name):
         problems.append("loss.name=kto trains on unpaired data: use `preftune kto` (preftune.kto from Python)")
+    if isinstance(cfg, KTOConfig) and cfg.reference.sync_ref_model:
+        problems.append("reference.sync_ref_model (TR-DPO) is for `preftune dpo`; KTO's reference stays the model as the run starts")
     if isinstance(cfg, KTOConfig) and cfg.train.batch_size < 2:
         problems.append("train.batch_size must be at least 2 for KTO: its KL baseline is a mean over the micro-batch")
     if problems:
@@ -356,6 +361,15 @@ def _train_problems(train: TrainConfig) -> list[str]:
     return problems
 
 
+def _reference_problems(reference: ReferenceConfig) -> list[str]:
+    problems = []
+    if not 0.0 < reference.ref_model_mixup_alpha <= 1.0:
+        problems.append("ref_model_mixup_alpha must be in (0, 1] (1: replace the reference by the policy)")
+    if reference.ref_model_sync_steps < 1:
+        problems.append("ref_model_sync_steps must be at least 1")
+    return problems
+
+
 def _kto_loss_problems(loss: KTOLossConfig) -> list[str]:
     problems = [] if loss.beta > 0 else ["beta must be positive"]
     return problems + [f"{name} must be positive" for name in ("desirable_weight", "undesirable_weight") if not getattr(loss, name) > 0]
@@ -366,4 +380,4 @@ def _rm_loss_problems(loss: RMLossConfig) -> list[str]:
 
 
 _CHECKS = {DataConfig: _data_problems, TrainConfig: _train_problems, LossConfig: loss_problems,
-           RMLossConfig: _rm_loss_problems, KTOLossConfig: _kto_loss_problems}
+           RMLossConfig: _rm_loss_problems, KTOLossConfig: _kto_loss_problems, ReferenceConfig: _reference_problems}

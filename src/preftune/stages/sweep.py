@@ -75,7 +75,7 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
         except ConfigError as err:
             raise ConfigError(f"--sweep {label}: {err}") from None
         if (variant.reference.strategy in ("auto", "copy") and needs_reference(variant.loss.name)
-                and not variant.model.lora.enabled):
+                and not variant.model.lora.enabled and not variant.reference.sync_ref_model):  # a synced reference moves: no cache
             variant.reference.strategy = "cache"  # paid once, read by the other runs
         out.append(Variant(label, folder, variant))
     return out

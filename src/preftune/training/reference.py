@@ -58,6 +58,38 @@ class FrozenCopyReference(Reference):
         return split_pair(logps, tokens)
 
 
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656, eqs. 5-6): every ``steps`` optimizer steps the frozen
+    copy moves towards the policy, ``ref <- alpha * policy + (1 - alpha) * ref`` (soft update), or is replaced by
+    it (``alpha = 1``, hard update). Called by the loop on every process after the step (:attr:`Task.after_step`),
+    so the next forward reads the new reference. Only a frozen copy can move: a cache holds the start's
+    log-probs, and the adapter-off reference is the policy's own base weights."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, *, alpha: float, steps: int) -> None:
+        self.pairs = list(zip(policy.parameters(), reference.parameters(), strict=True))
+        self.alpha, self.steps = alpha, steps
+
+    def __call__(self, step: int) -> None:
+        if step % self.steps:
+            return
+        with torch.no_grad():
+            for source, target in self.pairs:
+                target.lerp_(source.detach().to(target.dtype), self.alpha)  # target + alpha (source - target)
+
+
+def sync_problem(strategy: str) -> str | None:
+    """Why TR-DPO's reference syncing cannot run with reference ``strategy``, or None."""
+    if strategy == "cache":
+        return ("reference.sync_ref_model needs reference.strategy=copy: a cache holds the log-probs of the reference as the "
+                "run starts, and a synced reference changes during the run")
+    if strategy == "adapter":
+        return ("reference.sync_ref_model needs reference.strategy=copy: with LoRA the reference is the policy's own base weights "
+                "(the adapter switched off), so there is no separate copy to move")
+    if strategy == "none":
+        return "reference.sync_ref_model needs a reference: the loss is reference-free"
+    return None
+
+
 class AdapterOffReference(Reference):
     """The LoRA policy with its adapter disabled: the base weights, shared, not copied."""
 
