@@ -15,7 +15,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     # DPOConfig's own fields
     "beta": "loss.beta",
     "label_smoothing": "loss.label_smoothing",
-    "loss_type": "loss.name",
+    "loss_type": "loss.name (a name, or a list; every TRL loss_type is accepted as written)",
     "max_length": "data.max_length",
     "truncation_mode": (None, "preftune keeps the end of a long prompt (data.max_prompt_length) and never empties a completion"),
     "trust_remote_code": "model.trust_remote_code",
@@ -27,15 +27,17 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "precompute_ref_log_probs": "reference.strategy=cache",
     "precompute_ref_batch_size": "train.eval_batch_size",
     "loss_weights": "loss.weights (with loss.name a list: [dpo, bco, sft])",
-    "ld_alpha": (None, "LD-DPO is not implemented"),
+    "ld_alpha": (None, "LD-DPO is not implemented yet: it needs per-token log-probs split at the shared length, "
+                       "for the policy and the reference cache"),
     "f_divergence_type": "loss.f_divergence_type",
     "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
-    "use_weighting": (None, "WPO weighting is not implemented; per-record weights come from the data's weight field"),
+    "use_weighting": (None, "WPO weighting is not implemented yet (it needs each token's sum of squared probabilities from the head); "
+                            "per-record weights come from the data's weight field"),
     "discopop_tau": "loss.discopop_tau",
     "activation_offloading": (None, "not implemented; model.gradient_checkpointing saves activation memory"),
-    "sync_ref_model": (None, "TR-DPO reference syncing is not implemented"),
-    "ref_model_mixup_alpha": (None, "TR-DPO reference syncing is not implemented"),
-    "ref_model_sync_steps": (None, "TR-DPO reference syncing is not implemented"),
+    "sync_ref_model": "reference.sync_ref_model (reference.strategy=copy)",
+    "ref_model_mixup_alpha": "reference.ref_model_mixup_alpha",
+    "ref_model_sync_steps": "reference.ref_model_sync_steps",
     "router_aux_loss_coef": (None, "mixture-of-experts auxiliary losses are not added"),
     "pad_token": (None, "the tokenizer's pad token, else its EOS (padding is masked by position)"),
     # TrainingArguments fields with an equivalent
