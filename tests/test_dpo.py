@@ -108,3 +108,27 @@ def test_prefix_sharing_trains_like_the_concatenated_layout(
     assert_same_weights(weights(runs["true"] / "final"), weights(runs["false"] / "final"), atol=1e-5)
     layouts = [json.loads((runs[s] / "reference.json").read_text())["layout"] for s in ("true", "false")]
     assert layouts == ["prefix_shared", "concatenated"]
+
+
+def test_wpo_weighting_runs_in_both_layouts_with_the_same_weights(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """loss.use_weighting (TRL's use_weighting): each pair's WPO weight is logged, the same from prefix-shared rows
+    and from the concatenated batch, and the run trains."""
+    from preftune.cli.main import main
+
+    train, _ = preference_files
+    logged = {}
+    for shared in ("true", "false"):
+        run = tmp_path / f"wpo-{shared}"
+        assert main(["dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", "--data.eval=[]",
+                     f"--train.output_dir={run}", "--train.progress=false", "--train.max_steps=3", "--train.log_every=1",
+                     "--train.save_every=null", "--train.eval_every=null", "--train.report=false", "--loss.use_weighting=true",
+                     f"--data.prefix_sharing={shared}", "--data.group_by_length=false"]) == 0  # the same batches in both layouts
+        logged[shared] = [m for m in read_metrics(run) if "loss" in m]
+        assert json.loads((run / "reference.json").read_text())["layout"] == ("prefix_shared" if shared == "true" else "concatenated")
+    assert len(logged["true"]) == 3
+    for a, b in zip(logged["true"], logged["false"]):
+        assert 0 < a["wpo_weight"] < float("inf") and a["wpo_weight"] == pytest.approx(b["wpo_weight"], rel=1e-4)
+    # the loss is the weighted DPO loss: log 2 times the mean weight at the start point
+    first = logged["true"][0]
+    assert first["loss"] == pytest.approx(0.693147 * first["wpo_weight"], rel=1e-4)

@@ -212,3 +212,22 @@ def test_sequence_logps_on_a_real_tiny_llama() -> None:
     expected.sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_wpo_logps_are_each_tokens_log_prob_against_the_sum_of_squared_probs() -> None:
+    from preftune.logprobs import wpo_logps
+
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, 6, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6), generator=gen)
+    labels[:, :2] = -100
+    labels[1, 4:] = -100
+    logits = hidden @ weight.T
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = labels[:, 1:]
+    scored = targets != -100
+    picked = logp.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = ((picked - torch.log((logp.exp() ** 2).sum(-1))) * scored).sum(1)
+    for chunk in (1, 4, 1024):
+        assert torch.allclose(wpo_logps(hidden, weight, labels, chunk_size=chunk).double(), expected, rtol=1e-5, atol=1e-5)

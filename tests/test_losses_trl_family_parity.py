@@ -156,3 +156,44 @@ def test_nll_alpha_is_trls_sft_term_when_chosen_lengths_are_equal() -> None:
         if len(set(policy.chosen_tokens.tolist())) > 1:
             unequal = preference_loss(["dpo", "sft"], policy, reference, weights=[1.0, alpha], beta=0.1).reduce()
             assert preference_loss("dpo", policy, reference, nll_alpha=alpha, beta=0.1).reduce().item() != pytest.approx(unequal.item(), rel=1e-6)
+
+
+class FakeLMWithSquares(FakeLM):
+    """Also returns TRL's ``log_sum_sq_probs`` (log sum_v p_v^2 per position, 0 off the completion)."""
+
+    def __init__(self, ids: torch.Tensor, log_probs: torch.Tensor, log_sum_sq: torch.Tensor) -> None:
+        super().__init__((ids, log_probs))
+        self.log_sum_sq = log_sum_sq
+
+    def __call__(self, **kwargs: object) -> SimpleNamespace:
+        out = super().__call__(**kwargs)
+        out.log_sum_sq_probs = self.log_sum_sq
+        return out
+
+
+@pytest.mark.parametrize("loss_types", [["sigmoid"], ["ipo"], ["bco_pair", "nca_pair"], ["discopop"]])
+def test_wpo_weighting_matches(loss_types: list[str]) -> None:
+    """TRL 1.16 cannot weight its ``sft`` term (an in-place multiply of an expanded tensor raises), so lists with
+    sft are compared without it; ours weights every term the same way."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from preftune.losses import wpo_weights
+
+    for seed in SEEDS:
+        inputs, per_token, tokens, reference = dpo_batch(seed)
+        gen = torch.Generator().manual_seed(300 + seed)
+        # log sum p^2 lies in [2 log p_max, 0]; any values off the completion are masked by TRL and by us
+        log_sum_sq = -(0.1 + 2 * torch.rand(per_token.shape, generator=gen, dtype=torch.float64)) * (per_token.detach() != 0)
+        shim = trainer_shim(beta=0.2, loss_types=loss_types, loss_weights=[1.0] * len(loss_types), label_smoothing=0.0,
+                            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, use_weighting=True,
+                            args=SimpleNamespace(discopop_tau=0.05))
+        loss = DPOTrainer._compute_loss(shim, FakeLMWithSquares(inputs["input_ids"], per_token, log_sum_sq), inputs, False)
+        loss.backward()
+        metrics = {k: v[-1] for k, v in shim._metrics["train"].items()}
+        policy, leaf = ours_paired(per_token, tokens)
+        aligned_sums = (per_token.detach() - log_sum_sq).sum(dim=1)  # what preftune.logprobs.wpo_logps sums per row
+        half = aligned_sums.shape[0] // 2
+        weights = wpo_weights(PairLogps(aligned_sums[:half], aligned_sums[half:], tokens[:half], tokens[half:]))
+        hparams = {"beta": 0.2} | ({"normalize": True} if "ipo" in loss_types else {})
+        out = preference_loss(loss_types if len(loss_types) > 1 else loss_types[0], policy, reference, pair_weights=weights, **hparams)
+        assert_same(loss, metrics, per_token, out, leaf, (loss_types, seed))

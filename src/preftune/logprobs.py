@@ -76,6 +76,40 @@ def token_logps(
     return out
 
 
+def wpo_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcap: float | None = None,
+) -> Tensor:
+    """Per-row sums over scored tokens of ``log p(token) - log sum_v p(v)^2`` (fp32, no gradient).
+
+    WPO's aligned log-probs (Zhou et al. 2024, arXiv:2406.11827, eq. 2): each token's
+    probability relative to the distribution's own peakedness. With ``l`` the logits and
+    ``lse = logsumexp(l)``, ``log sum_v p_v^2 = logsumexp(2 l) - 2 lse``, so a token's term is
+    ``l_t + lse - logsumexp(2 l)``. One more chunked pass of the output projection.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    row_of = torch.nonzero(scored, as_tuple=True)[0]
+    selected = hidden[:, :-1][scored].detach()
+    picked = targets[scored]
+    dtype = compute_dtype(hidden)
+    out = torch.empty(selected.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, selected.shape[0], chunk_size):
+            end = start + chunk_size
+            logits, _ = _logits(selected[start:end], weight.detach(), None if bias is None else bias.detach(), float(logit_scale),
+                                final_logit_softcap, dtype)
+            aligned = logits.gather(1, picked[start:end, None]).squeeze(1) + torch.logsumexp(logits, -1) - torch.logsumexp(2 * logits, -1)
+            out[start:end] = aligned
+    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row_of, out)
+
+
 def naive_completion_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """The textbook computation on full logits (rows, length, vocab): the reference for tests."""
     targets = labels[:, 1:]

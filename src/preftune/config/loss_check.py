@@ -31,7 +31,9 @@ def loss_problems(loss: Any) -> list[str]:
         if getattr(loss, name) < 0:
             problems.append(f"{name} must be >= 0")
     # A setting the chosen loss does not read would be silently ignored: say which ones it reads.
-    own = set(loss_hparam_names(names)) | {"name", "nll_alpha"} | ({"weights"} if len(names) > 1 else set())
+    own = set(loss_hparam_names(names)) | {"name", "nll_alpha", "use_weighting"} | ({"weights"} if len(names) > 1 else set())
+    if loss.use_weighting and {"aot", "aot_unpaired"} & set(names):
+        problems.append("use_weighting (WPO) weights pairs, and aot's terms are of ranks across the batch: not with aot")
     defaults = type(loss)()
     unused = [f.name for f in dataclasses.fields(loss)
               if f.name not in own and getattr(loss, f.name) != getattr(defaults, f.name)]

@@ -120,6 +120,7 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5  # f-DPO's alpha (alpha_divergence only)
     dpop_lambda: float = 50.0  # dpop: weight of the penalty on a chosen likelihood below the reference's
     rdpo_alpha: float = 0.01  # rdpo: length regularisation per token of length difference
+    use_weighting: bool = False  # WPO: weight each pair by its completions' aligned probabilities (not aot)
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0  # kto
     nll_alpha: float = 0.0  # weight of an NLL term on the chosen completion (0 = off)

@@ -31,8 +31,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
                        "for the policy and the reference cache"),
     "f_divergence_type": "loss.f_divergence_type",
     "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
-    "use_weighting": (None, "WPO weighting is not implemented yet (it needs each token's sum of squared probabilities from the head); "
-                            "per-record weights come from the data's weight field"),
+    "use_weighting": "loss.use_weighting",
     "discopop_tau": "loss.discopop_tau",
     "activation_offloading": (None, "not implemented; model.gradient_checkpointing saves activation memory"),
     "sync_ref_model": "reference.sync_ref_model (reference.strategy=copy)",

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from preftune.losses.combine import ExtraTerm, Loss, add_terms, combine, hparam_names
+from preftune.losses.combine import ExtraTerm, Loss, add_terms, combine, hparam_names, wpo_weights
 from preftune.losses.core import F_DIVERGENCES, LossOutput, PairLogps, UnpairedLogps, f_scores, split_pair
 from preftune.losses.free import bradley_terry, kto, orpo, sft_nll, simpo
 from preftune.losses.paired import discopop, dpo, dpo_norm, dpop, exo, hinge, ipo, rdpo, robust
@@ -37,7 +37,7 @@ from preftune.losses.sided import aot, aot_unpaired, apo_down, apo_zero, bco, nc
 __all__ = ["F_DIVERGENCES", "LOSSES", "REFERENCE_FREE", "SOFT_LABELS", "TRL_ALIASES", "ExtraTerm", "Loss", "LossOutput", "PairLogps",
            "UnpairedLogps", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco", "bradley_terry", "canonical", "check_settings",
            "discopop", "dpo", "dpo_norm", "dpop", "exo", "f_scores", "hinge", "ipo", "kto", "loss_hparam_names", "nca",
-           "needs_reference", "orpo", "preference_loss", "rdpo", "robust", "sft", "sft_nll", "simpo", "split_pair", "sppo"]
+           "needs_reference", "orpo", "preference_loss", "rdpo", "robust", "sft", "sft_nll", "simpo", "split_pair", "sppo", "wpo_weights"]
 
 #: preftune's paper names, the whole family. TRL's loss_type names that differ are added below.
 _PAPER: dict[str, Loss] = {
@@ -108,13 +108,15 @@ def preference_loss(
     nll_alpha: float = 0.0,
     extra_terms: Sequence[ExtraTerm] = (),
     preference: Tensor | None = None,
+    pair_weights: Tensor | None = None,
     **hparams: object,
 ) -> LossOutput:
     """Apply paired loss ``name`` (or the ``weights``-weighted sum of a list), then the NLL and user terms.
 
     ``nll_alpha > 0`` adds ``nll_alpha * (-mean token log-prob of the chosen completion)`` per
     example (RPO, Pang et al. 2024). Each extra term is called as ``term(policy, reference)`` and
-    must return a scalar; its value is logged as ``extra/<name>``.
+    must return a scalar; its value is logged as ``extra/<name>``. ``pair_weights`` (WPO's
+    :func:`wpo_weights`) multiply every term of every pair, as TRL's ``use_weighting`` does.
     """
     names = _names(name)
     if not names or any(n not in LOSSES or n == "kto" for n in names):
@@ -131,4 +133,8 @@ def preference_loss(
         )
     terms = [(n, LOSSES[n], 1.0 if weights is None else float(w)) for n, w in zip(names, weights or [None] * len(names))]
     out = combine(terms, policy, reference, preference, hparams)
+    if pair_weights is not None:
+        if any(canonical(n) in ("aot", "aot_unpaired") for n in names):
+            raise ValueError("WPO weighting is per pair, and aot's terms are of ranks across the batch (TRL refuses it too)")
+        out.losses = out.losses * pair_weights
     return add_terms(out, policy, reference, nll_alpha, extra_terms)

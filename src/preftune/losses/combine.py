@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from preftune.losses.core import LossOutput, PairLogps
@@ -54,6 +55,12 @@ def combine(
                          f"{'+'.join(name for name, _, _ in terms)}")
     assert total is not None
     return total
+
+
+def wpo_weights(aligned: PairLogps) -> Tensor:
+    """WPO's pair weights (Zhou et al. 2024, arXiv:2406.11827, eq. 2): ``exp(mean aligned log-prob of yw) *
+    exp(mean aligned log-prob of yl)`` from :func:`preftune.logprobs.wpo_logps` sums, no gradient (as TRL 1.16)."""
+    return torch.exp(aligned.mean_chosen().detach()) * torch.exp(aligned.mean_rejected().detach())
 
 
 def add_terms(out: LossOutput, policy: PairLogps, reference: PairLogps | None, nll_alpha: float, extra_terms: Sequence[ExtraTerm]) -> LossOutput:

@@ -23,7 +23,7 @@ from torch import nn
 
 from preftune.data.collate import MASKED_ATTENTION
 from preftune.errors import PreftuneError
-from preftune.logprobs import IGNORE_INDEX, completion_logps, compute_dtype
+from preftune.logprobs import IGNORE_INDEX, completion_logps, compute_dtype, wpo_logps
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -45,33 +45,33 @@ class SequenceLogps(nn.Module):
     synchronisation correct, since the forward that DDP sees is the one that is run.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, wpo: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.wpo = wpo  # also return each row's summed WPO-aligned log-probs (no gradient): loss.use_weighting
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         lm = causal_lm_of(self.model)
         hidden = body_of(lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
         return self.head_logps(lm, hidden, labels)
 
-    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any)."""
+    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any);
+        with ``wpo``, also :func:`~preftune.logprobs.wpo_logps` through the same head."""
         head = lm.get_output_embeddings()
         config = lm.config
-        return completion_logps(
-            hidden,
-            head.weight,
-            labels,
-            bias=getattr(head, "bias", None),
-            chunk_size=self.chunk_size,
-            logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
-            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        )
+        options = dict(bias=getattr(head, "bias", None), chunk_size=self.chunk_size,
+                       logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
+                       final_logit_softcap=getattr(config, "final_logit_softcapping", None))
+        sums, tokens = completion_logps(hidden, head.weight, labels, **options)
+        if not self.wpo:
+            return sums, tokens
+        return sums, tokens, wpo_logps(hidden, head.weight, labels, **options)
 
 
 def _layout(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +116,7 @@ class SharedPrefixLogps(SequenceLogps):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         pairs, width = input_ids.shape
         if labels.shape != (2 * pairs, width) or attention_mask.dim() != 4:
             raise ValueError(
@@ -144,8 +144,10 @@ class SharedPrefixLogps(SequenceLogps):
         # a two-position row (its predecessor's state, its target) and the chunked projection,
         # with its memory-light backward, is reused as is.
         targets = torch.stack([torch.full_like(labels[rows, cols], IGNORE_INDEX), labels[rows, cols]], dim=1)
-        token_logps, _ = self.head_logps(lm, selected.unsqueeze(1).expand(-1, 2, -1), targets)
+        token_logps, _, *aligned = self.head_logps(lm, selected.unsqueeze(1).expand(-1, 2, -1), targets)
         sums = torch.zeros(2 * pairs, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+        if aligned:
+            return sums, scored.sum(dim=1), torch.zeros_like(sums).index_add(0, rows, aligned[0])
         return sums, scored.sum(dim=1)
 
 
