@@ -197,3 +197,30 @@ def test_wpo_weighting_matches(loss_types: list[str]) -> None:
         hparams = {"beta": 0.2} | ({"normalize": True} if "ipo" in loss_types else {})
         out = preference_loss(loss_types if len(loss_types) > 1 else loss_types[0], policy, reference, pair_weights=weights, **hparams)
         assert_same(loss, metrics, per_token, out, leaf, (loss_types, seed))
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero"])
+def test_ld_alpha_matches(ld_alpha: float, loss_type: str) -> None:
+    """TRL's ld_alpha on the policy's per-token log-probs (the reference is precomputed, as from our cache) against
+    preftune's tail weights (logprobs.ld_token_weights, which the scorers apply in both layouts)."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from preftune.logprobs import ld_token_weights
+
+    for seed in SEEDS:
+        inputs, per_token, tokens, reference = dpo_batch(seed)
+        shim = trainer_shim(beta=0.3, loss_types=[loss_type], loss_weights=[1.0], label_smoothing=0.0, f_divergence_type="reverse_kl",
+                            f_alpha_divergence_coef=0.5, ld_alpha=ld_alpha, use_weighting=False)
+        loss = DPOTrainer._compute_loss(shim, FakeLM((inputs["input_ids"], per_token)), inputs, False)
+        loss.backward()
+        leaf = per_token.detach().clone().requires_grad_()
+        sums = (leaf * ld_token_weights(inputs["completion_mask"][:, 1:].bool(), ld_alpha)).sum(dim=1)
+        half = sums.shape[0] // 2
+        policy = PairLogps(sums[:half], sums[half:], tokens[:half], tokens[half:])
+        out = preference_loss(canonical(loss_type), policy, reference, beta=0.3, **({"normalize": True} if loss_type == "ipo" else {}))
+        total = out.reduce()
+        assert total.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-9), seed
+        total.backward()
+        scored = per_token.detach() != 0  # TRL's masks reach only the completion; ours weighs the rest 0
+        assert torch.allclose(leaf.grad[scored], per_token.grad[scored], rtol=1e-6, atol=1e-9), seed

@@ -213,3 +213,20 @@ def test_tr_dpo_is_refused_where_the_reference_cannot_move(tiny_model_dir: Path,
         dpo_config(tiny_model_dir, train, None, tmp_path / "y", "--reference.ref_model_mixup_alpha=0")
     with pytest.raises(ConfigError, match="is for `preftune dpo`"):
         load_config(KTOConfig, None, ["--reference.sync_ref_model=true"])
+
+
+def test_ld_dpo_reference_log_probs_are_cached_under_their_own_key(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """LD-DPO weighs the reference's tails as the policy's: a cache of plain sums is never read for it."""
+    train, _ = preference_files
+    common = ["--train.max_steps=1", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null",
+              "--reference.strategy=cache", f"--reference.cache_dir={tmp_path / 'cache'}"]
+    plain = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "plain", *common))
+    ld = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "ld", *common, "--loss.ld_alpha=0.4"))
+    again = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "again", *common, "--loss.ld_alpha=0.4"))
+    warm = [json.loads((run / "reference.json").read_text())["train_cache"]["warm"] for run in (plain, ld, again)]
+    assert warm == [False, False, True]
+    for run in (plain, ld):  # the start point: policy == reference, in LD-DPO's sums too
+        assert read_metrics(run)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    with pytest.raises(Exception, match="ld_alpha must be in"):
+        dpo_config(tiny_model_dir, train, None, tmp_path / "bad", "--loss.ld_alpha=1.5")

@@ -31,7 +31,9 @@ def loss_problems(loss: Any) -> list[str]:
         if getattr(loss, name) < 0:
             problems.append(f"{name} must be >= 0")
     # A setting the chosen loss does not read would be silently ignored: say which ones it reads.
-    own = set(loss_hparam_names(names)) | {"name", "nll_alpha", "use_weighting"} | ({"weights"} if len(names) > 1 else set())
+    own = set(loss_hparam_names(names)) | {"name", "nll_alpha", "use_weighting", "ld_alpha"} | ({"weights"} if len(names) > 1 else set())
+    if loss.ld_alpha is not None and not 0.0 <= loss.ld_alpha <= 1.0:
+        problems.append(f"ld_alpha must be in [0, 1] (1: plain summed log-probs; null: off), got {loss.ld_alpha}")
     if loss.use_weighting and {"aot", "aot_unpaired"} & set(names):
         problems.append("use_weighting (WPO) weights pairs, and aot's terms are of ranks across the batch: not with aot")
     defaults = type(loss)()

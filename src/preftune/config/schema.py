@@ -121,6 +121,7 @@ class LossConfig:
     dpop_lambda: float = 50.0  # dpop: weight of the penalty on a chosen likelihood below the reference's
     rdpo_alpha: float = 0.01  # rdpo: length regularisation per token of length difference
     use_weighting: bool = False  # WPO: weight each pair by its completions' aligned probabilities (not aot)
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens beyond the pair's shared length, in [0, 1] (null: off)
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0  # kto
     nll_alpha: float = 0.0  # weight of an NLL term on the chosen completion (0 = off)

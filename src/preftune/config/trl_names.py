@@ -27,8 +27,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "precompute_ref_log_probs": "reference.strategy=cache",
     "precompute_ref_batch_size": "train.eval_batch_size",
     "loss_weights": "loss.weights (with loss.name a list: [dpo, bco, sft])",
-    "ld_alpha": (None, "LD-DPO is not implemented yet: it needs per-token log-probs split at the shared length, "
-                       "for the policy and the reference cache"),
+    "ld_alpha": "loss.ld_alpha",
     "f_divergence_type": "loss.f_divergence_type",
     "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
     "use_weighting": "loss.use_weighting",

@@ -71,8 +71,10 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     if why_not and distributed.is_main():
         print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
     scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
-    wpo = {"wpo": True} if getattr(cfg.loss, "use_weighting", False) else {}  # WPO: the policy's aligned log-probs too
-    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size, **wpo)
+    options = {"wpo": True} if getattr(cfg.loss, "use_weighting", False) else {}  # WPO: the policy's aligned log-probs too
+    if getattr(cfg.loss, "ld_alpha", None) is not None:  # LD-DPO: the policy and every reference weigh the tails
+        options["ld_alpha"] = cfg.loss.ld_alpha
+    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size, **options)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
     # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
     compile_choice = resolve_compile(cfg.train, policy, len(train_rows), run.dir, run.device)

@@ -285,6 +285,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
     in_memory = ref_model is not None
+    ld_alpha = getattr(cfg.loss, "ld_alpha", None)
+    ld = {} if ld_alpha is None else {"ld_alpha": ld_alpha}  # LD-DPO's weighted sums, for the reference as for the policy
     info: dict[str, Any] = {"strategy": strategy,
                             "path": (None if in_memory else ref_path) if strategy in ("copy", "cache") else None}
     if in_memory:
@@ -294,7 +296,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
         model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
         if compile:
             compile_layers(model)
-        return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
+        return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size, **ld).to(device)
 
     if strategy == "none":
         return Reference(), Reference(), info
@@ -308,7 +310,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     model_hash = hash_module(ref_model) if in_memory else hash_files(check_folder(ref_path, "reference model"), WEIGHT_FILES)
     tokenizer_hash = (hash_tokenizer(tokenizer) if tokenizer is not None
                       else hash_files(check_folder(cfg.model.tokenizer or cfg.model.path, "tokenizer"), TOKENIZER_FILES))
-    precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}"
+    # how the values are computed: the precision, and LD-DPO's tail weight (other sums than the plain ones)
+    precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}{'' if ld_alpha is None else f'+ld{ld_alpha}'}"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     refs = []
     for split, pairs in (("train", train), ("eval", held)):
