@@ -369,11 +369,12 @@ def test_hparam_names_and_reference_free_losses() -> None:
         "dpop": ("beta", "dpop_lambda"), "rdpo": ("beta", "rdpo_alpha"),
         "simpo": ("beta", "gamma"),
         "orpo": ("beta", "lambda_"),
+        "cpo": ("beta", "label_smoothing"),
         "kto": ("beta", "desirable_weight", "undesirable_weight"),
     }
     expected |= {alias: expected[name] for alias, name in TRL_ALIASES.items()}
     assert {name: loss_hparam_names(name) for name in LOSSES} == expected
-    assert {"simpo", "orpo", "sft"} == REFERENCE_FREE
+    assert {"simpo", "orpo", "cpo", "sft"} == REFERENCE_FREE
     for name in REFERENCE_FREE:
         assert preference_loss(name, pairs()[0], None).losses.shape == (3,)
 

@@ -22,6 +22,7 @@ from preftune.losses import (
     bco,
     canonical,
     check_settings,
+    cpo,
     discopop,
     dpo,
     dpo_norm,
@@ -245,3 +246,14 @@ def test_every_paired_loss_is_finite_and_differentiable_at_extreme_logps(name: s
     assert rejected.grad is None if canonical(name) == "sft" else torch.isfinite(rejected.grad).all(), name  # sft reads the chosen side only
     for value in (out.losses, chosen.grad):
         assert torch.isfinite(value).all(), (name, value)
+
+
+@pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_cpo_is_eq3_without_a_reference(beta: float, eps: float) -> None:
+    policy, _ = pairs()
+    margins = [r[0] - r[1] for r in ROWS]  # 2.5, -5, 1.75: the reference columns are never read
+    close(cpo(policy, None, beta=beta, label_smoothing=eps).losses,
+          [-(1 - eps) * log_sigmoid(beta * m) - eps * log_sigmoid(-beta * m) for m in margins])
+    close(cpo(policy, None, beta=beta).chosen_rewards, [beta * r[0] for r in ROWS])
+    # row 1 by hand, beta 0.1: -log sigmoid(-0.5) = log(1 + e^0.5) = 0.9740769842
+    assert cpo(pairs(ROWS[1:2])[0], None, beta=0.1).losses.item() == pytest.approx(0.9740769842, rel=1e-9)

@@ -224,3 +224,21 @@ def test_ld_alpha_matches(ld_alpha: float, loss_type: str) -> None:
         total.backward()
         scored = per_token.detach() != 0  # TRL's masks reach only the completion; ours weighs the rest 0
         assert torch.allclose(leaf.grad[scored], per_token.grad[scored], rtol=1e-6, atol=1e-9), seed
+
+
+@pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.1)])
+def test_cpo_matches_trls_cpo_trainer(beta: float, eps: float) -> None:
+    """TRL's CPOTrainer.cpo_loss (loss_type sigmoid, AlphaPO's alpha 0) on the same summed log-probs. Its cpo_alpha NLL
+    term is our [cpo, sft] list with weights [1, cpo_alpha] (sft's token mean is checked against DPOTrainer above)."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    from preftune.losses import cpo
+
+    for seed in SEEDS:
+        _, per_token, tokens, _ = dpo_batch(seed)
+        policy, _ = ours_paired(per_token, tokens)
+        shim = trainer_shim(beta=beta, label_smoothing=eps, loss_type="sigmoid", alpha=0.0)
+        trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(shim, policy.chosen.detach(), policy.rejected.detach())
+        out = cpo(policy, None, beta=beta, label_smoothing=eps)
+        assert torch.allclose(out.losses.detach(), trl_losses, rtol=1e-6, atol=1e-9), seed
+        assert torch.allclose(out.chosen_rewards, trl_chosen, rtol=1e-9) and torch.allclose(out.rejected_rewards, trl_rejected, rtol=1e-9)

@@ -75,7 +75,7 @@ def test_a_three_value_beta_sweep_computes_the_reference_once(tiny_model_dir: Pa
 
 #: every paired loss by preftune's name; TRL's names are checked as configs below and trained in test_dpo.py
 FAMILY = ["dpo", "ipo", "hinge", "robust", "discopop", "dpo_norm", "nca", "bco", "sppo", "apo_zero", "apo_down", "aot", "aot_unpaired",
-          "sft", "dpop", "rdpo", "simpo", "orpo"]
+          "sft", "dpop", "rdpo", "simpo", "orpo", "cpo"]
 
 
 def test_every_trl_loss_type_is_a_sweep_value(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_a_sweep_over_the_whole_paired_family_trains_each_on_one_reference_pass(
     assert summary["reference_passes"] == 1  # the first run computes it, every other reference loss reads it
     for record in summary["runs"]:
         name = record["folder"].removeprefix("name-")
-        free = name in ("sft", "simpo", "orpo")  # their configured "copy" resolves to no reference at all
+        free = name in ("sft", "simpo", "orpo", "cpo")  # their configured "copy" resolves to no reference at all
         assert (record["reference_warm"] is None) if free else (record["reference"] == "cache" and record["reference_warm"] is not None), record
         metrics = [json.loads(line) for line in (out / record["folder"] / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics), name

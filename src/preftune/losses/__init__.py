@@ -12,7 +12,7 @@ per-example: ``out.losses`` has shape (batch,), reduced by :meth:`LossOutput.red
 
 ``chosen_rewards`` / ``rejected_rewards`` are the DPO implicit rewards
 ``beta * (log pi(y|x) - log pi_ref(y|x))`` on summed log-probs for every loss with a reference
-(as TRL logs them), and ``beta * mean token log-prob`` for the reference-free ones (SimPO, ORPO, sft).
+(as TRL logs them), ``beta * mean token log-prob`` for SimPO, ORPO and sft, and ``beta * log pi(y)`` for CPO.
 
 Losses are named after their papers; every TRL 1.16 ``loss_type`` is a name too (:data:`TRL_ALIASES`
 maps the ones that differ), in :data:`LOSSES`, ``loss.name`` and ``--sweep loss.name=...``.
@@ -30,12 +30,12 @@ from torch import Tensor
 
 from preftune.losses.combine import ExtraTerm, Loss, add_terms, combine, hparam_names, wpo_weights
 from preftune.losses.core import F_DIVERGENCES, LossOutput, PairLogps, UnpairedLogps, f_scores, split_pair
-from preftune.losses.free import bradley_terry, kto, orpo, sft_nll, simpo
+from preftune.losses.free import bradley_terry, cpo, kto, orpo, sft_nll, simpo
 from preftune.losses.paired import discopop, dpo, dpo_norm, dpop, exo, hinge, ipo, rdpo, robust
 from preftune.losses.sided import aot, aot_unpaired, apo_down, apo_zero, bco, nca, sft, sppo
 
 __all__ = ["F_DIVERGENCES", "LOSSES", "REFERENCE_FREE", "SOFT_LABELS", "TRL_ALIASES", "ExtraTerm", "Loss", "LossOutput", "PairLogps",
-           "UnpairedLogps", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco", "bradley_terry", "canonical", "check_settings",
+           "UnpairedLogps", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco", "bradley_terry", "canonical", "cpo", "check_settings",
            "discopop", "dpo", "dpo_norm", "dpop", "exo", "f_scores", "hinge", "ipo", "kto", "loss_hparam_names", "nca",
            "needs_reference", "orpo", "preference_loss", "rdpo", "robust", "sft", "sft_nll", "simpo", "split_pair", "sppo", "wpo_weights"]
 
@@ -43,12 +43,12 @@ __all__ = ["F_DIVERGENCES", "LOSSES", "REFERENCE_FREE", "SOFT_LABELS", "TRL_ALIA
 _PAPER: dict[str, Loss] = {
     "dpo": dpo, "ipo": ipo, "hinge": hinge, "robust": robust, "exo": exo, "discopop": discopop, "dpo_norm": dpo_norm,
     "nca": nca, "bco": bco, "sppo": sppo, "apo_zero": apo_zero, "apo_down": apo_down, "aot": aot, "aot_unpaired": aot_unpaired,
-    "sft": sft, "dpop": dpop, "rdpo": rdpo, "simpo": simpo, "orpo": orpo, "kto": kto,
+    "sft": sft, "dpop": dpop, "rdpo": rdpo, "simpo": simpo, "orpo": orpo, "cpo": cpo, "kto": kto,
 }
 #: TRL 1.16 DPOConfig.loss_type -> preftune's name, where they differ (the others are the same word).
 TRL_ALIASES = {"sigmoid": "dpo", "exo_pair": "exo", "nca_pair": "nca", "bco_pair": "bco", "sppo_hard": "sppo", "sigmoid_norm": "dpo_norm"}
 LOSSES: dict[str, Loss] = _PAPER | {alias: _PAPER[name] for alias, name in TRL_ALIASES.items()}
-REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
+REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 SOFT_LABELS = frozenset({"dpo"})
 #: the losses whose implicit reward generalises to an f-divergence (TRL 1.16's rule; sft has no reward to change)
 F_DIVERGENCE_LOSSES = frozenset({"dpo", "dpo_norm", "hinge", "ipo", "exo", "robust", "discopop", "sft"})

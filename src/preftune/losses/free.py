@@ -28,6 +28,18 @@ def simpo(policy: PairLogps, reference: PairLogps | None = None, *, beta: float 
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 
 
+def cpo(policy: PairLogps, reference: PairLogps | None = None, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+    """Contrastive Preference Optimization's preference term (Xu et al. 2024, arXiv:2401.08417, eq. 3), reference-free:
+    ``-log sigmoid(beta (log pi(yw) - log pi(yl)))`` on summed log-probs, with ``label_smoothing`` as conservative DPO's.
+    TRL's CPOTrainer (loss_type sigmoid) adds ``cpo_alpha`` times the chosen side's NLL: ``loss.name=[cpo, sft]``
+    with ``loss.weights=[1, cpo_alpha]``. Rewards: ``beta * log pi(y)``, as TRL logs them."""
+    _check(beta > 0, f"cpo needs beta > 0, got {beta}")
+    _check(0.0 <= label_smoothing < 0.5, f"cpo needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    margin = policy.chosen - policy.rejected
+    losses = -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+    return LossOutput(losses, beta * policy.chosen.detach(), beta * policy.rejected.detach())
+
+
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x.
 
