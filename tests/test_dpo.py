@@ -60,7 +60,7 @@ def test_reference_free_losses_and_bad_combinations(tiny_model_dir: Path, prefer
     with pytest.raises(PreftuneError, match="needs a reference model"):
         run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "y", "--reference.strategy=none"))
     with pytest.raises(PreftuneError, match="Did you mean 'dpo'"):
-        run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "z", "--loss.name=dop"))
+        run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "z", "--loss.name=dpoo"))
 
 
 def test_trl_loss_types_and_a_weighted_list_from_the_cli(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path,
