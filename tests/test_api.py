@@ -156,8 +156,8 @@ def test_python_settings_are_checked_like_yaml(tiny, tmp_path: Path) -> None:  #
         preftune.dpo(new_model(tiny), train_data=pairs(8), tokenizer=tiny, path="x")
     with pytest.raises(ConfigError, match="Did you mean 'max_steps'"):
         preftune.dpo(new_model(tiny), train_data=pairs(8), tokenizer=tiny, max_step=3)
-    with pytest.raises(ConfigError, match="loss.name=dpo"):
-        preftune.dpo(new_model(tiny), train_data=pairs(8), tokenizer=tiny, loss={"name": "sigmoid"})
+    with pytest.raises(ConfigError, match="name 'sigmoyd' is not a loss. Did you mean 'sigmoid'"):
+        preftune.dpo(new_model(tiny), train_data=pairs(8), tokenizer=tiny, loss={"name": "sigmoyd"})
     with pytest.raises(preftune.PreftuneError, match="pass tokenizer="):
         preftune.dpo(new_model(tiny), train_data=pairs(8), output_dir=str(tmp_path / "y"))
     with pytest.raises(preftune.PreftuneError, match="DatasetDict|list of dicts"):

@@ -369,3 +369,28 @@ def test_float_labels_zero_and_one_are_booleans(tmp_path: Path) -> None:
     assert [e.desirable for e in _load(tmp_path, records).examples] == [True, False]
     with pytest.raises(DataError, match="must be a boolean"):
         _load(tmp_path, [{"prompt": "p", "completion": "c", "label": 0.5}])
+
+
+def test_the_weight_field_is_read_by_every_format_and_checked(tmp_path: Path) -> None:
+    records = [{"prompt": "p", "chosen": f"c{i}", "rejected": "r", "weight": w} for i, w in enumerate([0.5, 2, 0, 1.0])]
+    records.append({"prompt": "p", "chosen": "c9", "rejected": "r"})
+    assert [e.weight for e in _load(tmp_path, records).examples] == [0.5, 2.0, 0.0, 1.0, 1.0]
+    unpaired = _load(tmp_path, [{"prompt": "p", "completion": "c", "label": False, "weight": 3}], name="u.jsonl").examples
+    assert unpaired[0].weight == 3.0
+    path = tmp_path / "w.csv"
+    path.write_text("prompt,chosen,rejected,weight\np,a,b,0.25\np,c,d,\n", encoding="utf-8")
+    assert [e.weight for e in load_examples(path).examples] == [0.25, 1.0]
+    # NaN (Python's json reads it), infinities, negatives, text and booleans: refused by record, naming file, line and field
+    for bad, message in ((float("nan"), "must be a number"), (float("inf"), "finite number >= 0"), (-1, "finite number >= 0"),
+                         ("heavy", "must be a number"), (True, "must be a number")):
+        lines = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c2", "rejected": "r", "weight": bad}]
+        with pytest.raises(DataError, match=message) as err:
+            _load(tmp_path, lines, name="bad.jsonl")
+        assert (err.value.field, err.value.line) == ("weight", 2) and "bad.jsonl, line 2" in str(err.value), bad
+
+
+def test_weighted_and_zero_weight_records_are_counted(tmp_path: Path) -> None:
+    records = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "weight": w} for i, w in enumerate([1, 0.5, 0, 0, 1])]
+    report = _load(tmp_path, records).report
+    assert report.findings["weighted"] == 3 and report.findings["zero_weight"] == 2 and report.kept == 5
+    assert report.examples["zero_weight"] == [f"{tmp_path / 'd.jsonl'}:3", f"{tmp_path / 'd.jsonl'}:4"]

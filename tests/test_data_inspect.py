@@ -115,3 +115,16 @@ def test_token_statistics_with_a_tokenizer(small: Path, tmp_path: Path, capsys: 
     assert inspect(*argv) == 0
     text = capsys.readouterr().out
     assert "\ntokens\n" in text and "\ntruncation\n" in text
+
+
+def test_weights_are_counted_in_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "weighted.jsonl"
+    records = [dict(r, prompt=f"p{i}", weight=w) for i, (r, w) in enumerate(zip(RECORDS[:1] * 3, [0.0, 2.5, 1.0]))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert inspect(str(path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["weighted", "2"] for line in lines)
+    assert any(line.split()[:2] == ["zero_weight", "1"] for line in lines)
+    path.write_text(json.dumps(dict(RECORDS[0], weight=float("nan"))) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="weight"):
+        inspect(str(path), "--on-error", "error")

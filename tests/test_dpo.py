@@ -60,7 +60,32 @@ def test_reference_free_losses_and_bad_combinations(tiny_model_dir: Path, prefer
     with pytest.raises(PreftuneError, match="needs a reference model"):
         run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "y", "--reference.strategy=none"))
     with pytest.raises(PreftuneError, match="Did you mean 'dpo'"):
-        run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "z", "--loss.name=dop"))
+        run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "z", "--loss.name=dpoo"))
+
+
+def test_trl_loss_types_and_a_weighted_list_from_the_cli(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """MPO as TRL writes it (loss_type [sigmoid, bco_pair, sft], loss_weights [0.8, 0.2, 1.0]), through the CLI:
+    each term is logged under its own name and the loss is their weighted sum; exo_pair under TRL's name."""
+    from preftune.cli.main import main
+
+    train, _ = preference_files
+    common = ["dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", "--data.eval=[]", "--train.progress=false",
+              "--train.max_steps=3", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null", "--train.report=false"]
+    run = tmp_path / "mpo"
+    assert main([*common, f"--train.output_dir={run}", "--loss.name=[sigmoid, bco_pair, sft]", "--loss.weights=[0.8, 0.2, 1.0]"]) == 0
+    lines = [m for m in read_metrics(run) if "loss" in m]
+    assert len(lines) == 3
+    for m in lines:  # one micro-batch per step: the logged terms are its means, and the loss is their weighted sum
+        assert m["loss"] == pytest.approx(0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-5)
+    assert lines[0]["loss/sigmoid"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the start point
+    run = tmp_path / "exo"
+    assert main([*common, f"--train.output_dir={run}", "--loss.name=exo_pair", "--loss.label_smoothing=0.001"]) == 0
+    assert len([m for m in read_metrics(run) if "loss" in m]) == 3
+    capsys.readouterr()
+    assert main([*common, f"--train.output_dir={tmp_path / 'bad'}", "--loss.name=[dpo, nca_pair]", "--loss.weights=[1.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "weights has 1 values for 2 losses" in err and "Traceback" not in err
 
 
 @pytest.mark.fp32_exact
@@ -83,3 +108,27 @@ def test_prefix_sharing_trains_like_the_concatenated_layout(
     assert_same_weights(weights(runs["true"] / "final"), weights(runs["false"] / "final"), atol=1e-5)
     layouts = [json.loads((runs[s] / "reference.json").read_text())["layout"] for s in ("true", "false")]
     assert layouts == ["prefix_shared", "concatenated"]
+
+
+def test_wpo_weighting_runs_in_both_layouts_with_the_same_weights(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """loss.use_weighting (TRL's use_weighting): each pair's WPO weight is logged, the same from prefix-shared rows
+    and from the concatenated batch, and the run trains."""
+    from preftune.cli.main import main
+
+    train, _ = preference_files
+    logged = {}
+    for shared in ("true", "false"):
+        run = tmp_path / f"wpo-{shared}"
+        assert main(["dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", "--data.eval=[]",
+                     f"--train.output_dir={run}", "--train.progress=false", "--train.max_steps=3", "--train.log_every=1",
+                     "--train.save_every=null", "--train.eval_every=null", "--train.report=false", "--loss.use_weighting=true",
+                     f"--data.prefix_sharing={shared}", "--data.group_by_length=false"]) == 0  # the same batches in both layouts
+        logged[shared] = [m for m in read_metrics(run) if "loss" in m]
+        assert json.loads((run / "reference.json").read_text())["layout"] == ("prefix_shared" if shared == "true" else "concatenated")
+    assert len(logged["true"]) == 3
+    for a, b in zip(logged["true"], logged["false"]):
+        assert 0 < a["wpo_weight"] < float("inf") and a["wpo_weight"] == pytest.approx(b["wpo_weight"], rel=1e-4)
+    # the loss is the weighted DPO loss: log 2 times the mean weight at the start point
+    first = logged["true"][0]
+    assert first["loss"] == pytest.approx(0.693147 * first["wpo_weight"], rel=1e-4)

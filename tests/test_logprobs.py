@@ -233,3 +233,22 @@ def test_entropy_and_top1_hits_match_the_full_logits(chunk_size: int) -> None:
     (grad,) = torch.autograd.grad(logps.sum(), hidden)  # the statistics change no gradient
     (plain_grad,) = torch.autograd.grad(plain[0].sum(), hidden)
     torch.testing.assert_close(grad, plain_grad, atol=0, rtol=0)
+
+
+def test_wpo_logps_are_each_tokens_log_prob_against_the_sum_of_squared_probs() -> None:
+    from preftune.logprobs import wpo_logps
+
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, 6, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6), generator=gen)
+    labels[:, :2] = -100
+    labels[1, 4:] = -100
+    logits = hidden @ weight.T
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = labels[:, 1:]
+    scored = targets != -100
+    picked = logp.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = ((picked - torch.log((logp.exp() ** 2).sum(-1))) * scored).sum(1)
+    for chunk in (1, 4, 1024):
+        assert torch.allclose(wpo_logps(hidden, weight, labels, chunk_size=chunk).double(), expected, rtol=1e-5, atol=1e-5)

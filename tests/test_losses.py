@@ -15,6 +15,7 @@ import torch
 from preftune.losses import (
     LOSSES,
     REFERENCE_FREE,
+    TRL_ALIASES,
     LossOutput,
     PairLogps,
     UnpairedLogps,
@@ -331,7 +332,7 @@ def test_gradcheck_kto_and_soft_dpo() -> None:
         *[lambda n=n: preference_loss(n, *pairs(), preference=torch.tensor([1.0, 0.5, 0.5])) for n in ("ipo", "hinge", "robust", "simpo", "orpo")],
         *[lambda n=n: preference_loss(n, pairs()[0], None) for n in ("dpo", "ipo", "hinge", "robust")],
         lambda: preference_loss("kto", *pairs()),
-        lambda: preference_loss("sigmoid", *pairs()),
+        lambda: preference_loss("not_a_loss", *pairs()),
         lambda: preference_loss("dpo", *pairs(), nll_alpha=-0.1),
         lambda: preference_loss("dpo", *pairs(), extra_terms=[lambda p, r: p.chosen]),  # (3,), not a scalar
         lambda: preference_loss("dpo", *pairs(), extra_terms=[lambda p, r: 0.5]),  # not a tensor
@@ -354,16 +355,26 @@ def test_error_messages_name_the_problem() -> None:
 
 
 def test_hparam_names_and_reference_free_losses() -> None:
-    assert {name: loss_hparam_names(name) for name in LOSSES} == {
-        "dpo": ("beta", "label_smoothing"),
-        "ipo": ("beta", "normalize"),
-        "hinge": ("beta",),
-        "robust": ("beta", "label_smoothing"),
+    f = ("f_divergence_type", "f_alpha_divergence_coef")
+    expected = {
+        "dpo": ("beta", "label_smoothing", *f),
+        "ipo": ("beta", "normalize", *f),
+        "hinge": ("beta", *f),
+        "robust": ("beta", "label_smoothing", *f),
+        "exo": ("beta", "label_smoothing", *f),
+        "discopop": ("beta", "discopop_tau", *f),
+        "dpo_norm": ("beta", *f),
+        "nca": ("beta",), "bco": ("beta",), "sppo": ("beta",), "apo_zero": ("beta",), "apo_down": ("beta",), "sft": ("beta",),
+        "aot": ("beta", "label_smoothing"), "aot_unpaired": ("beta", "label_smoothing"),
+        "dpop": ("beta", "dpop_lambda"), "rdpo": ("beta", "rdpo_alpha"),
         "simpo": ("beta", "gamma"),
         "orpo": ("beta", "lambda_"),
+        "cpo": ("beta", "label_smoothing"),
         "kto": ("beta", "desirable_weight", "undesirable_weight"),
     }
-    assert {"simpo", "orpo"} == REFERENCE_FREE
+    expected |= {alias: expected[name] for alias, name in TRL_ALIASES.items()}
+    assert {name: loss_hparam_names(name) for name in LOSSES} == expected
+    assert {"simpo", "orpo", "cpo", "sft"} == REFERENCE_FREE
     for name in REFERENCE_FREE:
         assert preference_loss(name, pairs()[0], None).losses.shape == (3,)
 

@@ -163,3 +163,70 @@ def test_reference_cache_is_reused_and_never_stale(tiny_model_dir: Path, prefere
     info3 = json.loads((cut / "reference.json").read_text())
     assert info3["train_cache"]["warm"] is False and info3["train_cache"]["path"] != info["train_cache"]["path"]
     assert len(list(cache.glob("*.safetensors"))) == 4
+
+
+# --------------------------------------------------------------------------- TR-DPO reference syncing
+def test_reference_sync_is_the_tr_dpo_update_at_every_kth_step() -> None:
+    from preftune.training.reference import ReferenceSync
+
+    policy, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in reference.parameters()]
+    ReferenceSync(policy, reference, alpha=0.6, steps=3)(2)  # not a sync step: unchanged
+    assert all(torch.equal(p, s) for p, s in zip(reference.parameters(), start))
+    ReferenceSync(policy, reference, alpha=0.6, steps=3)(3)  # soft: 0.6 policy + 0.4 reference
+    for p, s, q in zip(reference.parameters(), start, policy.parameters()):
+        assert torch.allclose(p, 0.6 * q + 0.4 * s, atol=1e-7)
+    ReferenceSync(policy, reference, alpha=1.0, steps=3)(6)  # hard: the policy itself
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), policy.parameters()))
+    assert all(not p.requires_grad or p.grad is None for p in reference.parameters())
+
+
+def test_a_tr_dpo_run_replaces_the_reference_at_the_sync_step(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    train, _ = preference_files
+    common = ["--train.max_steps=4", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null", "--train.lr=1e-2",
+              "--reference.strategy=copy", "--reference.sync_ref_model=true", "--reference.ref_model_sync_steps=2"]
+    hard = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "hard", *common, "--reference.ref_model_mixup_alpha=1.0"))
+    rewards = [(m["rewards/chosen"], m["rewards/rejected"]) for m in read_metrics(hard) if "rewards/chosen" in m]
+    assert len(rewards) == 4
+    # step 1 starts at the reference; steps 2 and 4 have moved away; after step 2's update the reference IS the policy,
+    # so step 3's forward sees a policy equal to its reference again
+    for step in (0, 2):
+        assert rewards[step] == pytest.approx((0.0, 0.0), abs=1e-6), (step + 1, rewards)
+    for step in (1, 3):
+        assert abs(rewards[step][0]) + abs(rewards[step][1]) > 1e-4, (step + 1, rewards)
+    assert "sync_ref_model: true" in (hard / "config.yaml").read_text()
+
+
+def test_tr_dpo_is_refused_where_the_reference_cannot_move(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from preftune.config.schema import KTOConfig, load_config
+    from preftune.errors import ConfigError
+
+    train, _ = preference_files
+    for extra, message in ((["--reference.strategy=cache"], "a cache holds the log-probs of the reference as the run starts"),
+                           (["--reference.strategy=adapter", "--model.lora.enabled=true"], "the policy's own base weights"),
+                           (["--loss.name=simpo", "--reference.strategy=none"], "the loss is reference-free"),
+                           (["--train.resume_from=latest"], "cannot resume a run")):
+        with pytest.raises(PreftuneError, match=message):
+            run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "x", "--reference.sync_ref_model=true", *extra))
+    with pytest.raises(ConfigError, match="ref_model_mixup_alpha must be in"):
+        dpo_config(tiny_model_dir, train, None, tmp_path / "y", "--reference.ref_model_mixup_alpha=0")
+    with pytest.raises(ConfigError, match="is for `preftune dpo`"):
+        load_config(KTOConfig, None, ["--reference.sync_ref_model=true"])
+
+
+def test_ld_dpo_reference_log_probs_are_cached_under_their_own_key(tiny_model_dir: Path, preference_files: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """LD-DPO weighs the reference's tails as the policy's: a cache of plain sums is never read for it."""
+    train, _ = preference_files
+    common = ["--train.max_steps=1", "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null",
+              "--reference.strategy=cache", f"--reference.cache_dir={tmp_path / 'cache'}"]
+    plain = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "plain", *common))
+    ld = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "ld", *common, "--loss.ld_alpha=0.4"))
+    again = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "again", *common, "--loss.ld_alpha=0.4"))
+    warm = [json.loads((run / "reference.json").read_text())["train_cache"]["warm"] for run in (plain, ld, again)]
+    assert warm == [False, False, True]
+    for run in (plain, ld):  # the start point: policy == reference, in LD-DPO's sums too
+        assert read_metrics(run)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    with pytest.raises(Exception, match="ld_alpha must be in"):
+        dpo_config(tiny_model_dir, train, None, tmp_path / "bad", "--loss.ld_alpha=1.5")

@@ -139,3 +139,34 @@ def test_wrong_batches_fail_loudly() -> None:
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(PreftuneError, match="4D mask"):
         SharedPrefixLogps(flash)(shared["input_ids"], shared["attention_mask"], shared["labels"])
+
+
+def test_ld_dpo_and_wpo_sums_are_the_same_in_both_layouts() -> None:
+    """LD-DPO's tail-weighted sums and WPO's aligned sums, prefix-shared and concatenated, against per-token values."""
+    from preftune.logprobs import ld_token_weights, token_logps
+
+    pairs = random_pairs(6, seed=4)
+    lm = tiny_lm()
+    plain_batch, shared_batch = collate_pairs(pairs, PAD), collate_prefix_shared(pairs, PAD)
+    with torch.no_grad():
+        plain = SequenceLogps(lm, chunk_size=5, ld_alpha=0.3, wpo=True)(plain_batch["input_ids"], plain_batch["attention_mask"],
+                                                                        plain_batch["labels"])
+        shared = SharedPrefixLogps(lm, chunk_size=5, ld_alpha=0.3, wpo=True)(shared_batch["input_ids"], shared_batch["attention_mask"],
+                                                                             shared_batch["labels"])
+        # by hand: per-token log-probs, the first min(|yw|, |yl|) of each side weighing 1 and the rest 0.3
+        hidden = lm.model(input_ids=plain_batch["input_ids"], attention_mask=plain_batch["attention_mask"]).last_hidden_state
+        per_token = token_logps(hidden, lm.lm_head.weight, plain_batch["labels"])
+    scored = plain_batch["labels"][:, 1:] != IGNORE_INDEX
+    lengths = scored.sum(1)
+    expected = []
+    for row in range(len(lengths)):
+        pair = row % len(pairs)
+        shared_len = int(min(lengths[pair], lengths[pair + len(pairs)]))
+        values = per_token[row][scored[row]]
+        expected.append(float(values[:shared_len].sum() + 0.3 * values[shared_len:].sum()))
+    assert any(int(lengths[i]) != int(lengths[i + len(pairs)]) for i in range(len(pairs)))  # some tails exist
+    torch.testing.assert_close(plain[0], torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[2], plain[2], atol=1e-5, rtol=0)
+    weights = ld_token_weights(scored, 0.0)
+    assert torch.equal(weights.sum(1)[: len(pairs)], torch.minimum(*lengths.chunk(2)).float())

@@ -144,3 +144,42 @@ def test_a_swept_value_cannot_put_a_run_outside_the_output_folder(tiny_model_dir
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["system-x_.._.._.._escaped", "system-y"]
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "a" / "escaped").exists()
     assert [r["folder"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["system-x_.._.._.._escaped", "system-y"]
+
+
+#: every paired loss by preftune's name; TRL's names are checked as configs below and trained in test_dpo.py
+FAMILY = ["dpo", "ipo", "hinge", "robust", "discopop", "dpo_norm", "nca", "bco", "sppo", "apo_zero", "apo_down", "aot", "aot_unpaired",
+          "sft", "dpop", "rdpo", "simpo", "orpo", "cpo"]
+
+
+def test_every_trl_loss_type_is_a_sweep_value(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
+    from preftune.config.trl_names import TRL_LOSS_TYPES
+
+    cfg = dpo_config(tiny_model_dir, *preference_files, tmp_path / "sweep")
+    names = [n for n in TRL_LOSS_TYPES if n != "exo_pair"]  # exo needs label_smoothing > 0, which most others refuse
+    runs = variants(cfg, parse_sweeps([f"loss.name={','.join(names)}"]))
+    assert [v.cfg.loss.name for v in runs] == names
+    with pytest.raises(ConfigError, match="exo needs 0 < label_smoothing"):
+        variants(cfg, parse_sweeps(["loss.name=sigmoid,exo_pair"]))
+
+
+def test_a_sweep_over_the_whole_paired_family_trains_each_on_one_reference_pass(tiny_model_dir: Path, preference_files,
+                                                                                 tmp_path: Path, one_thread: None) -> None:
+    from preftune.cli.main import main
+
+    train, _ = preference_files
+    out = tmp_path / "family"
+    status = main(["dpo", str(DPO_TINY), "--sweep", f"loss.name={','.join(FAMILY)}", f"--model.path={tiny_model_dir}",
+                   f"--data.train={train}", "--data.eval=[]", f"--train.output_dir={out}", "--train.progress=false", "--train.max_steps=3",
+                   "--train.log_every=1", "--train.save_every=null", "--train.eval_every=null", "--train.report=false",
+                   f"--reference.cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["folder"] for r in summary["runs"]] == [f"name-{n}" for n in FAMILY]
+    assert summary["reference_passes"] == 1  # the first run computes it, every other reference loss reads it
+    for record in summary["runs"]:
+        name = record["folder"].removeprefix("name-")
+        free = name in ("sft", "simpo", "orpo", "cpo")  # their configured "copy" resolves to no reference at all
+        assert (record["reference_warm"] is None) if free else (record["reference"] == "cache" and record["reference_warm"] is not None), record
+        metrics = [json.loads(line) for line in (out / record["folder"] / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics), name
+        assert (out / record["folder"] / "final" / "model.safetensors").is_file()

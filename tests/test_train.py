@@ -53,10 +53,20 @@ def eight_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("eight") / "eight.jsonl", records)
 
 
+@pytest.fixture(scope="module")
+def eight_demonstrations(eight_pairs: Path) -> Path:
+    """The same records without weights: SFT's token mean takes none, and refuses the field."""
+    import json
+
+    records = [json.loads(line) for line in eight_pairs.read_text().splitlines()]
+    return write_jsonl(eight_pairs.with_name("eight-unweighted.jsonl"), [{k: v for k, v in r.items() if k != "weight"} for r in records])
+
+
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.fp32_exact
-def test_sft_accumulation_is_exact_for_the_token_mean(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path, packing: bool) -> None:
-    one, acc = one_batch_and_accumulated("sft", SFTConfig, "sft-tiny.yaml", tiny_model_dir, eight_pairs, tmp_path,
+def test_sft_accumulation_is_exact_for_the_token_mean(tiny_model_dir: Path, eight_demonstrations: Path, tmp_path: Path,
+                                                      packing: bool) -> None:
+    one, acc = one_batch_and_accumulated("sft", SFTConfig, "sft-tiny.yaml", tiny_model_dir, eight_demonstrations, tmp_path,
                                          f"--sft.packing={str(packing).lower()}", "--data.max_length=40")
     tokens = [m["tokens"] for m in read_metrics(one) if "tokens" in m]
     assert tokens, "the run logged no token counts"
@@ -64,12 +74,12 @@ def test_sft_accumulation_is_exact_for_the_token_mean(tiny_model_dir: Path, eigh
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(acc)], abs=1e-6)
 
 
-def test_sft_micro_batches_hold_different_token_counts(tiny_model_dir: Path, eight_pairs: Path) -> None:
+def test_sft_micro_batches_hold_different_token_counts(tiny_model_dir: Path, eight_demonstrations: Path) -> None:
     """The data of the accumulation test is one where a mean of per-micro-batch means is wrong."""
     from preftune.data.prepare import prepare
     from preftune.models.load import load_tokenizer
 
-    cfg = load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", [f"--data.train={eight_pairs}", "--data.eval=[]"])
+    cfg = load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", [f"--data.train={eight_demonstrations}", "--data.eval=[]"])
     items = prepare(cfg.data, load_tokenizer(str(tiny_model_dir)), records="demonstrations", seed=0).train
     assert len({len(x.completion_ids) for x in items}) > 1
 
@@ -83,12 +93,41 @@ def test_reward_model_accumulation_is_exact(tiny_model_dir: Path, eight_pairs: P
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(acc)], abs=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["dpo", "[rdpo, nca_pair]"])
 @pytest.mark.fp32_exact
-def test_dpo_accumulation_is_exact_with_weighted_pairs(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path) -> None:
+def test_dpo_accumulation_is_exact_with_weighted_pairs(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path, loss: str) -> None:
     one, acc = one_batch_and_accumulated("dpo", DPOConfig, "dpo-tiny.yaml", tiny_model_dir, eight_pairs, tmp_path,
-                                         "--reference.strategy=copy")
+                                         "--reference.strategy=copy", f"--loss.name={loss}")
     assert_same_weights(weights(one / "final"), weights(acc / "final"), atol=1e-6)
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(acc)], abs=1e-6)
+
+
+@pytest.mark.fp32_exact
+def test_a_record_of_weight_zero_trains_as_if_it_were_absent(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path) -> None:
+    """The data's weight field is honoured: weight 0 is exactly no record, and other weights change the update."""
+    import json
+
+    records = [json.loads(line) for line in eight_pairs.read_text().splitlines()]
+    zeroed = [dict(r, weight=0.0) if i in (1, 6) else r for i, r in enumerate(records)]
+    kept = [r for i, r in enumerate(records) if i not in (1, 6)]
+    runs = {}
+    for name, rows in (("zeroed", zeroed), ("kept", kept), ("all", records)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        runs[name] = run_dpo(load_config(DPOConfig, CONFIGS / "dpo-tiny.yaml", [
+            f"--model.path={tiny_model_dir}", f"--data.train={data}", *EXACT, f"--train.output_dir={tmp_path / name}",
+            "--train.batch_size=8", "--reference.strategy=copy", "--loss.name=bco_pair"]))
+    assert_same_weights(weights(runs["zeroed"] / "final"), weights(runs["kept"] / "final"), atol=1e-6)
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(runs["all"] / "final"), weights(runs["kept"] / "final"), atol=1e-6)
+
+
+def test_sft_refuses_per_record_weights(tiny_model_dir: Path, eight_pairs: Path, tmp_path: Path) -> None:
+    from preftune.errors import DataError
+    from preftune.stages.sft import run as run_sft
+
+    with pytest.raises(DataError, match="field 'weight' is 2.0; SFT's loss is a mean over tokens"):
+        run_sft(load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", [f"--model.path={tiny_model_dir}", f"--data.train={eight_pairs}", *EXACT,
+                                                                   f"--train.output_dir={tmp_path / 'sft'}"]))
 
 
 def test_sum_counts_adds_each_count_over_the_micro_batches() -> None:

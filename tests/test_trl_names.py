@@ -47,7 +47,8 @@ def test_a_trl_name_is_answered_with_preftunes() -> None:
         load_config(DPOConfig, None, ["--train.per_device_train_batch_size=4"])
     with pytest.raises(ConfigError, match="'learning_rate' is TRL's name; preftune's is 'train.lr'"):
         load_config(DPOConfig, None, ["--learning_rate=1e-6"])
-    assert "no equivalent" in trl_hint("sync_ref_model")
+    assert "no equivalent" in trl_hint("activation_offloading")
+    assert "preftune's is 'reference.sync_ref_model" in trl_hint("sync_ref_model")
     assert trl_hint("not_a_trl_name") is None
 
 
@@ -55,3 +56,27 @@ def test_the_readme_lists_the_whole_table() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name in TRL_NAMES:
         assert f"| `{name}` |" in readme, name
+
+
+def test_every_trl_loss_type_is_a_preftune_loss_name() -> None:
+    """TRL's own list of loss types (its error message names them all) is what the table and LOSSES accept."""
+    import inspect
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    listed = re.search(r"Should be one of \[(.*?)\]", source.replace('"\n', "").replace("\n", " "), re.S)
+    assert listed, "TRL's message listing its loss types was not found"
+    trl_types = set(re.findall(r"'([a-z_]+)'", listed.group(1)))
+    assert len(trl_types) == 15 and trl_types == set(TRL_LOSS_TYPES)
+    assert trl_types <= set(LOSSES) and all(LOSSES[t] is LOSSES[TRL_LOSS_TYPES[t]] for t in trl_types)
+    for t in trl_types:
+        load_config(DPOConfig, None, [f"--loss.name={t}"] + (["--loss.label_smoothing=0.001"] if t == "exo_pair" else []))
+
+
+def test_no_loss_setting_of_trl_is_left_without_an_equivalent() -> None:
+    loss_fields = ["beta", "label_smoothing", "loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
+                   "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"]
+    assert [name for name in loss_fields if isinstance(TRL_NAMES[name], tuple)] == []
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "not implemented" not in "".join(line for line in readme.splitlines() if any(f"| `{n}` |" in line for n in loss_fields))

@@ -28,12 +28,15 @@ def completion_logps(
     chunk_size: int = 1024,
     logit_scale: float = 1.0,
     final_logit_softcap: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-row sums of completion-token log-probs (fp32) and per-row scored-token counts.
 
     ``hidden`` (rows, length, hidden) are the final hidden states, ``weight`` (vocab, hidden) the
     output projection (``bias`` its bias if any); ``logit_scale`` and ``final_logit_softcap``
-    reproduce models whose heads scale or soft-cap logits (Cohere, Gemma 2).
+    reproduce models whose heads scale or soft-cap logits (Cohere, Gemma 2). ``token_weights``
+    (rows, length - 1), aligned with ``labels[:, 1:]``, weight each token in the sum (LD-DPO's
+    :func:`ld_token_weights`); the counts are unweighted.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -46,6 +49,8 @@ def completion_logps(
     token_logps, _, _ = _ChunkedTokenLogps.apply(
         selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
     )
+    if token_weights is not None:
+        token_logps = token_logps * token_weights[scored].to(token_logps.dtype)
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
     return sums, tokens
 
@@ -77,6 +82,21 @@ def completion_logps_with_stats(
     return per_row[0], scored.sum(dim=1), per_row[1], per_row[2]
 
 
+def ld_token_weights(scored: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024, arXiv:2409.06411, eq. 9) for a pair batch's scored mask (2B, X).
+
+    Rows 0..B-1 are the chosen completions and B..2B-1 the rejected ones. Each pair's first
+    ``min(|yw|, |yl|)`` completion tokens weigh 1 and the rest (the longer side's "verbose" tail)
+    ``ld_alpha``: ``log pi(y) = sum_shared + alpha * sum_tail``, as TRL 1.16's ``ld_alpha``.
+    """
+    position = scored.long().cumsum(dim=1)
+    lengths = scored.sum(dim=1)
+    chosen, rejected = lengths.chunk(2, dim=0)
+    shared = torch.minimum(chosen, rejected).repeat(2).unsqueeze(1)
+    weights = torch.where(position <= shared, 1.0, float(ld_alpha))
+    return torch.where(scored, weights, 0.0)
+
+
 def token_logps(
     hidden: Tensor,
     weight: Tensor,
@@ -101,6 +121,40 @@ def token_logps(
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     out[scored] = values
     return out
+
+
+def wpo_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcap: float | None = None,
+) -> Tensor:
+    """Per-row sums over scored tokens of ``log p(token) - log sum_v p(v)^2`` (fp32, no gradient).
+
+    WPO's aligned log-probs (Zhou et al. 2024, arXiv:2406.11827, eq. 2): each token's
+    probability relative to the distribution's own peakedness. With ``l`` the logits and
+    ``lse = logsumexp(l)``, ``log sum_v p_v^2 = logsumexp(2 l) - 2 lse``, so a token's term is
+    ``l_t + lse - logsumexp(2 l)``. One more chunked pass of the output projection.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    row_of = torch.nonzero(scored, as_tuple=True)[0]
+    selected = hidden[:, :-1][scored].detach()
+    picked = targets[scored]
+    dtype = compute_dtype(hidden)
+    out = torch.empty(selected.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, selected.shape[0], chunk_size):
+            end = start + chunk_size
+            logits, _ = _logits(selected[start:end], weight.detach(), None if bias is None else bias.detach(), float(logit_scale),
+                                final_logit_softcap, dtype)
+            aligned = logits.gather(1, picked[start:end, None]).squeeze(1) + torch.logsumexp(logits, -1) - torch.logsumexp(2 * logits, -1)
+            out[start:end] = aligned
+    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row_of, out)
 
 
 def naive_completion_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,15 +8,14 @@ of the file before conversion, so they are checked the same way.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from preftune.config.trl_names import TRL_LOSS_TYPES, trl_hint
+from preftune.config.loss_check import loss_problems
+from preftune.config.trl_names import trl_hint
 from preftune.config.typed import from_dict, merge_nested, parse_overrides, to_dict, to_yaml
 from preftune.config.yamlfile import read_yaml
 from preftune.errors import ConfigError
@@ -103,18 +102,29 @@ class ReferenceConfig:
     strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"
     path: str | None = None  # reference model folder; defaults to model.path
     cache_dir: str = "~/.cache/preftune/reference"
+    sync_ref_model: bool = False  # TR-DPO: move the reference towards the policy every ref_model_sync_steps (copy strategy only)
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO: ref <- alpha * policy + (1 - alpha) * ref; 1.0 replaces it (hard update)
+    ref_model_sync_steps: int = 512  # TR-DPO: optimizer steps between syncs
 
 
 @dataclass
 class LossConfig:
-    """The objective and its hyperparameters (each loss reads only the ones it takes)."""
+    """The objective and its hyperparameters (each loss reads only the ones it takes; TRL's names and defaults)."""
 
-    name: str = "dpo"
+    name: str | list[str] = "dpo"  # a loss (paper name or TRL's loss_type), or a list summed with weights
+    weights: list[float] | None = None  # one per loss in a list (TRL's loss_weights; default all 1)
     beta: float = 0.1
-    label_smoothing: float = 0.0  # dpo: conservative DPO; robust: the label flip rate
+    label_smoothing: float = 0.0  # dpo: conservative DPO; robust: the label flip rate; exo: epsilon (> 0); aot: smoothing
     normalize: bool = False  # ipo: per-token (length-averaged) log-probs, as TRL does
     gamma: float = 0.5  # simpo: target reward margin
     lambda_: float = 0.1  # orpo: weight of the odds-ratio term
+    discopop_tau: float = 0.05  # discopop: temperature of the log-ratio modulation
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl, forward_kl, js_divergence, alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # f-DPO's alpha (alpha_divergence only)
+    dpop_lambda: float = 50.0  # dpop: weight of the penalty on a chosen likelihood below the reference's
+    rdpo_alpha: float = 0.01  # rdpo: length regularisation per token of length difference
+    use_weighting: bool = False  # WPO: weight each pair by its completions' aligned probabilities (not aot)
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens beyond the pair's shared length, in [0, 1] (null: off)
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0  # kto
     nll_alpha: float = 0.0  # weight of an NLL term on the chosen completion (0 = off)
@@ -277,8 +287,10 @@ def validate(cfg: Any, where: str = "") -> None:
         check = _CHECKS.get(type(section))
         if check is not None:
             problems.extend(f"{name}.{problem}" for problem in check(section))
-    if isinstance(cfg, DPOConfig) and cfg.loss.name == "kto":
+    if isinstance(cfg, DPOConfig) and "kto" in ([cfg.loss.name] if isinstance(cfg.loss.name, str) else cfg.loss.name):
         problems.append("loss.name=kto trains on unpaired data: use `preftune kto` (preftune.kto from Python)")
+    if isinstance(cfg, KTOConfig) and cfg.reference.sync_ref_model:
+        problems.append("reference.sync_ref_model (TR-DPO) is for `preftune dpo`; KTO's reference stays the model as the run starts")
     if isinstance(cfg, KTOConfig) and cfg.train.batch_size < 2:
         problems.append("train.batch_size must be at least 2 for KTO: its KL baseline is a mean over the micro-batch")
     if problems:
@@ -329,33 +341,12 @@ def _train_problems(train: TrainConfig) -> list[str]:
     return problems
 
 
-def _loss_problems(loss: LossConfig) -> list[str]:
-    """The loss exists, its settings are in range, and no setting is given that it does not use."""
-    from preftune.losses import LOSSES, loss_hparam_names
-
-    if loss.name in TRL_LOSS_TYPES and loss.name not in LOSSES:
-        return [f"name '{loss.name}' is TRL's loss_type; preftune names losses after their papers: loss.name={TRL_LOSS_TYPES[loss.name]}"]
-    if loss.name not in LOSSES:
-        match = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
-        hint = f" Did you mean '{match[0]}'?" if match else ""
-        return [f"name '{loss.name}' is not a loss.{hint} Known: {', '.join(sorted(LOSSES))}"]
+def _reference_problems(reference: ReferenceConfig) -> list[str]:
     problems = []
-    if not loss.beta > 0:
-        problems.append("beta must be positive")
-    if not 0.0 <= loss.label_smoothing < 0.5:
-        problems.append("label_smoothing must be in [0, 0.5)")
-    for name in ("nll_alpha", "desirable_weight", "undesirable_weight", "lambda_"):
-        if getattr(loss, name) < 0:
-            problems.append(f"{name} must be >= 0")
-    # A setting the chosen loss does not read would be silently ignored: say which ones it reads.
-    own = set(loss_hparam_names(loss.name)) | {"name", "nll_alpha"}
-    defaults = LossConfig()
-    unused = [f.name for f in dataclasses.fields(LossConfig)
-              if f.name not in own and getattr(loss, f.name) != getattr(defaults, f.name)]
-    if unused:
-        takes = ", ".join(sorted(own - {"name"}))
-        problems.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by loss '{loss.name}' "
-                        f"(it takes: {takes})")
+    if not 0.0 < reference.ref_model_mixup_alpha <= 1.0:
+        problems.append("ref_model_mixup_alpha must be in (0, 1] (1: replace the reference by the policy)")
+    if reference.ref_model_sync_steps < 1:
+        problems.append("ref_model_sync_steps must be at least 1")
     return problems
 
 
@@ -368,5 +359,5 @@ def _rm_loss_problems(loss: RMLossConfig) -> list[str]:
     return [f"{name} must be >= 0" for name in ("lm_weight", "center_weight") if getattr(loss, name) < 0]
 
 
-_CHECKS = {DataConfig: _data_problems, TrainConfig: _train_problems, LossConfig: _loss_problems,
-           RMLossConfig: _rm_loss_problems, KTOLossConfig: _kto_loss_problems}
+_CHECKS = {DataConfig: _data_problems, TrainConfig: _train_problems, LossConfig: loss_problems,
+           RMLossConfig: _rm_loss_problems, KTOLossConfig: _kto_loss_problems, ReferenceConfig: _reference_problems}

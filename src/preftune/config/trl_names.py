@@ -21,7 +21,7 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     # DPOConfig's own fields
     "beta": "loss.beta",
     "label_smoothing": "loss.label_smoothing",
-    "loss_type": "loss.name",
+    "loss_type": "loss.name (a name, or a list; every TRL loss_type is accepted as written)",
     "max_length": "data.max_length",
     "truncation_mode": (None, "preftune keeps the end of a long prompt (data.max_prompt_length) and never empties a completion"),
     "trust_remote_code": "model.trust_remote_code",
@@ -32,16 +32,16 @@ TRL_NAMES: dict[str, str | tuple[None, str]] = {
     "pad_to_multiple_of": (None, "batches pad to their longest row, grouped by length (data.group_by_length)"),
     "precompute_ref_log_probs": "reference.strategy=cache",
     "precompute_ref_batch_size": "train.eval_batch_size",
-    "loss_weights": (None, "one loss per run; extra terms from Python (extra_terms=...)"),
-    "ld_alpha": (None, "LD-DPO is not implemented"),
-    "f_divergence_type": (None, "f-DPO is not implemented"),
-    "f_alpha_divergence_coef": (None, "f-DPO is not implemented"),
-    "use_weighting": (None, "WPO weighting is not implemented; per-record weights come from the data's weight field"),
-    "discopop_tau": (None, "DiscoPOP is not implemented"),
+    "loss_weights": "loss.weights (with loss.name a list: [dpo, bco, sft])",
+    "ld_alpha": "loss.ld_alpha",
+    "f_divergence_type": "loss.f_divergence_type",
+    "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
+    "use_weighting": "loss.use_weighting",
+    "discopop_tau": "loss.discopop_tau",
     "activation_offloading": (None, "not implemented; model.gradient_checkpointing saves activation memory"),
-    "sync_ref_model": (None, "TR-DPO reference syncing is not implemented"),
-    "ref_model_mixup_alpha": (None, "TR-DPO reference syncing is not implemented"),
-    "ref_model_sync_steps": (None, "TR-DPO reference syncing is not implemented"),
+    "sync_ref_model": "reference.sync_ref_model (reference.strategy=copy)",
+    "ref_model_mixup_alpha": "reference.ref_model_mixup_alpha",
+    "ref_model_sync_steps": "reference.ref_model_sync_steps",
     "router_aux_loss_coef": (None, "mixture-of-experts auxiliary losses are not added"),
     "pad_token": (None, "the tokenizer's pad token, else its EOS (padding is masked by position)"),
     # TrainingArguments fields with an equivalent
@@ -100,7 +100,12 @@ CHANGES_RESULTS = {"fp16", "label_smoothing_factor", "lr_scheduler_kwargs", "opt
                    "train_sampling_strategy", "data_seed", "tf32"}
 
 #: TRL's loss_type values -> preftune's loss.name (paper names, not shapes).
-TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
+#: Every one is also accepted as written (preftune.losses.TRL_ALIASES); preftune's own name is what it logs and documents.
+TRL_LOSS_TYPES = {
+    "sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "exo_pair": "exo", "nca_pair": "nca", "bco_pair": "bco",
+    "sppo_hard": "sppo", "aot": "aot", "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero", "apo_down": "apo_down",
+    "discopop": "discopop", "sft": "sft", "sigmoid_norm": "dpo_norm",
+}
 
 
 def trl_hint(key: str) -> str | None:

@@ -20,22 +20,24 @@ Five formats, named as ``data.format`` takes them:
 ``unpaired``
     ``prompt``, ``completion``, ``label`` (bool) for KTO; gives an UnpairedExample.
 
+Every format takes an optional ``weight``: the record's weight in the loss (finite, >= 0; 1 when
+absent), refused by record otherwise.
+
 A malformed record raises :class:`~preftune.errors.DataError` naming file, line or record, and
 field; its ``reason`` is the key under which a skipped record is counted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from math import isfinite
 from typing import Any
 
+from preftune.data.fields import Fields, describe, number, record_weight
 from preftune.data.hh import HH_ASSISTANT, HH_TURN_MARKERS, split_hh
 from preftune.data.readers import RawRecord, parse_json_cell
-from preftune.data.records import ROLES, PreferenceExample, UnpairedExample
+from preftune.data.records import PreferenceExample, UnpairedExample
 from preftune.errors import DataError
 
 FORMATS = ("explicit", "conversational", "hh", "votes", "unpaired", "completion", "messages")
@@ -106,91 +108,15 @@ def convert(
 ) -> Converted:
     """Apply format ``fmt`` to one record (fields already renamed); raise DataError if malformed.
     Whole-text pairs (``hh``) split after the last ``prompt_marker``."""
-    return _CONVERTERS[fmt](_Fields(raw, data, columns, prompt_marker), system)
-
-
-# --------------------------------------------------------------------------- field access
-class _Fields:
-    """Typed access to a record's fields, with errors that name the file's own field names."""
-
-    def __init__(self, raw: RawRecord, data: dict[str, Any], columns: dict[str, str], prompt_marker: str = HH_ASSISTANT) -> None:
-        self.raw = raw
-        self.data = data
-        self.columns = columns
-        self.prompt_marker = prompt_marker
-
-    def error(self, field: str, problem: str, reason: str) -> DataError:
-        if field.split("[")[0] in self.columns:
-            ours = field.split("[")[0]
-            field = self.columns[ours] + field[len(ours) :]
-            problem = f"{problem} (read as '{ours}')"
-        return self.raw.error_at(problem, field=field, reason=reason)
-
-    def get(self, field: str, *, required: bool = True) -> Any:
-        if field not in self.data:
-            if not required:
-                return None
-            keys = ", ".join(sorted(map(str, self.data))) or "none"
-            raise self.error(field, f"is missing (the record has: {keys})", "missing_field")
-        value = self.data[field]
-        if value is None and required:
-            raise self.error(field, "is null", "missing_field")
-        return value
-
-    def chat(self, field: str, *, required: bool = True) -> Any:
-        """A field that may hold messages; in CSV they arrive as JSON text and are decoded.
-
-        Only fields read this way are decoded, so an explicit-format CSV prompt that happens
-        to look like JSON stays text.
-        """
-        value = self.get(field, required=required)
-        return parse_json_cell(value) if self.raw.from_text else value
-
-    def text(self, field: str, *, required: bool = True) -> str | None:
-        value = self.get(field, required=required)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.error(field, f"must be text, got {_describe(value)}", "non_string")
-        return value
-
-    def system(self, default: str | None) -> str | None:
-        value = self.text("system", required=False)
-        if value is None or (self.raw.from_text and value == ""):
-            return default  # an empty CSV cell is how CSV says "absent"
-        return value
-
-    def messages(self, field: str, value: Any = None) -> list[dict[str, str]]:
-        value = self.chat(field) if value is None else value
-        if not isinstance(value, list):
-            raise self.error(field, f"must be a list of messages, got {_describe(value)}", "wrong_type")
-        if not value:
-            raise self.error(field, "is an empty list of messages", "empty_messages")
-        return [self._message(f"{field}[{i}]", m) for i, m in enumerate(value)]
-
-    def _message(self, where: str, message: Any) -> dict[str, str]:
-        if not isinstance(message, dict):
-            raise self.error(where, f"must be a {{role, content}} object, got {_describe(message)}", "wrong_type")
-        for key in ("role", "content"):
-            if key not in message:
-                raise self.error(where, f"has no '{key}'", "missing_field")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise self.error(where, f"has the unknown role {role!r}; roles are {', '.join(ROLES)}", "unknown_role")
-        if not isinstance(content, str):
-            raise self.error(f"{where}.content", f"must be text, got {_describe(content)}", "non_string")
-        # Only role and content reach the chat template; other keys (name, ids) are not kept.
-        return {"role": role, "content": content}
-
-
-def _describe(value: Any) -> str:
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return f"{type(value).__name__} {shown}"
+    fields = Fields(raw, data, columns, prompt_marker)
+    converted = _CONVERTERS[fmt](fields, system)
+    if converted.example is not None:
+        converted.example.weight = record_weight(fields)  # every format may carry one
+    return converted
 
 
 # --------------------------------------------------------------------------- formats
-def _explicit(f: _Fields, system: str | None) -> Converted:
+def _explicit(f: Fields, system: str | None) -> Converted:
     example = PreferenceExample(
         prompt=f.text("prompt"),
         chosen=f.text("chosen"),
@@ -202,21 +128,12 @@ def _explicit(f: _Fields, system: str | None) -> Converted:
     return Converted(example)
 
 
-def _margin(f: _Fields) -> float:
+def _margin(f: Fields) -> float:
     """The optional ``margin`` field (reward-model training: how much better chosen is)."""
-    value = f.get("margin", required=False)
-    if value is None or (f.raw.from_text and value == ""):
-        return 0.0
-    if f.raw.from_text and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    margin = float(value) if isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023 and not isinstance(value, bool)) else None
-    if margin is None or not isfinite(margin):  # NaN, an infinity or a 400-digit integer: the loss would be non-finite
-        raise f.error("margin", f"must be a finite number, got {_describe(value)}", "wrong_type")
-    return margin
+    return number(f, "margin", 0.0)
 
 
-def _conversational(f: _Fields, system: str | None) -> Converted:
+def _conversational(f: Fields, system: str | None) -> Converted:
     chosen, rejected = f.messages("chosen"), f.messages("rejected")
     prompt_value = f.chat("prompt", required=False)
     if prompt_value is not None:
@@ -245,7 +162,7 @@ def _conversational(f: _Fields, system: str | None) -> Converted:
     return Converted(example)
 
 
-def _strip_repeated_prompt(f: _Fields, prompt: list, chosen: list, rejected: list) -> tuple[list, list]:
+def _strip_repeated_prompt(f: Fields, prompt: list, chosen: list, rejected: list) -> tuple[list, list]:
     n = len(prompt)
     starts = [len(side) > n and side[:n] == prompt for side in (chosen, rejected)]
     if all(starts):
@@ -256,7 +173,7 @@ def _strip_repeated_prompt(f: _Fields, prompt: list, chosen: list, rejected: lis
     return chosen, rejected
 
 
-def _split_shared_prefix(f: _Fields, chosen: list, rejected: list) -> tuple[list, list, list]:
+def _split_shared_prefix(f: Fields, chosen: list, rejected: list) -> tuple[list, list, list]:
     """Prompt = the messages both sides share; each completion starts where they part."""
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
@@ -273,7 +190,7 @@ def _split_shared_prefix(f: _Fields, chosen: list, rejected: list) -> tuple[list
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def _hh(f: _Fields, system: str | None) -> Converted:
+def _hh(f: Fields, system: str | None) -> Converted:
     chosen, rejected, marker = f.text("chosen"), f.text("rejected"), f.prompt_marker
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         if marker not in text:
@@ -310,7 +227,7 @@ def tally_votes(votes: list[int]) -> tuple[int, float]:
     return 0, 0.0
 
 
-def _votes(f: _Fields, system: str | None) -> Converted:
+def _votes(f: Fields, system: str | None) -> Converted:
     instruction = f.text("instruction")
     extra_input = f.text("input", required=False) or ""
     responses = {1: f.text("response1"), 2: f.text("response2")}
@@ -330,16 +247,16 @@ def _votes(f: _Fields, system: str | None) -> Converted:
     return Converted(example, notes)
 
 
-def _vote(f: _Fields, field: str) -> int:
+def _vote(f: Fields, field: str) -> int:
     value = f.get(field)
     if f.raw.from_text and isinstance(value, str) and value.strip() in ("0", "1", "2"):
         value = int(value)
     if isinstance(value, bool) or value not in (0, 1, 2):
-        raise f.error(field, f"must be 0 (tie), 1 or 2, got {_describe(value)}", "wrong_type")
+        raise f.error(field, f"must be 0 (tie), 1 or 2, got {describe(value)}", "wrong_type")
     return int(value)
 
 
-def _unpaired(f: _Fields, system: str | None) -> Converted:
+def _unpaired(f: Fields, system: str | None) -> Converted:
     prompt, completion = f.chat("prompt"), f.chat("completion")
     if isinstance(completion, list) or isinstance(prompt, list):
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else f.messages("prompt", prompt)
@@ -353,7 +270,7 @@ def _unpaired(f: _Fields, system: str | None) -> Converted:
     return Converted(example)
 
 
-def _label(f: _Fields) -> bool:
+def _label(f: Fields) -> bool:
     value = f.get("label")
     if f.raw.from_text and isinstance(value, str):
         value = {"true": True, "false": False, "1": True, "0": False}.get(value.strip().lower(), value)
@@ -361,10 +278,10 @@ def _label(f: _Fields) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):  # 0/1 and 0.0/1.0 (a float column), nothing in between
         return bool(value)
-    raise f.error("label", f"must be a boolean (true = desirable), got {_describe(value)}", "wrong_type")
+    raise f.error("label", f"must be a boolean (true = desirable), got {describe(value)}", "wrong_type")
 
 
-def _completion(f: _Fields, system: str | None) -> Converted:
+def _completion(f: Fields, system: str | None) -> Converted:
     """prompt + completion (or response): one demonstration (SFT) or one response to score."""
     name = "completion" if "completion" in f.data else "response"
     prompt, completion = f.chat("prompt"), f.chat(name)
@@ -377,7 +294,7 @@ def _completion(f: _Fields, system: str | None) -> Converted:
                                      system=f.system(system), source=f.raw.location))
 
 
-def _messages(f: _Fields, system: str | None) -> Converted:
+def _messages(f: Fields, system: str | None) -> Converted:
     """A chat: the prompt is every message before the last, which must be the assistant's."""
     messages = f.messages("messages")
     last = len(messages) - 1

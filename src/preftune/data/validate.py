@@ -52,6 +52,9 @@ Further findings, also always present:
     examples whose chosen and rejected are an earlier example's rejected and chosen, for the
     same (system, prompt). KEPT: the two pull against each other, which is what the
     annotators said.
+``weighted`` / ``zero_weight``
+    records whose ``weight`` field is not 1 / is 0. KEPT: the loss is the weighted mean over
+    the step's total weight, so a weight-0 record is read and trained on with no effect.
 
 A finding that drops a record is counted both in ``findings`` and ``dropped`` under the same
 name. ``report.records == report.kept + sum(report.dropped.values())`` always holds.
@@ -80,6 +83,8 @@ EXTRA_FINDINGS = (
     "blank_instruction",
     "duplicate_pairs",
     "contradictory_pairs",
+    "weighted",
+    "zero_weight",
 )
 #: how many example locations are kept per finding or drop reason
 MAX_EXAMPLES = 5
@@ -141,6 +146,10 @@ class ReportBuilder:
                 self.note("blank_completion", where)
         if is_blank(example.prompt):
             self.note("blank_prompt", where)
+        if example.weight != 1.0:
+            self.note("weighted", where)
+        if example.weight == 0.0:
+            self.note("zero_weight", where)
         prompt = _digest(example.system, example.prompt)
         if prompt in self._seen_prompts:
             self.note("duplicate_prompts", where)

@@ -23,7 +23,7 @@ from torch import nn
 
 from preftune.data.collate import MASKED_ATTENTION
 from preftune.errors import PreftuneError
-from preftune.logprobs import IGNORE_INDEX, completion_logps, completion_logps_with_stats, compute_dtype
+from preftune.logprobs import IGNORE_INDEX, completion_logps, completion_logps_with_stats, compute_dtype, ld_token_weights, wpo_logps
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -45,33 +45,39 @@ class SequenceLogps(nn.Module):
     synchronisation correct, since the forward that DDP sees is the one that is run.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, wpo: bool = False, ld_alpha: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.wpo = wpo  # also return each row's summed WPO-aligned log-probs (no gradient): loss.use_weighting
+        self.ld_alpha = ld_alpha  # LD-DPO: pair rows' tails beyond the shared length weigh ld_alpha (loss.ld_alpha)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         lm = causal_lm_of(self.model)
         hidden = body_of(lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
-        return self.head_logps(lm, hidden, labels)
+        weights = None if self.ld_alpha is None else ld_token_weights(labels[:, 1:] != IGNORE_INDEX, self.ld_alpha)
+        return self.head_logps(lm, hidden, labels, weights)
 
-    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any)."""
+    def head_logps(self, lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                   token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``completion_logps`` through ``lm``'s output projection (its scale and soft-cap, if any);
+        with ``wpo``, also :func:`~preftune.logprobs.wpo_logps` through the same head; a subclass's
+        ``head_fn`` (SFT's statistics) in its place."""
         head = lm.get_output_embeddings()
         config = lm.config
-        return self.head_fn(
-            hidden,
-            head.weight,
-            labels,
-            bias=getattr(head, "bias", None),
-            chunk_size=self.chunk_size,
-            logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
-            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        )
+        options = dict(bias=getattr(head, "bias", None), chunk_size=self.chunk_size,
+                       logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
+                       final_logit_softcap=getattr(config, "final_logit_softcapping", None))
+        if self.head_fn is not completion_logps:
+            return self.head_fn(hidden, head.weight, labels, **options)
+        sums, tokens = completion_logps(hidden, head.weight, labels, token_weights=token_weights, **options)
+        if not self.wpo:
+            return sums, tokens
+        return sums, tokens, wpo_logps(hidden, head.weight, labels, **options)
 
 
     head_fn = staticmethod(completion_logps)
@@ -126,7 +132,7 @@ class SharedPrefixLogps(SequenceLogps):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         pairs, width = input_ids.shape
         if labels.shape != (2 * pairs, width) or attention_mask.dim() != 4:
             raise ValueError(
@@ -154,8 +160,12 @@ class SharedPrefixLogps(SequenceLogps):
         # a two-position row (its predecessor's state, its target) and the chunked projection,
         # with its memory-light backward, is reused as is.
         targets = torch.stack([torch.full_like(labels[rows, cols], IGNORE_INDEX), labels[rows, cols]], dim=1)
-        token_logps, _ = self.head_logps(lm, selected.unsqueeze(1).expand(-1, 2, -1), targets)
+        token_logps, _, *aligned = self.head_logps(lm, selected.unsqueeze(1).expand(-1, 2, -1), targets)
+        if self.ld_alpha is not None:
+            token_logps = token_logps * ld_token_weights(scored, self.ld_alpha)[rows, cols]
         sums = torch.zeros(2 * pairs, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+        if aligned:
+            return sums, scored.sum(dim=1), torch.zeros_like(sums).index_add(0, rows, aligned[0])
         return sums, scored.sum(dim=1)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from preftune.config.schema import DPOConfig
 from preftune.data.prepare import prepare
-from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair
+from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair, wpo_weights
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.stages.common import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
@@ -42,17 +42,20 @@ def make_loss_fn(
     hparams = loss_hparams(cfg)
 
     def loss_fn(scorer: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, tokens = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, tokens, *aligned = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         policy = split_pair(logps, tokens)
+        pair_weights = wpo_weights(split_pair(aligned[0], tokens)) if aligned else None  # loss.use_weighting
         ref = reference.logps(batch)
         preference = batch["preference"]
         out = preference_loss(
             cfg.loss.name,
             policy,
             ref,
+            weights=cfg.loss.weights,
             nll_alpha=cfg.loss.nll_alpha,
             extra_terms=extra_terms,
             preference=None if bool((preference == 1.0).all()) else preference,
+            pair_weights=pair_weights,
             **hparams,
         )
         loss = out.reduce(batch["weight"], totals["weight"].to(logps.device))
@@ -67,6 +70,8 @@ def make_loss_fn(
         }
         for name, value in out.metrics.items():
             metrics.setdefault(name, value.detach())
+        if pair_weights is not None:
+            metrics["wpo_weight"] = pair_weights.detach()
         return loss, metrics
 
     return loss_fn

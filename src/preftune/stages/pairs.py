@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefix_shared
+from preftune.errors import PreftuneError
 from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
 from preftune.stages.common import Given, Run, count_weight, policy_saver
@@ -27,7 +28,7 @@ from preftune.system import distributed
 from preftune.training.compile_choice import resolve_compile
 from preftune.training.loop import Task
 from preftune.training.precision import resolve_precision
-from preftune.training.reference import FrozenCopyReference, Reference, build_reference, resolve_reference_strategy
+from preftune.training.reference import FrozenCopyReference, Reference, ReferenceSync, build_reference, resolve_reference_strategy, sync_problem
 from preftune.training.sharding import shard_model
 
 #: (reference) -> the loop's loss function scoring rows against that reference
@@ -39,7 +40,14 @@ def reference_strategy(cfg: Any, given: Given) -> tuple[str, nn.Module | None]:
     ``ref_model``, or, for a model passed in, an exact copy of it as it starts."""
     strategy = resolve_reference_strategy(cfg, adapter=cfg.model.lora.enabled or has_adapter(given.model),
                                           given_reference=given.ref_model is not None)
+    if getattr(cfg.reference, "sync_ref_model", False):
+        problem = sync_problem(strategy) or ("reference.sync_ref_model cannot resume a run: checkpoints hold the policy, not the "
+                                             "moved reference" if cfg.train.resume_from else None)
+        if problem:
+            raise PreftuneError(problem)
     ref_model = given.ref_model
+    if ref_model is not None and cfg.reference.sync_ref_model:
+        ref_model = copy.deepcopy(ref_model)  # syncing writes into the reference: never into the caller's model
     if ref_model is None and given.model is not None and strategy in ("copy", "cache") and not cfg.reference.path:
         ref_model = copy.deepcopy(given.model)  # taken before training touches the policy
     return strategy, ref_model
@@ -57,7 +65,10 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     if why_not and distributed.is_main():
         print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
     scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
-    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size)
+    options = {"wpo": True} if getattr(cfg.loss, "use_weighting", False) else {}  # WPO: the policy's aligned log-probs too
+    if getattr(cfg.loss, "ld_alpha", None) is not None:  # LD-DPO: the policy and every reference weigh the tails
+        options["ld_alpha"] = cfg.loss.ld_alpha
+    scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size, **options)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
     # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
     compile_choice = resolve_compile(cfg.train, policy, len(train_rows), run.dir, run.device)
@@ -73,6 +84,10 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     if distributed.is_main():
         (run.dir / "reference.json").write_text(json.dumps(ref_info, indent=1), encoding="utf-8")
     train_fn, eval_fn = make_loss(train_ref), make_loss(eval_ref)
+    after_step = None
+    if cfg.reference.sync_ref_model:
+        assert isinstance(train_ref, FrozenCopyReference)  # sync_problem refused the others before anything was built
+        after_step = ReferenceSync(policy, train_ref.scorer, alpha=cfg.reference.ref_model_mixup_alpha, steps=cfg.reference.ref_model_sync_steps)
 
     # Eval batches hold eval-set indices, so they must read the eval reference.
     def loss_fn(model: nn.Module, batch: dict[str, Any], totals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,7 +97,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, compile=compile_choice, precision=precision)
+                output=policy, compile=compile_choice, precision=precision, after_step=after_step)
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:

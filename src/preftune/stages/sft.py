@@ -22,6 +22,7 @@ from torch import nn
 from preftune.config.schema import SFTConfig
 from preftune.data.collate import collate_packed, collate_unpaired, pack
 from preftune.data.prepare import prepare
+from preftune.errors import DataError
 from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import check_vocabulary, load_policy
@@ -54,6 +55,10 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
     data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "examples")
+    weighted = next((x for x in data.train + data.eval if x.weight != 1.0), None)
+    if weighted is not None:  # a token mean has no per-record weight: never ignore the field silently
+        raise DataError(f"{weighted.source}: field 'weight' is {weighted.weight}; SFT's loss is a mean over tokens and takes no "
+                        "per-record weight (remove the field, or train with dpo, kto or rm, which honour it)")
 
     policy = load_policy(cfg.model, given.model)
     scorer = SequenceLogpsWithStats(policy, chunk_size=cfg.train.logprob_chunk_size)

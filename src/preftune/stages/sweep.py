@@ -32,7 +32,7 @@ from preftune.config.schema import DPOConfig, build_config, parse_overrides, to_
 from preftune.config.trl_names import trl_hint
 from preftune.config.typed import merge_nested
 from preftune.errors import ConfigError
-from preftune.losses import REFERENCE_FREE
+from preftune.losses import needs_reference
 from preftune.system.runfolder import read_status
 from preftune.training.checkpoint import latest_checkpoint
 
@@ -80,8 +80,8 @@ def variants(cfg: DPOConfig, sweeps: list[tuple[str, list[str]]]) -> list[Varian
             variant = build_config(DPOConfig, data)
         except ConfigError as err:
             raise ConfigError(f"--sweep {label}: {err}") from None
-        if (variant.reference.strategy in ("auto", "copy") and variant.loss.name not in REFERENCE_FREE
-                and not variant.model.lora.enabled):
+        if (variant.reference.strategy in ("auto", "copy") and needs_reference(variant.loss.name)
+                and not variant.model.lora.enabled and not variant.reference.sync_ref_model):  # a synced reference moves: no cache
             variant.reference.strategy = "cache"  # paid once, read by the other runs
         out.append(Variant(label, folder, variant))
     return out

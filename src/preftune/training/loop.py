@@ -78,6 +78,7 @@ class Task:
     compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
     precision: PrecisionChoice | None = None  # train.bf16 as the stage resolved it (None: the loop resolves it)
     data_digests: dict[str, str] | None = None  # sha256 of each data file, kept in checkpoints: a resume on changed data is refused
+    after_step: Callable[[int], None] | None = None  # called on every process after each optimizer step (TR-DPO's reference sync)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -312,6 +313,8 @@ def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if task.after_step is not None:
+            task.after_step(state.step)
         state.batches_in_epoch += len(group)
         if state.batches_in_epoch >= len(batches):
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0

@@ -33,7 +33,7 @@ from torch import nn
 
 from preftune.config.schema import DPOConfig
 from preftune.errors import PreftuneError
-from preftune.losses import REFERENCE_FREE, PairLogps, split_pair
+from preftune.losses import PairLogps, needs_reference, split_pair
 from preftune.models.adapters import adapter_is_zero, add_reference_adapter, using_adapter
 from preftune.models.compiled import compile_layers
 from preftune.models.load import freeze, load_causal_lm
@@ -62,6 +62,38 @@ class FrozenCopyReference(Reference):
         with torch.no_grad():
             logps, tokens = self.scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return split_pair(logps, tokens)
+
+
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656, eqs. 5-6): every ``steps`` optimizer steps the frozen
+    copy moves towards the policy, ``ref <- alpha * policy + (1 - alpha) * ref`` (soft update), or is replaced by
+    it (``alpha = 1``, hard update). Called by the loop on every process after the step (:attr:`Task.after_step`),
+    so the next forward reads the new reference. Only a frozen copy can move: a cache holds the start's
+    log-probs, and the adapter-off reference is the policy's own base weights."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, *, alpha: float, steps: int) -> None:
+        self.pairs = list(zip(policy.parameters(), reference.parameters(), strict=True))
+        self.alpha, self.steps = alpha, steps
+
+    def __call__(self, step: int) -> None:
+        if step % self.steps:
+            return
+        with torch.no_grad():
+            for source, target in self.pairs:
+                target.lerp_(source.detach().to(target.dtype), self.alpha)  # target + alpha (source - target)
+
+
+def sync_problem(strategy: str) -> str | None:
+    """Why TR-DPO's reference syncing cannot run with reference ``strategy``, or None."""
+    if strategy == "cache":
+        return ("reference.sync_ref_model needs reference.strategy=copy: a cache holds the log-probs of the reference as the "
+                "run starts, and a synced reference changes during the run")
+    if strategy == "adapter":
+        return ("reference.sync_ref_model needs reference.strategy=copy: with LoRA the reference is the policy's own base weights "
+                "(the adapter switched off), so there is no separate copy to move")
+    if strategy == "none":
+        return "reference.sync_ref_model needs a reference: the loss is reference-free"
+    return None
 
 
 class AdapterOffReference(Reference):
@@ -228,7 +260,7 @@ def resolve_reference_strategy(cfg: DPOConfig, *, adapter: bool | None = None, g
     ``adapter`` with LoRA (``adapter``: the policy carries one; default ``model.lora.enabled``),
     else ``copy``."""
     strategy = cfg.reference.strategy
-    reference_free = cfg.loss.name in REFERENCE_FREE
+    reference_free = not needs_reference(cfg.loss.name)
     adapter = cfg.model.lora.enabled if adapter is None else adapter
     if strategy == "auto":
         if reference_free:
@@ -284,6 +316,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
     in_memory = ref_model is not None
+    ld_alpha = getattr(cfg.loss, "ld_alpha", None)
+    ld = {} if ld_alpha is None else {"ld_alpha": ld_alpha}  # LD-DPO's weighted sums, for the reference as for the policy
     info: dict[str, Any] = {"strategy": strategy,
                             "path": (None if in_memory else ref_path) if strategy in ("copy", "cache") else None}
     if in_memory:
@@ -293,7 +327,7 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
         model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
         if compile:
             compile_layers(model)
-        return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
+        return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size, **ld).to(device)
 
     if strategy == "none":
         return Reference(), Reference(), info
@@ -307,7 +341,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     model_hash = hash_module(ref_model) if in_memory else hash_files(check_folder(ref_path, "reference model"), WEIGHT_FILES)
     tokenizer_hash = (hash_tokenizer(tokenizer) if tokenizer is not None
                       else hash_files(check_folder(cfg.model.tokenizer or cfg.model.path, "tokenizer"), TOKENIZER_FILES))
-    precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}"
+    # how the values are computed: the precision, and LD-DPO's tail weight (other sums than the plain ones)
+    precision = f"{cfg.model.dtype}{'+bf16autocast' if bf16 else ''}{'' if ld_alpha is None else f'+ld{ld_alpha}'}"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     refs = []
     for split, pairs in (("train", train), ("eval", held)):
