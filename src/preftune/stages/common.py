@@ -32,8 +32,9 @@ from preftune.errors import PreftuneError
 from preftune.models.load import check_causal_lm, has_adapter, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
+from preftune.system.seeding import seed_everything
 from preftune.training.checkpoint import resolve_resume
-from preftune.training.loop import Fitted, Task, fit, seed_everything
+from preftune.training.loop import Fitted, Task, fit
 from preftune.training.precision import PrecisionChoice, resolve_precision
 from preftune.training.sharding import check_supported
 

@@ -31,12 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.data.cache import file_digest
 from preftune.errors import TrainingError
 from preftune.models.weights import IN_EXPORT_FILE, WEIGHTS_FILE, read_weights, write_weights
+from preftune.training.manifest import MANIFEST_FILE, STATE_FILE, manifest_problem, write_manifest
 
-STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
 DATA_FILE = "data_digests.json"  # the sha256 of each data file the run read, by path
 #: The settings a resume may change (dotted, as in overrides); any other difference from the
@@ -165,55 +163,6 @@ def _write_files(tmp: Path, weights: dict[str, torch.Tensor], optimizer: torch.o
         (tmp / DATA_FILE).write_text(json.dumps(data, indent=1))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     write_manifest(tmp)  # last: a valid manifest marks a complete checkpoint
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and not p.name.endswith(".tmp"))
-
-
-def write_manifest(folder: Path) -> None:
-    """``manifest.json``: every file's size and sha256, written atomically (a temporary name, then a rename)."""
-    folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)} for p in _files(folder)}
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, folder / MANIFEST_FILE)
-
-
-def manifest_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete, intact checkpoint (None when its manifest matches every file)."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-    except FileNotFoundError:
-        return f"no {MANIFEST_FILE} (an unfinished or damaged save)"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"its {MANIFEST_FILE} cannot be read ({type(err).__name__}: {err})"
-    stamps = []
-    for name, entry in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            return f"'{name}' is missing"
-        stat = path.stat()
-        if not isinstance(entry, dict) or stat.st_size != entry.get("size"):
-            return f"'{name}' has {stat.st_size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
-        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    key, stamp = str(folder.resolve()), ((folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stamps))
-    if _INTACT.get(key) != stamp:  # checked in this process and not touched since: no second hashing pass
-        for name, entry in sorted(files.items()):
-            if file_digest(folder / name) != entry.get("sha256"):
-                return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
-        _INTACT[key] = stamp
-    if STATE_FILE not in files or not ({WEIGHTS_FILE, "sharded/.metadata"} & set(files)):  # a sharded run's: DCP's files
-        return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"
-    return None
-
-
-#: checkpoint folder -> the manifest's and files' (size, mtime, inode) when their checksums last matched in this process
-_INTACT: dict[str, tuple[Any, ...]] = {}
 
 
 def _numbered(root: Path) -> list[tuple[int, Path]]:

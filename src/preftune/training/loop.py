@@ -20,7 +20,6 @@ mean (SFT) alike.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -386,20 +385,3 @@ def _kept(last_checkpoint: Path | None, cfg: TrainConfig, step: int) -> str:
 def _records(task: Task, indices: list[int]) -> str:
     """The batch's records by where they were read (file, line), for an error that must name them."""
     return "records " + ", ".join(str(getattr(task.train_set[j], "source", None) or f"item {j}") for j in indices[:8]) + " ..." * (len(indices) > 8)
-
-
-def seed_everything(seed: int, *, deterministic: bool = False) -> None:
-    """Seed Python and torch (all devices); ``deterministic`` also forbids nondeterministic kernels.
-
-    On CUDA, atomic-add kernels (embedding and index_add backward) make two identical runs
-    differ in the last bits; bitwise-exact resume there needs ``deterministic``.
-    """
-    import os
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.use_deterministic_algorithms(False)
