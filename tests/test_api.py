@@ -217,8 +217,11 @@ def test_a_trl_dpo_config_is_converted(tiny, tmp_path: Path) -> None:  # noqa: A
     cfg = result.config
     assert (cfg.train.lr, cfg.loss.beta, cfg.loss.name, cfg.train.max_steps, cfg.train.batch_size) == (5e-4, 0.3, "ipo", 2, 4)
     assert cfg.train.adam_betas == [0.9, 0.98] and cfg.train.output_dir == str(tmp_path / "trl-args") and result.step == 2
-    for bad, match in ((dict(ld_alpha=0.5), "ld_alpha"), (dict(loss_type=["sigmoid", "sft"]), "loss_type="),
-                       (dict(sync_ref_model=True), "sync_ref_model")):
+    lists = trl.DPOConfig(output_dir=str(tmp_path / "z"), use_cpu=True, bf16=False, ld_alpha=0.5, loss_type=["sigmoid", "sft"],
+                          loss_weights=[1.0, 0.5])
+    converted = preftune.dpo(new_model(tiny), pairs(8), tokenizer=tiny, config=lists, **QUIET).config.loss
+    assert (converted.name, converted.weights, converted.ld_alpha) == (["dpo", "sft"], [1.0, 0.5], 0.5)
+    for bad, match in ((dict(label_smoothing_factor=0.1), "label_smoothing_factor"), (dict(neftune_noise_alpha=5.0), "neftune_noise_alpha")):
         with pytest.raises(ConfigError, match=f"the TRL config sets {match}.*change what a run computes"):
             preftune.dpo(new_model(tiny), pairs(8), tokenizer=tiny, config=trl.DPOConfig(output_dir=str(tmp_path / "y"), use_cpu=True,
                                                                                          bf16=False, **bad))

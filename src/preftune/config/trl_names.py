@@ -165,7 +165,9 @@ def _convert(name: str, value: Any, target: str) -> dict[str, Any] | None:
     key = target.split(" ")[0]
     if name == "loss_type":
         names = value if isinstance(value, list) else [value]
-        return {"loss.name": TRL_LOSS_TYPES[names[0]]} if len(names) == 1 and names[0] in TRL_LOSS_TYPES else None
+        if not all(n in TRL_LOSS_TYPES for n in names):
+            return None
+        return {"loss.name": TRL_LOSS_TYPES[names[0]] if len(names) == 1 else [TRL_LOSS_TYPES[n] for n in names]}
     if name in ("eval_strategy", "save_strategy", "logging_strategy"):
         return {key: None} if value == "no" and name != "logging_strategy" else ({} if value == "steps" else None)
     if name in ("adam_beta1", "adam_beta2"):
