@@ -80,7 +80,7 @@ def test_a_loss_setting_the_loss_does_not_use_is_an_error(capsys: pytest.Capture
     assert main(["dpo", str(DPO_TINY), "--loss.gamma=0.7"]) == 2
     err = capsys.readouterr().err
     assert "gamma is not used by loss 'dpo'" in err
-    assert "(it takes: beta, f_alpha_divergence_coef, f_divergence_type, label_smoothing, nll_alpha)" in err
+    assert "(it takes: beta, f_alpha_divergence_coef, f_divergence_type, label_smoothing, ld_alpha, nll_alpha, use_weighting)" in err
     # the same setting is fine for the loss that takes it
     assert main(["dpo", str(DPO_TINY), "--loss.name=simpo", "--reference.strategy=none", "--loss.gamma=0.7", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["loss"]["gamma"] == 0.7
