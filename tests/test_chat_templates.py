@@ -106,3 +106,37 @@ def test_plain_text_keeps_bos_and_eos(base_tokenizer) -> None:  # noqa: ANN001
                              max_length=64)
     assert pair.prompt_ids[0] == base_tokenizer.bos_token_id
     assert pair.chosen_ids[-1] == base_tokenizer.eos_token_id and pair.rejected_ids[-1] == base_tokenizer.eos_token_id
+
+
+def test_a_legacy_prepend_normalizer_adds_no_space_token_to_completions() -> None:
+    """A Llama-2-style tokenizer.json (normalizer ``Prepend("▁")``), loaded as a generic fast
+    tokenizer, puts ``▁`` before every text it encodes: a completion encoded alone would start
+    with an extra ``▁``. Completions are the whole conversation's ids after the prompt's instead."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from preftune.data.records import DataReport, PreferenceExample
+    from preftune.data.tokenize import tokenize_pairs
+    from preftune.models.tiny import synthetic_corpus
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    backend.train_from_iterator(list(synthetic_corpus()), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHATML
+    assert tokenizer.convert_ids_to_tokens(tokenizer("good", add_special_tokens=False)["input_ids"])[0].startswith("▁")
+    user = [{"role": "user", "content": "hi"}]
+    sides = [[{"role": "assistant", "content": text}] for text in ("good great", "bad awful")]
+    report = DataReport(kept=1)
+    (item,) = tokenize_pairs([PreferenceExample(prompt=user, chosen=sides[0], rejected=sides[1])], tokenizer, max_length=512,
+                             report=report)
+
+    def whole(messages: list, generation_prompt: bool = False) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
+
+    assert item.prompt_ids == whole(user, True)
+    assert item.prompt_ids + item.chosen_ids == whole(user + sides[0]) and item.prompt_ids + item.rejected_ids == whole(user + sides[1])
+    assert report.findings["completion_retokenized"] == 1  # separate tokenization would have differed

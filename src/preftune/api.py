@@ -8,7 +8,10 @@ Each call takes a config object (``config=DPOConfig(...)``) and/or plain keyword
 a section as a dict (``train={"lr": 5e-7}``) or a field by its own name when only one section
 has it (``lr=5e-7``, ``beta=0.1``, ``output_dir="runs/x"``). Either way the config is built and
 checked exactly as a YAML file is (same errors, same ranges), and TRL's names are answered with
-preftune's. ``model`` is a loaded ``PreTrainedModel`` / ``PeftModel`` or a model folder;
+preftune's. TRL's habits work too: ``processing_class=`` for ``tokenizer=``, ``peft_config=``
+a peft ``LoraConfig`` (``model.lora``), ``config=`` a TRL config object (converted: see
+:func:`preftune.config.trl_names.from_trl_config`). ``model`` is a loaded ``PreTrainedModel`` /
+``PeftModel``, a model folder, or the model section as a dict;
 ``train_data`` / ``eval_data`` a ``datasets.Dataset``, a ``DatasetDict`` (its ``train`` split,
 and ``validation``/``eval``/``test`` as held-out data unless ``eval_data`` is given), a list
 of dicts, or a path. What the caller passes is used as is, never reloaded from disk.

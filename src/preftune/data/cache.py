@@ -33,7 +33,9 @@ from typing import Any
 from preftune.config.schema import DataConfig
 from preftune.data.store import ItemsWriter, TokenizedItems, open_items, start_file
 
-CACHE_VERSION = 3  # 2: ids, offsets and fields in one safetensors file, memory-mapped (data/store.py); 3: the weight field is read
+#: 2: ids, offsets and fields in one safetensors file, memory-mapped (data/store.py); 3: the weight field
+#: is read, chat completions are split from the whole conversation, KTO label counts are in the report
+CACHE_VERSION = 3
 #: the DataConfig fields that do NOT change the tokenized items (applied later, or the file list itself)
 NOT_IN_KEY = ("train", "eval", "eval_fraction", "group_by_length", "prefix_sharing", "tokenized_cache_dir")
 

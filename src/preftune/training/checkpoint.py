@@ -1,7 +1,8 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder ``checkpoints/step-N/`` holding the trainable weights
-(``weights.safetensors``), the optimizer and scheduler states, the RNG states (Python's, torch's
+(``weights.safetensors``, less those the exported model files hold already:
+:mod:`preftune.models.weights`), the optimizer and scheduler states, the RNG states (Python's, torch's
 CPU generator and every CUDA device's) and the loop's position in the data (``state.json``).
 Every file is read back as plain data (``torch.load(weights_only=True)``): a checkpoint cannot
 run code when it is resumed. It is written under a temporary name and renamed into
