@@ -381,7 +381,7 @@ def test_the_weight_field_is_read_by_every_format_and_checked(tmp_path: Path) ->
     path.write_text("prompt,chosen,rejected,weight\np,a,b,0.25\np,c,d,\n", encoding="utf-8")
     assert [e.weight for e in load_examples(path).examples] == [0.25, 1.0]
     # NaN (Python's json reads it), infinities, negatives, text and booleans: refused by record, naming file, line and field
-    for bad, message in ((float("nan"), "must be a number"), (float("inf"), "finite number >= 0"), (-1, "finite number >= 0"),
+    for bad, message in ((float("nan"), "must be a number"), (float("inf"), "must be a finite number"), (-1, "finite number >= 0"),
                          ("heavy", "must be a number"), (True, "must be a number")):
         lines = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c2", "rejected": "r", "weight": bad}]
         with pytest.raises(DataError, match=message) as err:

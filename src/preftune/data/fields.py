@@ -112,8 +112,8 @@ def number(f: Fields, field: str, default: float) -> float:
     if f.raw.from_text and isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, int) and abs(value) >= 2**1023):
-        raise f.error(field, f"must be a finite number, got {describe(value)}", "wrong_type")
-    if not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise f.error(field, f"must be a number, got {describe(value)}", "wrong_type")
+    if (isinstance(value, int) and abs(value) >= 2**1023) or not math.isfinite(float(value)):
         raise f.error(field, f"must be a finite number, got {describe(value)}", "wrong_type")
     return float(value)
