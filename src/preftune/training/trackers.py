@@ -53,7 +53,7 @@ def trl_hparams(flat: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(target, str) or " / " in target:
             continue
         key, _, rest = target.partition(" ")
-        if rest and rest != "(inverted)" and not rest.startswith("(default"):
+        if rest and rest != "(inverted)" and not rest.startswith("(default") and trl_name != "loss_type":
             continue  # a TRL choice such as eval_strategy that preftune says another way
         key, _, equals = key.partition("=")
         key, _, index = key.partition("[")
