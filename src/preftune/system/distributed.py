@@ -10,6 +10,7 @@ no-op that returns its input.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,6 +68,21 @@ def all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world()[1]
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def decided_on_main(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on the main process alone, its answer taken by every process; a PreftuneError
+    it raises is raised on every process, so none is left waiting in the gather."""
+    answer: Any = None
+    if world()[0] == 0:
+        try:
+            answer = decide()
+        except PreftuneError as err:
+            answer = err
+    answer = all_gather(answer)[0]
+    if isinstance(answer, PreftuneError):
+        raise answer
+    return answer
 
 
 def barrier() -> None:

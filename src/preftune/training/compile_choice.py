@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.errors import ConfigError, PreftuneError
+from preftune.errors import ConfigError
 from preftune.models.compiled import compile_layers
-from preftune.system.distributed import all_gather, world
+from preftune.system.distributed import decided_on_main, world
 from preftune.training.checkpoint import STATE_FILE, resolve_resume
+from preftune.training.precision import model_params
 
 #: ``auto`` compiles a CPU run of a model of :data:`AUTO_CPU_REFERENCE_PARAMS` parameters that
 #: plans at least this many optimizer steps. Derived from the 34M benchmark (batch 8, about 3,000
@@ -143,21 +144,15 @@ def resolve_compile(train: Any, model: nn.Module, items: int, run_dir: Path, dev
     """``train.compile`` for the run in ``run_dir`` training ``model`` on ``items`` items: decided on
     the main process (a resume reads its checkpoint's record), taken by every other, said on stderr."""
     rank, processes = world()
-    choice: CompileChoice | PreftuneError | None = None
-    if rank == 0:
-        try:
-            resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
-            params = sum(p.numel() for p in model.parameters())
-            if train.sharding == "fsdp" and train.compile == "auto":  # compiled FSDP2 units are not tested yet
-                choice = CompileChoice(False, "sharded runs are eager (train.sharding=fsdp)")
-            else:
-                choice = decide(train.compile, torch.device(device).type, planned_steps(train, items, processes), params,
-                                recorded=None if resume is None else recorded_choice(resume))
-        except PreftuneError as err:  # every process raises it, none is left waiting
-            choice = err
-    choice = all_gather(choice)[0]
-    if isinstance(choice, PreftuneError):
-        raise choice
+
+    def choose() -> CompileChoice:
+        resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
+        if train.sharding == "fsdp" and train.compile == "auto":  # compiled FSDP2 units are not tested yet
+            return CompileChoice(False, "sharded runs are eager (train.sharding=fsdp)")
+        return decide(train.compile, torch.device(device).type, planned_steps(train, items, processes), model_params(model),
+                      recorded=None if resume is None else recorded_choice(resume))
+
+    choice = decided_on_main(choose)
     if rank == 0:
         print(choice.line(), file=sys.stderr)
     return choice

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.errors import ConfigError, PreftuneError
-from preftune.system.distributed import all_gather, world
+from preftune.errors import ConfigError
+from preftune.system.distributed import decided_on_main, world
 from preftune.system.hardware import bf16_units
 from preftune.training.checkpoint import STATE_FILE, resolve_resume
 
@@ -138,18 +138,13 @@ def model_params(model: nn.Module) -> int:
 def resolve_precision(train: Any, model: nn.Module, run_dir: Path, device: torch.device | str) -> PrecisionChoice:
     """``train.bf16`` for the run in ``run_dir`` training ``model``: decided on the main process (a
     resume reads its checkpoint's record), taken by every other, said on stderr."""
+    def choose() -> PrecisionChoice:
+        resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
+        return decide(train.bf16, torch.device(device).type, model_params(model),
+                      recorded=None if resume is None else recorded_choice(resume), resuming=resume is not None)
+
+    choice = decided_on_main(choose)
     rank, _ = world()
-    choice: PrecisionChoice | PreftuneError | None = None
-    if rank == 0:
-        try:
-            resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
-            choice = decide(train.bf16, torch.device(device).type, model_params(model),
-                            recorded=None if resume is None else recorded_choice(resume), resuming=resume is not None)
-        except PreftuneError as err:  # every process raises it, none is left waiting
-            choice = err
-    choice = all_gather(choice)[0]
-    if isinstance(choice, PreftuneError):
-        raise choice
     if rank == 0:
         print(choice.line(), file=sys.stderr)
     return choice
