@@ -101,9 +101,10 @@ def test_report_of_an_evaluated_run_embeds_every_plot(tiny_model_dir: Path, pref
     assert "script" not in page.tags and "link" not in page.tags  # nothing to fetch, nothing to run
     text = " ".join(page.text)
     for needle in ("Evaluated checkpoints", "step-3", "reward accuracy", "KL per completion", "Win rate, judged by",
-                   "Data (data_report.json)", "Last logged training step", "loss.name"):
+                   "Data (data_report.json)", "Last logged training step", "loss.name", "Precision: fp32", "Processor: CPU",
+                   "optimizer steps, which took"):
         assert needle in text, needle
-    assert f"{final['preference']['rewards/accuracies']:.4g}" in text
+    assert f"{100 * final['preference']['rewards/accuracies']:.1f}%" in text
     assert "Samples (temperature 1)" in text
 
     # Evaluations removed: the report goes back to curves only, and stale plots go away.
@@ -166,7 +167,7 @@ def test_format_table_shows_each_section() -> None:
     }
     table = format_table(results)
     assert "policy p (final, step 30) vs reference r" in table
-    assert "1.25 ± 0.5 (standard error)" in table
-    assert "0.75  95% CI [0.4, 0.9] (wilson)" in table and "3 / 1 / 0 (4)" in table and "n/a" in table
+    assert "1.25 [0.27, 2.23]" in table  # KL with its 95% interval (1.96 standard errors)
+    assert "75.0% [40, 90]" in table and "Wilson interval" in table and "3 / 1 / 0 (4)" in table and "n/a" in table
     assert "Preference" not in table
     assert "nothing evaluated" in format_table({"policy": "p"})

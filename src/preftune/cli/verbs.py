@@ -59,6 +59,10 @@ def _stage(name: str) -> Callable[[argparse.Namespace, list[str]], int]:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if name == "dpo" and not getattr(args, "sweep", None) and (cfg.sweep.judge or cfg.sweep.reward_model):
+            from preftune.errors import ConfigError
+
+            raise ConfigError("sweep.judge and sweep.reward_model are read by --sweep only; to judge one run, use `preftune eval --judge`")
         if getattr(args, "sweep", None):
             from preftune.stages.sweep import run_sweep
 
@@ -74,7 +78,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser)
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                         help="train one policy per value (e.g. loss.beta=0.05,0.1,0.2 or loss.name=dpo,ipo), each in "
-                        "OUTPUT_DIR/KEY-VALUE, against one cached reference pass; repeat to sweep a grid")
+                        "OUTPUT_DIR/KEY-VALUE, against one cached reference pass; repeat to sweep a grid. With held-out data each is "
+                        "evaluated; --sweep.judge=module:function or --sweep.reward_model=FOLDER judges its samples against the "
+                        "reference's, and the report plots that score against KL")
 
 
 def _stage_verb(name: str, help_text: str) -> Verb:

@@ -21,7 +21,7 @@ from preftune.config.yamlfile import read_yaml
 from preftune.errors import ConfigError
 
 __all__ = ["STAGES", "DPOConfig", "DataConfig", "KTOConfig", "KTOLossConfig", "KTOOptions", "LoraConfig", "LossConfig",
-           "ModelConfig", "RMConfig", "RMLossConfig", "ReferenceConfig", "SFTConfig", "SFTOptions", "TrainConfig",
+           "ModelConfig", "RMConfig", "RMLossConfig", "ReferenceConfig", "SFTConfig", "SFTOptions", "SweepConfig", "TrainConfig",
            "build_config", "from_dict", "load_config", "parse_overrides", "to_dict", "to_yaml", "validate"]
 
 
@@ -174,6 +174,17 @@ class TrainConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`preftune dpo --sweep`: the judge of every swept policy's samples against the reference's, on
+    the held-out prompts (as `preftune eval` takes one); its score is what the sweep's frontier
+    plots against KL. Without one, the frontier shows the beta-free log-ratio margin and the held-out
+    accuracy, which are not rewards. Read by --sweep only: a single run refuses it."""
+
+    judge: str | None = None  # "module:function" or "file.py:function": (prompt, policy_response, reference_response) -> [0, 1]
+    reward_model: str | None = None  # a reward model folder (`preftune rm`): the higher reward wins; its mean reward is plotted
+
+
+@dataclass
 class DPOConfig:
     """`preftune dpo`: the preference-loss family (paired losses)."""
 
@@ -182,6 +193,7 @@ class DPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 @dataclass

@@ -103,8 +103,8 @@ def _rm_accuracy(rm_dir: Path, pairs_file: Path) -> float:
     return summary["accuracy"]
 
 
-def closing_table(summary: dict[str, Any]) -> str:
-    """The reference vs each aligned policy, one metric per line."""
+def closing_rows(summary: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The reference against each aligned policy: the column names, and one (metric, values) row per metric."""
     ref = summary["reference"]
     cols = [("reference (SFT)", None)] + [(p.get("label") or f"DPO beta={p['beta']:g}", p) for p in summary["policies"]]
     rows: list[tuple[str, list[str]]] = [
@@ -118,9 +118,15 @@ def closing_table(summary: dict[str, Any]) -> str:
         ("pref. accuracy, held-out", ["-"] + [f"{p['preference_accuracy_heldout']:.1%}" for _, p in cols[1:]]),
         ("perplexity, held-out", [f"{ref['perplexity_heldout']:.3f}"] + [f"{p['perplexity_heldout']:.3f}" for _, p in cols[1:]]),
     ]
+    return [name for name, _ in cols], rows
+
+
+def closing_table(summary: dict[str, Any]) -> str:
+    """The reference vs each aligned policy, one metric per line (the terminal's table)."""
+    cols, rows = closing_rows(summary)
     width = max(len(name) for name, _ in rows)
-    widths = [max(len(c[0]), *(len(r[1][i]) for r in rows)) for i, c in enumerate(cols)]
-    lines = [" " * width + "  " + "  ".join(c[0].rjust(w) for c, w in zip(cols, widths))]
+    widths = [max(len(c), *(len(r[1][i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = [" " * width + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     for name, values in rows:
         lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(w) for v, w in zip(values, widths)))
     lines.append(f"reward model accuracy on held-out pairs: {summary['reward_model_heldout_accuracy']:.1%}")
@@ -128,8 +134,9 @@ def closing_table(summary: dict[str, Any]) -> str:
 
 
 def _win(w: dict[str, Any]) -> str:
-    low, high = w["ci95"]
-    return f"{w['win_rate']:.1%} [{low:.0%}, {high:.0%}]"
+    from preftune.report.text import share_interval
+
+    return share_interval(w["win_rate"], w["ci95"])
 
 
 def frontier_plot(results: dict[str, Any], path: Path) -> Path:
@@ -144,15 +151,34 @@ def frontier_plot(results: dict[str, Any], path: Path) -> Path:
                          title="reward against KL", width=5, height=3.5)
 
 
+def header(summary: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """What the demo ran, in sentences (model, data, precision, processor), and its stages with their times."""
+    settings, pairs = summary.get("settings") or {}, summary["pairs"]
+    text = (f"A tiny Llama (hidden size {settings.get('hidden_size', '?')}, {settings.get('num_layers', '?')} layers, "
+            f"{settings.get('num_heads', '?')} heads, a {settings.get('vocab_size', '?')}-token byte-level BPE vocabulary), "
+            f"fine-tuned on synthetic reviews, then aligned towards positive ones. Data: {pairs['train']} training pairs "
+            f"({pairs['train_ties_left_out']} prompts left out as ties) and {pairs['eval']} held-out pairs "
+            f"({pairs['eval_ties_left_out']} left out as ties). Precision: {summary.get('precision', 'not recorded')}. "
+            f"Processor: {summary.get('processor', 'not recorded')}. Win rates with their 95% Wilson intervals in brackets; "
+            "KL with its standard error.")
+    stages = [(name, f"{seconds:.1f}") for name, seconds in summary["stage_seconds"].items()]
+    return text, stages + [("whole demo", f"{summary['wall_time_s']:.1f}")]
+
+
 def write_demo_report(out: Path, summary: dict[str, Any], table: str) -> Path:
-    """``out/report.html``: the closing table, the reward-KL frontier (with a sweep), sample
-    continuations, and each stage's training curves, images embedded; readable without Python."""
+    """``out/report.html``: what ran (sentences and the stages' times), the closing table as an HTML
+    table, the reward-KL frontier (with a sweep), sample continuations, and each stage's training
+    curves, images embedded; readable without Python. ``table`` is the terminal's closing table
+    (kept for callers; the page builds its own from the same numbers)."""
     from preftune.report import html as report
 
-    stages, pairs = report.escape(json.dumps(summary["stage_seconds"])), report.escape(json.dumps(summary["pairs"]))
-    parts = ["<h1>preftune demo: steering a tiny model towards positive reviews</h1>",
-             f"<p>Wall time {summary['wall_time_s']:.0f} s. Stages (s): {stages}. Pairs: {pairs}.</p>",
-             "<h2>Reference (SFT) against the aligned policy</h2>", f"<pre>{report.escape(table)}</pre>"]
+    text, stages = header(summary)
+    cols, rows = closing_rows(summary)
+    parts = ["<h1>preftune demo: steering a tiny model towards positive reviews</h1>", f"<p>{report.escape(text)}</p>",
+             report.table("Stages", stages, ("stage", "seconds")),
+             "<h2>Reference (SFT) against the aligned policy</h2>",
+             report.table(f"Held-out prompts; reward model accuracy on held-out pairs {summary['reward_model_heldout_accuracy']:.1%}",
+                          [(name, *values) for name, values in rows], ("metric", *cols))]
     if (out / "frontier.png").is_file():
         parts += ["<h2>Reward against KL</h2>", report.image(out / "frontier.png", "reward against KL")]
     samples = [tuple(row[k] for k in ("prompt", "policy", "reference")) for row in summary["policies"][0]["samples"]]

@@ -185,6 +185,8 @@ def more_rounds(s: Any, out: Path, sft_dir: Path, policies: dict[Any, Path], tra
 
 def main_pipeline(s: DemoSettings) -> dict[str, Any]:
     """Run every stage; return the summary (also written to ``summary.json``)."""
+    import torch
+
     from preftune.config.schema import DPOConfig, RMConfig, SFTConfig, load_config
     from preftune.demo.evaluation import (
         closing_table,
@@ -192,6 +194,7 @@ def main_pipeline(s: DemoSettings) -> dict[str, Any]:
         frontier_plot,
         write_demo_report,
     )
+    from preftune.system.hardware import processor_name
 
     start = time.time()
     out = Path(s.out)
@@ -246,6 +249,8 @@ def main_pipeline(s: DemoSettings) -> dict[str, Any]:
         "stage_seconds": timings,
         "pairs": {"train": len(train_pairs), "train_ties_left_out": ties, "eval": len(eval_pairs), "eval_ties_left_out": eval_ties},
         "settings": dataclasses.asdict(s),
+        "precision": "fp32 (pinned by the demo: the same table on every processor)",
+        "processor": processor_name("cuda" if torch.cuda.is_available() else "cpu"),
         **results,
     }
     summary["report"] = str(out / "report.html")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import math
 import numbers
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.report.stats import wilson_interval
+from preftune.report.text import mean_interval
 
 #: (prompts, policy responses, reference responses) -> the policy's scores in [0, 1]
 CompareFn = Callable[[list[Any], list[str], list[str]], list[float]]
@@ -95,7 +96,8 @@ def win_rate(
     (score above, below, at 0.5), ``n``, ``ci95`` (Wilson score interval, see the module
     docstring), ``mean_len_policy``/``mean_len_reference`` (characters), ``longer_wins`` (among
     decided comparisons of responses of different lengths, the share the longer one won: a
-    length-bias check), and for reward-model judges ``reward_policy``/``reward_reference``.
+    length-bias check), and for reward-model judges ``reward_policy``/``reward_reference`` (mean rewards) and
+    ``reward_policy_ci95`` (the 95% normal interval of the policy's mean reward).
     """
     judge = as_judge(judge)
     prompts, policy, reference = list(prompts), list(policy_responses), list(reference_responses)
@@ -108,7 +110,8 @@ def win_rate(
         rewards_policy = [float(r) for r in judge.score(prompts, policy)]
         rewards_reference = [float(r) for r in judge.score(prompts, reference)]
         scores = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(rewards_policy, rewards_reference)]
-        extra = {"reward_policy": _mean(rewards_policy), "reward_reference": _mean(rewards_reference)}
+        extra = {"reward_policy": _mean(rewards_policy), "reward_reference": _mean(rewards_reference),
+                 "reward_policy_ci95": list(mean_interval(rewards_policy)[1] or ()) or None}
     elif judge.compare is not None:
         scores = [float(s) for s in judge.compare(prompts, policy, reference)]
         if len(scores) != len(prompts):
@@ -135,17 +138,6 @@ def win_rate(
         **extra,
         "scores": scores,
     }
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (Wilson 1927); ``successes`` may be fractional."""
-    if n <= 0:
-        raise ValueError("the Wilson interval needs n >= 1")
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _mean(values: Sequence[float]) -> float:

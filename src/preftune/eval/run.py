@@ -78,17 +78,18 @@ class EvalSettings:
 
 
 
-def run_eval(settings: EvalSettings) -> dict[str, Any]:
+def run_eval(settings: EvalSettings, judge: Any = None) -> dict[str, Any]:
     """Evaluate ``settings.policy`` against its reference; write ``eval.json`` (or
     ``eval-LABEL.json`` for a checkpoint or an explicit label) in the output folder; return the results.
 
     Each part runs when its inputs exist: preference metrics with held-out pairs, perplexity
     with ``texts`` (and on the chosen completions of the pairs), KL and samples with prompts,
-    win rates with a judge.
+    win rates with a judge: ``settings.judge`` (a name), or ``judge`` (a
+    :class:`~preftune.eval.judges.Judge` or a function given in Python, in its place), and ``settings.reward_model``.
     """
     import time
 
-    from preftune.eval.judges import function_judge, reward_model_judge, win_rate
+    from preftune.eval.judges import as_judge, function_judge, reward_model_judge, win_rate
 
     started = time.perf_counter()
     settings.check()
@@ -119,7 +120,8 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
         results["perplexity"] = {name: perplexity_details(model, tokenizer, texts, batch_size=settings.batch_size, max_length=data.max_length)
                                  for name, model in (("policy", policy), ("reference", reference))}
     prompts = _sample_prompts(settings, examples, pairs)
-    judges = ([function_judge(settings.judge)] if settings.judge else []) + \
+    named = [as_judge(judge)] if judge is not None else [function_judge(settings.judge)] if settings.judge else []
+    judges = named + \
              ([reward_model_judge(settings.reward_model, batch_size=settings.batch_size, device=device)] if settings.reward_model else [])
     if prompts:
         sampling = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, do_sample=True,

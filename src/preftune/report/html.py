@@ -5,6 +5,8 @@ HTML toolkit every page of the project uses (:func:`page` with the one style she
 ``write_report(RUN_DIR)`` writes ``RUN_DIR/report.html``, one self-contained file (plots
 embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN_DIR/plots/*.png``:
 
+- a header: what ran (stage, loss, model), how long, on how much data, in which precision and
+  on which processor (``config.yaml``, ``status.json``, ``data_report.json``), as sentences;
 - training curves from ``metrics.jsonl`` (loss; rewards of chosen and rejected; margins;
   accuracy; log-probs), with the ``eval/...`` points drawn over them;
 - the run's config and ``data_report.json`` summaries;
@@ -14,9 +16,11 @@ embedded as base64 PNG data URIs, inline CSS, no script), and the plots as ``RUN
   tables, the histogram of per-pair log-ratio gains and the win rates with their intervals;
   with two or more, a table of all of them and reward against KL, one point per checkpoint.
 
-Whatever is missing (no eval yet, no data report, an SFT run without rewards) is left out;
-the report always renders. Every string shown is escaped here. A low layer: of the project,
-only :mod:`preftune.errors` and :mod:`preftune.report.plots` are imported.
+Every result is an HTML table (numbers right-aligned, intervals as ``87.6% [84, 90]``, written by
+:mod:`preftune.report.text`); no dict or list literal is ever shown. Whatever is missing (no eval
+yet, no data report, an SFT run without rewards) is left out; the report always renders. Every
+string shown is escaped here. A low layer: of the project, only :mod:`preftune.errors`,
+:mod:`preftune.config.yamlfile` and the other modules of :mod:`preftune.report` are imported.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from typing import Any
 from preftune.errors import PreftuneError
 from preftune.report.plots import (
     CURVES,
-    is_number,
     plot_alignment,
     plot_curves,
     plot_reward_kl,
     plot_win_rates,
 )
+from preftune.report.runinfo import read_json, run_sentences
+from preftune.report.stats import wilson_interval
+from preftune.report.text import is_numeric, mean_interval, number, percent, prompt_text, share_interval, stderr_interval, value_interval
 
 #: every PNG the report writes into plots/
 PLOT_NAMES = tuple(stem for stem, _, _ in CURVES) + ("alignment", "win_rate", "reward_kl")
@@ -50,7 +56,8 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]
     if pref:
         q = pref.get("alignment/quantiles", {})
         sections.append((f"Preference ({pref['pairs']} held-out pairs, beta {pref['beta']:g})", [
-            ("reward accuracy", _f(pref["rewards/accuracies"])),
+            ("reward accuracy (95% Wilson interval)", accuracy_text(pref)),
+            ("log-ratio margin = reward margin / beta (nats, 95% interval)", value_interval(*logratio_margin(pref))),
             ("reward margin (mean)", _f(pref["rewards/margins"])),
             ("reward chosen / rejected", f"{_f(pref['rewards/chosen'])} / {_f(pref['rewards/rejected'])}"),
             ("log-ratio gained over reference", f"{_pct(pref['alignment/improved'])} of pairs ({_pct(pref['alignment/unchanged'])} unchanged)"),
@@ -65,19 +72,20 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]
     kl = results.get("kl")
     if kl:
         sections.append(("KL(policy || reference)", [
-            ("KL per completion (nats)", f"{_f(kl['mean'])} ± {_f(kl['stderr'])} (standard error)"),
+            ("KL per completion (nats, 95% interval)", value_interval(kl["mean"], stderr_interval(kl["mean"], kl["stderr"]))),
             ("samples", f"{kl['n']} ({kl.get('prompts', '?')} prompts), {_f(kl['mean_tokens'])} tokens on average, "
                         f"{_pct(kl['finished'])} ended with EOS"),
         ]))
     for wr in results.get("win_rate") or []:
         rows = [
-            ("win rate (ties count half)", f"{_f(wr['win_rate'])}  95% CI [{_f(wr['ci95'][0])}, {_f(wr['ci95'][1])}] ({wr['interval']})"),
+            (f"win rate, ties count half (95% {wr['interval'].capitalize()} interval)", share_interval(wr["win_rate"], wr["ci95"])),
             ("wins / losses / ties (n)", f"{wr['wins']} / {wr['losses']} / {wr['ties']} ({wr['n']})"),
             ("mean length policy / reference (chars)", f"{_f(wr['mean_len_policy'])} / {_f(wr['mean_len_reference'])}"),
             ("longer response won", _f(wr.get("longer_wins"))),
         ]
         if "reward_policy" in wr:
-            rows.append(("mean reward policy / reference", f"{_f(wr['reward_policy'])} / {_f(wr['reward_reference'])}"))
+            rows.append(("mean reward policy [95% interval] / reference",
+                         f"{value_interval(wr['reward_policy'], wr.get('reward_policy_ci95'))} / {_f(wr['reward_reference'])}"))
         sections.append((f"Win rate, judged by {wr['judge']}", rows))
     return sections
 
@@ -100,20 +108,27 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+_f, _pct = number, percent  # the short names the tables below use
 
 
-def _f(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):  # bool too
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
-    return str(value)
+def accuracy_text(pref: dict[str, Any]) -> str:
+    """Held-out reward accuracy with its Wilson interval over the pairs: ``87.6% [84, 90]``."""
+    return share_interval(*accuracy(pref))
+
+
+def accuracy(pref: dict[str, Any]) -> tuple[float, tuple[float, float] | None]:
+    """Held-out reward accuracy (the share of pairs with a positive margin; the same for every beta) and its Wilson interval."""
+    value, n = pref["rewards/accuracies"], pref.get("pairs") or 0
+    return value, wilson_interval(value * n, n) if n and not math.isnan(value) else None
+
+
+def logratio_margin(pref: dict[str, Any]) -> tuple[float, tuple[float, float] | None]:
+    """The mean log-ratio margin of the held-out pairs, ``(log pi/ref)(chosen) - (log pi/ref)(rejected)``, which is the
+    implicit reward margin divided by beta (so it does not grow with beta), and its 95% interval over the pairs."""
+    differences = pref.get("alignment/differences")
+    if differences:
+        return mean_interval(differences)
+    return pref.get("alignment/mean", pref["rewards/margins"] / pref["beta"]), None
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -123,13 +138,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise PreftuneError(f"{path}, line {number}: not JSON ({err.msg}).") from None
+            raise PreftuneError(f"{path}, line {line_number}: not JSON ({err.msg}).") from None
     return records
 
 
@@ -177,14 +192,16 @@ def write_report(run_dir: str | Path) -> Path:
         raise PreftuneError(f"'{run_dir}' is not a run folder (it holds no config.yaml, metrics.jsonl or eval*.json).")
     metrics = read_metrics(run_dir)
     config = read_yaml(run_dir / "config.yaml", "the run's config.yaml") if (run_dir / "config.yaml").is_file() else {}
-    data_report = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")) if (run_dir / "data_report.json").is_file() else {}
+    data_report = read_json(run_dir / "data_report.json")
     evals = read_evals(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     for stem in PLOT_NAMES:  # a plot of ours that no longer applies must not linger
         (plots / f"{stem}.png").unlink(missing_ok=True)
 
-    body = [f"<h1>preftune run: {escape(run_dir.resolve().name)}</h1>", _run_summary(config, metrics)]
+    status = read_json(run_dir / "status.json")
+    body = [f"<h1>preftune run: {escape(run_dir.resolve().name)}</h1>", f"<p>{escape(run_sentences(config, metrics, data_report, status))}</p>",
+            _settings_table(config)]
     body.append("<h2>Training</h2>")
     curves = plot_curves(metrics, plots)
     body.extend(image(path, title) for title, path in curves)
@@ -223,6 +240,7 @@ def write_report(run_dir: str | Path) -> Path:
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
     "table{border-collapse:collapse;margin:0.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;text-align:left;vertical-align:top}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
     "th{background:#f3f3f3}caption{text-align:left;font-weight:600;padding:0.3rem 0}img{max-width:100%;display:block;margin:0.5rem 0 1rem}"
     "pre{white-space:pre-wrap;margin:0;font-size:0.85rem}code{background:#f3f3f3;padding:0 0.2rem}"
     ".row img{display:inline-block;max-width:49%;margin:0.5rem 1% 1rem 0}"
@@ -256,26 +274,29 @@ def images_row(images: list[str]) -> str:
 
 def table(title: str | None, rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None, *, pre: bool = False) -> str:
     """A table of escaped cells: ``title`` as its caption (none when None), ``header`` as its first
-    row; with ``pre``, each cell keeps its line breaks and spaces."""
+    row; a cell that reads as a number (:func:`preftune.report.text.is_numeric`) is right-aligned in tabular
+    figures; with ``pre``, each cell keeps its line breaks and spaces."""
     caption = "" if title is None else f"<caption>{escape(title)}</caption>"
     head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
-    cell = "<td><pre>{}</pre></td>" if pre else "<td>{}</td>"
-    cells = "".join("<tr>" + "".join(cell.format(escape(c)) for c in row) + "</tr>" for row in rows)
+    def cell(value: Any) -> str:
+        text = escape(value)
+        if pre:
+            return f"<td><pre>{text}</pre></td>"
+        return f'<td class="num">{text}</td>' if is_numeric(str(value)) else f"<td>{text}</td>"
+
+    cells = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
     return f"<table>{caption}{head}{cells}</table>"
 
 
 # --------------------------------------------------------------------------- the report's parts
-def _run_summary(config: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
+def _settings_table(config: dict[str, Any]) -> str:
     rows = []
     for section, key in (("model", "path"), ("reference", "strategy"), ("reference", "path"), ("loss", "name"), ("loss", "beta"),
                          ("train", "lr"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"), ("train", "seed")):
         value = (config.get(section) or {}).get(key) if isinstance(config.get(section), dict) else None
         if value is not None:
             rows.append((f"{section}.{key}", _f(value)))
-    steps = [m["step"] for m in metrics if is_number(m.get("step"))]
-    if steps:
-        rows.append(("optimizer steps done", str(max(steps))))
-    return table("Run", rows) if rows else "<p>No config.yaml in this folder.</p>"
+    return table("Settings (config.yaml)", rows, ("setting", "value")) if rows else "<p>No config.yaml in this folder.</p>"
 
 
 def _last_metrics(metrics: list[dict[str, Any]]) -> str:
@@ -307,16 +328,16 @@ def _checkpoint_table(evals: list[dict[str, Any]]) -> str:
     rows = []
     for r in evals:
         kl, pref, wins = r.get("kl") or {}, r.get("preference") or {}, r.get("win_rate") or []
-        rows.append((r["checkpoint"], _f(r.get("step")), f"{_f(kl.get('mean'))} ± {_f(kl.get('stderr'))}" if kl else "n/a",
-                     _f(pref.get("rewards/accuracies")), _f(pref.get("alignment/improved")),
-                     _f(wins[0]["win_rate"]) if wins else "n/a", r["file"]))
-    return table("Evaluated checkpoints", rows, ("checkpoint", "step", "KL ± se", "reward accuracy", "log-ratio improved", "win rate", "file"))
+        rows.append((r["checkpoint"], _f(r.get("step")), value_interval(kl.get("mean"), stderr_interval(kl.get("mean"), kl.get("stderr"))),
+                     accuracy_text(pref) if pref else "n/a", _pct(pref.get("alignment/improved")),
+                     share_interval(wins[0]["win_rate"], wins[0]["ci95"]) if wins else "n/a", r["file"]))
+    return table("Evaluated checkpoints (95% intervals)", rows, ("checkpoint", "step", "KL to reference (nats)", "reward accuracy",
+                                                                 "log-ratio improved", "win rate", "file"))
 
 
 def _samples(result: dict[str, Any]) -> str:
     samples = result.get("samples") or []
     if not samples:
         return ""
-    rows = [tuple(json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else v)
-                  for v in (s.get("prompt"), s.get("policy"), s.get("reference"))) for s in samples]
+    rows = [tuple(prompt_text(s.get(k)) for k in ("prompt", "policy", "reference")) for s in samples]
     return table("Samples (temperature 1)", rows, ("prompt", "policy", "reference"), pre=True)

@@ -1,6 +1,6 @@
 """Every plot the project draws, each written as a PNG: a run's training curves, the alignment
-histogram, win rates with their intervals, and reward against KL (per checkpoint in a run's
-report, per beta in the demo).
+histogram, win rates with their intervals, reward against KL (per checkpoint in a run's
+report, per beta in the demo), and a sweep's frontier panels with intervals on both axes.
 
 Plots use matplotlib's object API on an Agg canvas (no global figure state, no backend switch): a figure
 comes from :func:`_figure` and is written by :func:`_save`. Like :mod:`preftune.report.html`, this
@@ -118,6 +118,32 @@ def plot_frontier(points: list[tuple[float, float, str]], path: Path, *, xlabel:
     if label is not None or baseline is not None:
         ax.legend(fontsize="small")
     return _save(figure, path)
+
+
+def plot_panels(panels: list[dict[str, Any]], path: Path, *, xlabel: str, title: str) -> Path:
+    """Side by side, one axis per panel: its ``points`` (``label``, ``x``, ``x_ci``, ``y``, ``y_ci``; intervals
+    may be None) joined in the order given, each with its 95% intervals as error bars, ``y_label`` on the y axis."""
+    figure = _figure(6.4 * min(len(panels), 2), 3.8)[0]
+    figure.clear()
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        points = panel["points"]
+        xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+        ax.errorbar(xs, ys, xerr=_errors(points, "x"), yerr=_errors(points, "y"), fmt="o-", capsize=4, color="tab:blue")
+        for point in points:
+            ax.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel["y_label"])
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _errors(points: list[dict[str, Any]], axis: str) -> list[list[float]]:
+    """Error bar lengths below and above each point from its interval (none: 0; rounding never makes one negative)."""
+    below = [max(0.0, p[axis] - p[f"{axis}_ci"][0]) if p[f"{axis}_ci"] else 0.0 for p in points]
+    above = [max(0.0, p[f"{axis}_ci"][1] - p[axis]) if p[f"{axis}_ci"] else 0.0 for p in points]
+    return [below, above]
 
 
 def plot_reward_kl(evals: list[dict[str, Any]], label: str, rewards: list[float], path: Path) -> Path:

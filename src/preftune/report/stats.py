@@ -1,4 +1,5 @@
-"""The one quantile definition, shared by the data report (token lengths) and evaluation.
+"""The one quantile definition, shared by the data report (token lengths) and evaluation, and the
+one interval of a proportion (Wilson's), shared by the judges' win rates and the reports' accuracies.
 
 Nearest rank: the q-quantile is the smallest value with at least ``q`` of the values at or
 below it, so every reported quantile is a value that occurs (a real length, a real pair's
@@ -7,6 +8,7 @@ log-ratio difference), and integers stay integers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -32,3 +34,14 @@ def quantiles(values: Sequence[Number], percents: Sequence[int], *, bounds: tupl
     if "max" in bounds:
         out["max"] = ordered[-1]
     return out
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927); ``successes`` may be fractional."""
+    if n <= 0:
+        raise ValueError("the Wilson interval needs n >= 1")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

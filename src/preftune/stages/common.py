@@ -1,7 +1,8 @@
 """What every training stage does around its own objective: start a run folder, record the
 data, save the final model, train, write the report, and say in ``status.json`` how it ended
-(``running`` from the start, then ``finished``, or ``failed`` with the error; a run killed
-outright stays ``running``).
+(``running`` from the start, with the processor and the start time, then ``finished`` with the
+seconds since this process started it, or ``failed`` with the error; a run killed outright stays
+``running``).
 
 A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
 and objective, and returns the loop's :class:`~preftune.training.loop.Task`; its ``run(cfg)`` is
@@ -16,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
 from preftune.models.load import check_causal_lm, has_adapter, load_tokenizer, save_policy
 from preftune.system import distributed
+from preftune.system.hardware import processor_name
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
 from preftune.system.seeding import seed_everything
 from preftune.training.checkpoint import resolve_resume
@@ -101,7 +104,8 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
                        data=data_digests(cfg))
         _SETUP[run_dir.resolve()] = claim_folder(run_dir, cfg.train)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname())
+        mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
+             processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
         if processes > 1:
             train = cfg.train
             print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
@@ -113,8 +117,8 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     return Run(cfg, run_dir, tokenizer, device)
 
 
-#: What status.json keeps from one write to the next (the run's decisions, recorded once)
-STATUS_KEEPS = ("precision",)
+#: What status.json keeps from one write to the next (the run's decisions and where and when it started, recorded once)
+STATUS_KEEPS = ("precision", "processor", "started")
 
 
 def mark(run_dir: Path, status: str, **info: Any) -> None:
@@ -224,7 +228,9 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
         record_precision(run_dir, cfg, task.precision)
     fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, task.precision)))
     if PartialState().is_main_process:
-        mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by)
+        started = read_status(run_dir).get("started")
+        took = round(time.time() - started, 1) if isinstance(started, (int, float)) else None  # since this process started the run
+        mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by, seconds=took)
         if cfg.train.report:
             write_report_or_warn(run_dir)
         stopped = f" (stopped at step {fitted.state.step} by {fitted.stopped_by})" if fitted.stopped_by else ""

@@ -10,9 +10,14 @@ computes the reference log-probs and the others read them. Runs with a reference
 (SimPO, ORPO) need none; with LoRA the reference is the adapter switched off, at no extra cost.
 
 When held-out data exists, each run is evaluated (:func:`preftune.eval.run.run_eval`: held-out
-preference metrics, KL from samples), and the sweep's report draws reward against KL, one
-point per value (:mod:`preftune.report.series`). ``sweep.json`` records the runs, whether each
-read the reference from the cache, and how many reference passes were computed.
+preference metrics, KL from samples). With a judge (``sweep.judge``, a function, or
+``sweep.reward_model``, as `preftune eval` takes them), each policy's samples are judged once
+against the reference's, on the held-out prompts, with the win rate's interval. The report
+(:mod:`preftune.report.sweep`) plots against KL the judge's score when there is one, else the
+beta-free log-ratio margin and the held-out accuracy: never the implicit reward margin, which
+is beta times the log-ratio margin and so grows with beta by construction. ``sweep.json``
+records the runs, whether each read the reference from the cache, how many reference passes
+were computed, and the judge.
 
 An interrupted sweep continues with ``train.resume_from=latest``: finished runs are kept, a run
 with a checkpoint resumes from it (exactly), and the others start.
@@ -115,14 +120,33 @@ def continued(variant: DPOConfig, folder: Path) -> DPOConfig | None:
                                                                  overwrite=not started))
 
 
-def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
-    """Train (and, with held-out data, evaluate) every value; write ``sweep.json`` and the report."""
+def check_judge(cfg: DPOConfig, judge: Any = None) -> str | None:
+    """The sweep's judge checked before any training (its function imported, its reward model folder
+    found, held-out prompts to judge on); returns its name for ``sweep.json`` (None without one)."""
+    from preftune.errors import PreftuneError
+    from preftune.eval.judges import as_judge, function_judge
+
+    given = [name for name, value in (("sweep.judge", judge or cfg.sweep.judge), ("sweep.reward_model", cfg.sweep.reward_model)) if value]
+    if not given:
+        return None
+    if not (cfg.data.eval or cfg.data.eval_fraction > 0):
+        raise ConfigError(f"{' and '.join(given)}: a sweep judges samples on the held-out prompts; give data.eval or data.eval_fraction")
+    if cfg.sweep.reward_model and not Path(cfg.sweep.reward_model).is_dir():
+        raise PreftuneError(f"sweep.reward_model '{cfg.sweep.reward_model}' is not a folder (give `preftune rm`'s final/ folder).")
+    names = [as_judge(judge).name if judge is not None else function_judge(cfg.sweep.judge).name] if (judge or cfg.sweep.judge) else []
+    return ", ".join(names + ([f"reward model {cfg.sweep.reward_model}"] if cfg.sweep.reward_model else []))
+
+
+def run_sweep(cfg: DPOConfig, items: list[str], judge: Any = None) -> Path:
+    """Train (and, with held-out data, evaluate) every value; write ``sweep.json`` and the report.
+    ``judge`` is a function given in Python in place of ``sweep.judge`` (whose value then names it)."""
     from preftune.eval.run import EvalSettings, run_eval
-    from preftune.report.series import write_sweep_report
+    from preftune.report.sweep import write_sweep_report
     from preftune.stages import dpo
 
     sweeps = parse_sweeps(items)
     runs = variants(cfg, sweeps)
+    judged_by = check_judge(cfg, judge)
     root = Path(cfg.train.output_dir)
     held_out = bool(cfg.data.eval) or cfg.data.eval_fraction > 0
     records: list[dict[str, Any]] = []
@@ -135,11 +159,12 @@ def run_sweep(cfg: DPOConfig, items: list[str]) -> Path:
         info = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
         warm = (info.get("train_cache") or {}).get("warm")
         if held_out and (run_cfg is not None or not any(folder.glob("eval*.json"))):
-            run_eval(EvalSettings(policy=str(folder)))
+            run_eval(EvalSettings(policy=str(folder), judge=None if judge is not None else cfg.sweep.judge,
+                                  reward_model=cfg.sweep.reward_model), judge=judge)
         records.append({"label": variant.label, "folder": variant.folder, "reference": info.get("strategy"), "reference_warm": warm})
         passes = sum(1 for r in records if r["reference_warm"] is False)
         (root / "sweep.json").write_text(json.dumps({"swept": [f"{k}={','.join(v)}" for k, v in sweeps], "runs": records,
-                                                     "reference_passes": passes}, indent=1), encoding="utf-8")
+                                                     "reference_passes": passes, "judge": judged_by}, indent=1), encoding="utf-8")
     if cfg.train.report:
         print(f"preftune: sweep report {write_sweep_report(root)}", file=sys.stderr)
     return root

@@ -45,6 +45,16 @@ def cpu_info() -> dict[str, Any]:
             "torch": torch.__version__, "torch_cpu_capability": capability}
 
 
+def processor_name(device_type: str) -> str:
+    """The processor a run computes on, in words: ``CUDA NVIDIA H100 80GB HBM3`` or ``CPU Intel(R) Xeon(R) ... (2 cores)``."""
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_available():
+        return f"CUDA {torch.cuda.get_device_name()}"
+    info = cpu_info()
+    return f"CPU {info['cpu']} ({info['cores']} cores)"
+
+
 #: Forces what :func:`cpu_has_bf16_units` answers: "1" yes, "0" no (the tests' setting)
 UNITS_ENV = "PREFTUNE_CPU_BF16_UNITS"
 
