@@ -170,7 +170,7 @@ def test_import_is_light_and_exports_only_the_public_names() -> None:
     assert out == "[]"
     assert set(preftune.__all__) == {"dpo", "sft", "reward_model", "kto", "Result", "DPOConfig", "SFTConfig", "RMConfig",
                                      "KTOConfig", "load_config", "PreftuneError", "__version__",
-                                     "iterate", "IterationResult", "IterateConfig"}
+                                     "iterate", "IterationResult", "IterateConfig", "sweep"}
     assert callable(preftune.dpo) and preftune.DPOConfig.__name__ == "DPOConfig"
     with pytest.raises(AttributeError):
         preftune.run_dpo  # noqa: B018

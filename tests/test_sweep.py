@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -51,9 +52,12 @@ def test_a_three_value_beta_sweep_computes_the_reference_once(tiny_model_dir: Pa
     monkeypatch.setattr(reference, "load_causal_lm", counting_load)
     train, held = preference_files
     out = tmp_path / "sweep"
+    judge = tmp_path / "judge.py"
+    judge.write_text("def longer(prompt, a, b):\n    return 0.5 if len(a) == len(b) else len(a) > len(b)\n", encoding="utf-8")
     status = main(["dpo", str(DPO_TINY), "--sweep", "loss.beta=0.05,0.1,0.2", f"--model.path={tiny_model_dir}", f"--data.train={train}",
                    f"--data.eval={held}", f"--train.output_dir={out}", "--train.progress=false", "--train.max_steps=6",
-                   "--train.save_every=null", "--train.eval_every=null", f"--reference.cache_dir={tmp_path / 'cache'}"])
+                   "--train.save_every=null", "--train.eval_every=null", f"--reference.cache_dir={tmp_path / 'cache'}",
+                   f"--sweep.judge={judge}:longer"])
     assert status == 0
     # One pass over the training pairs and one over the held-out pairs, by one reference model each, in the first run only.
     batches = math.ceil(64 / 8) + math.ceil(32 / 8)
@@ -69,8 +73,15 @@ def test_a_three_value_beta_sweep_computes_the_reference_once(tiny_model_dir: Pa
         assert (run / "config.yaml").read_text().count(f"beta: {beta}") == 1
         evals.append(json.loads((run / "eval.json").read_text()))
     assert all(e["kl"]["n"] > 0 and "rewards/margins" in e["preference"] for e in evals)
-    report = (out / "report.html").read_text()
-    assert "reward against KL" in report and report.count("beta=") >= 3 and (out / "plots" / "frontier.png").is_file()
+    # judged once per point against the reference's samples, recorded in each run's config and in sweep.json
+    assert all(e["win_rate"][0]["judge"] == f"function {judge}:longer" and e["win_rate"][0]["n"] > 0 for e in evals)
+    assert summary["judge"] == f"function {judge}:longer" and f"judge: {judge}:longer" in (out / "beta-0.1" / "config.yaml").read_text()
+    report = html.unescape((out / "report.html").read_text())
+    assert "Judge's score against KL" in report and report.count("beta=") >= 3 and (out / "plots" / "frontier.png").is_file()
+    frontier = json.loads((out / "plots" / "frontier.json").read_text())
+    (panel,) = frontier["panels"]  # the judge's win rate against KL, not the implicit reward margin
+    assert panel["quantity"] == f"win:function {judge}:longer"
+    assert [(p["x"], p["y"]) for p in panel["points"]] == sorted((e["kl"]["mean"], e["win_rate"][0]["win_rate"]) for e in evals)
 
 
 def test_sweep_folder_names_are_safe_and_unique(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
@@ -183,3 +194,20 @@ def test_a_sweep_over_the_whole_paired_family_trains_each_on_one_reference_pass(
         metrics = [json.loads(line) for line in (out / record["folder"] / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics), name
         assert (out / record["folder"] / "final" / "model.safetensors").is_file()
+
+
+def test_a_sweep_judge_needs_held_out_prompts_and_a_single_run_refuses_it(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
+    import preftune
+    from preftune.cli.main import main
+
+    train, _ = preference_files
+    common = dict(model=str(tiny_model_dir), train={"output_dir": str(tmp_path / "s"), "max_steps": 1, "progress": False},
+                  data={"train": [str(train)], "eval": []})
+    with pytest.raises(ConfigError, match="sweep.judge: a sweep judges samples on the held-out prompts"):
+        preftune.sweep({"loss.beta": [0.1, 0.2]}, judge=lambda prompt, a, b: 0.5, **common)
+    assert not (tmp_path / "s").exists()  # refused before any training
+    with pytest.raises(ConfigError, match="read by preftune.sweep only"):
+        preftune.dpo(**common, sweep={"judge": "judges:better"})
+    status = main(["dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", "--sweep.judge=judges:better",
+                   f"--train.output_dir={tmp_path / 'one'}"])
+    assert status != 0 and not (tmp_path / "one").exists()

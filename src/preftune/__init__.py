@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "dpo": "preftune.api", "sft": "preftune.api", "reward_model": "preftune.api", "kto": "preftune.api", "Result": "preftune.api",
-    "iterate": "preftune.api", "IterationResult": "preftune.api", "IterateConfig": "preftune.stages.iterate_config",
+    "iterate": "preftune.api", "IterationResult": "preftune.api", "sweep": "preftune.api", "IterateConfig": "preftune.stages.iterate_config",
     "DPOConfig": "preftune.config", "SFTConfig": "preftune.config", "RMConfig": "preftune.config", "KTOConfig": "preftune.config",
     "load_config": "preftune.config", "PreftuneError": "preftune.errors",
 }

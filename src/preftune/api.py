@@ -58,6 +58,8 @@ def dpo(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import dpo as stage
 
     cfg, given = _prepare(DPOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
+    if cfg.sweep.judge or cfg.sweep.reward_model:
+        raise ConfigError("sweep.judge and sweep.reward_model are read by preftune.sweep only; to judge one run, use `preftune eval`")
     return _train(lambda: stage.build_task(cfg, given=given, extra_terms=extra_terms), cfg, given, callbacks)
 
 
@@ -139,6 +141,36 @@ def iterate(config: Any = None, *, judge: Any = None, callbacks: Sequence[Any] =
     summary = json.loads((out / "iterate.json").read_text(encoding="utf-8"))
     last = summary["rounds"][-1]["policy"] if summary["rounds"] else summary["initial"]["path"]
     return IterationResult(run_dir=out, model_path=Path(last), rounds=summary["rounds"], initial=summary["initial"], config=cfg)
+
+
+def sweep(values: dict[str, Sequence[Any]], config: DPOConfig | str | Path | None = None, *, judge: Any = None,
+          **settings: Any) -> Path:
+    """`preftune dpo --sweep` from Python: one DPO run per value (``values={"loss.beta": [0.05, 0.1, 0.3]}``,
+    several keys make a grid) in ``output_dir/KEY-VALUE``, on one reference pass; returns the sweep's folder
+    (``sweep.json``, ``report.html``). ``config`` is a DPOConfig or a YAML file; keyword settings go on top as
+    for :func:`dpo`, with the model and data given as paths. ``judge`` judges each policy's held-out samples
+    against the reference's: a function ``(prompt, policy_response, reference_response) -> [0, 1]`` or a
+    ``"module:function"`` name (recorded as ``sweep.judge``); ``reward_model="FOLDER"`` judges by a reward model.
+    """
+    from preftune.config.schema import load_config
+    from preftune.stages.sweep import run_sweep
+
+    data = to_dict(load_config(DPOConfig, config) if isinstance(config, (str, Path)) else config) if config is not None else {}
+    for key in ("model", "reward_model"):
+        if isinstance(settings.get(key), (str, Path)):
+            value = str(settings.pop(key))
+            data.setdefault("model" if key == "model" else "sweep", {})["path" if key == "model" else "reward_model"] = value
+    for section, given in _sections(DPOConfig, settings).items():
+        data.setdefault(section, {}).update(given)
+    if judge is not None:
+        from preftune.eval.scoring import function_name
+
+        data.setdefault("sweep", {})["judge"] = judge if isinstance(judge, str) else function_name(judge)
+    cfg = build_config(DPOConfig, data)
+    if not isinstance(values, dict) or not values:
+        raise ConfigError("values must name what to sweep, e.g. values={'loss.beta': [0.05, 0.1, 0.3]}")
+    items = [f"{key}={','.join(str(v) for v in options)}" for key, options in values.items()]
+    return run_sweep(cfg, items, judge=judge if callable(judge) else None)
 
 
 def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
