@@ -26,12 +26,22 @@ from typing import Any
 from preftune.errors import PreftuneError
 from preftune.report.html import accuracy, escape, image, logratio_margin, page, read_evals, table
 from preftune.report.plots import plot_panels
-from preftune.report.runinfo import data_counts, precision_text, read_json, stage_name
+from preftune.report.runinfo import data_counts, precision_text, read_json
 from preftune.report.text import listing, number, share_interval, stderr_interval, value_interval
 
 #: the y quantities of the frontier without a judge: (key, axis label)
-BETA_FREE = (("logratio_margin", "held-out log-ratio margin, nats (reward margin / beta: not a reward)"),
-             ("accuracy", "held-out preference accuracy (not a reward)"))
+BETA_FREE = (("logratio_margin", "held-out log-ratio margin, nats\n(reward margin / beta: not a reward)"),
+             ("accuracy", "held-out preference accuracy\n(not a reward)"))
+
+
+def short_judge(name: str) -> str:
+    """A judge's name short enough for a column or an axis: ``function /a/b/judges.py:better`` -> ``judges.py:better``,
+    ``reward model /runs/rm/final`` -> ``reward model rm/final`` (the sentence above the table names it in full)."""
+    kind, _, where = name.partition(" ") if name.startswith("function ") else ("reward model", "", name.removeprefix("reward model "))
+    if kind == "function":
+        file, colon, function = where.rpartition(":")
+        return f"{Path(file).name}{colon}{function}" if colon else where
+    return f"reward model {'/'.join(Path(where).parts[-2:])}"
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -78,8 +88,8 @@ def frontier_panels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     panels = []
     for key in keys:
         kind, _, judge = key.partition(":")
-        y_label = labels.get(key) or (f"mean reward of the policy's samples ({judge})" if kind == "reward"
-                                      else f"win rate against the reference ({judge})")
+        y_label = labels.get(key) or (f"mean reward of the policy's samples\n({short_judge(judge)})" if kind == "reward"
+                                      else f"win rate against the reference\n({short_judge(judge)})")
         points = sorted(({"label": r["label"], "x": r["eval"]["kl"]["mean"],
                           "x_ci": stderr_interval(r["eval"]["kl"]["mean"], r["eval"]["kl"].get("stderr")),
                           "y": m[key][0], "y_ci": list(m[key][1]) if m[key][1] else None} for r, m in zip(measured, offered)),
@@ -111,7 +121,8 @@ def _header(folder: Path, summary: dict[str, Any], runs: list[dict[str, Any]]) -
     pairs, kl = (ev.get("preference") or {}).get("pairs"), ev.get("kl") or {}
     judge = summary.get("judge")
     times = listing([(r["label"], read_json(folder / r["folder"] / "status.json").get("seconds")) for r in runs], " s")
-    return (f"{len(runs)} runs of {stage_name(config)} from {model}, swept over {', '.join(summary['swept'])}; "
+    loss = (config.get("loss") or {}).get("name", "?")
+    return (f"{len(runs)} runs of preference tuning (loss {loss}) from {model}, swept over {', '.join(summary['swept'])}; "
             f"training times: {times}. Data: {data_counts(read_json(first / 'data_report.json'))}. "
             f"Each policy evaluated on {number(pairs)} held-out pairs and {number(kl.get('n'))} sampled completions "
             f"({number(kl.get('prompts'))} prompts, temperature 1). "
@@ -135,7 +146,7 @@ def write_sweep_report(folder: str | Path) -> Path:
     runs = sweep_points(folder)
     judges = list(dict.fromkeys(wr["judge"] for r in runs if r["eval"] for wr in r["eval"].get("win_rate") or []))
     header = ("value", "KL to reference (nats)", "log-ratio margin (nats)", "held-out accuracy",
-              *(f"win rate against the reference ({j})" for j in judges), "training time (s)", "folder")
+              *(f"win rate against the reference ({short_judge(j)})" for j in judges), "training time (s)", "folder")
     rows = [_row(r, judges, read_json(folder / r["folder"] / "status.json")) for r in runs]
     body = [f"<h1>preftune sweep: {escape(folder.resolve().name)}</h1>", f"<p>{escape(_header(folder, summary, runs))}</p>",
             table("Runs (95% intervals in brackets)", rows, header)]

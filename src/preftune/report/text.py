@@ -25,7 +25,7 @@ from typing import Any
 Z95 = 1.959964
 
 #: a cell that reads as a number (a sign, digits, maybe a percent and a bracketed interval): right-aligned in tables
-_NUMERIC = re.compile(r"^[-+−]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?%?|n/a)(\s*(±\s*\S+|\[[^\]]*\]))*(\s*\([^)]*\))?$")
+_NUMERIC = re.compile(r"^-$|^[-+−]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?%?|n/a)(\s*(±\s*\S+|\[[^\]]*\]))*(\s*\([^)]*\))?$")
 
 
 def number(value: Any) -> str:
@@ -102,5 +102,6 @@ def listing(items: Iterable[tuple[str, Any]], unit: str = "") -> str:
 
 
 def is_numeric(cell: str) -> bool:
-    """Whether a table cell reads as a number (with an interval or a note in brackets): such cells align right."""
+    """Whether a table cell reads as a number (with an interval or a note in brackets), or is a lone ``-`` (none):
+    such cells align right."""
     return bool(_NUMERIC.match(cell.strip()))
