@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.stages",),
     ("preftune.demo",),
     ("preftune.cli",),
-    ("preftune", "preftune.api"),  # the package's __init__ and the Python API
+    ("preftune", "preftune.api", "preftune.docs"),  # the package's __init__, the Python API, the generated parts of docs/
 ]
 TORCH_ONLY = ("preftune.losses", "preftune.logprobs")
 

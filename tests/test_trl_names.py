@@ -52,10 +52,10 @@ def test_a_trl_name_is_answered_with_preftunes() -> None:
     assert trl_hint("not_a_trl_name") is None
 
 
-def test_the_readme_lists_the_whole_table() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_the_docs_list_the_whole_table() -> None:
+    page = (REPO / "docs" / "coming-from-trl.md").read_text(encoding="utf-8")
     for name in TRL_NAMES:
-        assert f"| `{name}` |" in readme, name
+        assert f"| `{name}` |" in page, name
 
 
 def test_every_trl_loss_type_is_a_preftune_loss_name() -> None:
@@ -78,5 +78,5 @@ def test_no_loss_setting_of_trl_is_left_without_an_equivalent() -> None:
     loss_fields = ["beta", "label_smoothing", "loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                    "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"]
     assert [name for name in loss_fields if isinstance(TRL_NAMES[name], tuple)] == []
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "not implemented" not in "".join(line for line in readme.splitlines() if any(f"| `{n}` |" in line for n in loss_fields))
+    page = (REPO / "docs" / "coming-from-trl.md").read_text(encoding="utf-8")
+    assert "not implemented" not in "".join(line for line in page.splitlines() if any(f"| `{n}` |" in line for n in loss_fields))

@@ -39,8 +39,8 @@ class Result:
     """What a stage call returns."""
 
     model: Any  # the trained policy (PeftModel with LoRA) or, for reward_model, the RewardModel
-    tokenizer: Any
-    run_dir: Path
+    tokenizer: Any  # the tokenizer the run used (the one passed in, else the model folder's)
+    run_dir: Path  # the run folder, written as by the CLI (train.output_dir)
     metrics: dict[str, float] = field(default_factory=dict)  # the last training log line and the final evaluation
     config: Any = None  # the resolved, checked config
     step: int = 0  # optimizer steps done
@@ -94,7 +94,7 @@ def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = 
 class IterationResult:
     """What :func:`iterate` returns: the iteration's folder and its rounds, as ``iterate.json`` holds them."""
 
-    run_dir: Path
+    run_dir: Path  # the iteration's folder (train.output_dir): round-N/, iterate.json, report.html
     model_path: Path  # the last round's policy (``round-N/final``)
     rounds: list[dict[str, Any]]  # per round: pairing counts, steps, held-out judge score, win rate and KL vs the initial model
     initial: dict[str, Any]  # the initial model's held-out judge score

@@ -37,11 +37,11 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # files, `datasets` folders, hub-layout folders or hub dataset ids
     eval: list[str] = field(default_factory=list)  # held-out files; else see eval_fraction
     # hub dataset ids and hub-layout folders (a README card and data files): which config, splits, files
-    subset: str | None = None  # the dataset's config name (load_dataset's `name`)
-    train_split: str = "train"
-    eval_split: str = "test"
-    data_files: dict[str, str] = field(default_factory=dict)  # split -> file pattern, as load_dataset's data_files
-    format: Literal["auto", "explicit", "conversational", "hh", "votes", "unpaired"] = "auto"
+    subset: str | None = None  # hub data: the dataset's config name (load_dataset's `name`)
+    train_split: str = "train"  # hub data: the split data.train reads
+    eval_split: str = "test"  # hub data: the split data.eval reads
+    data_files: dict[str, str] = field(default_factory=dict)  # hub data: split -> file pattern, as load_dataset's data_files
+    format: Literal["auto", "explicit", "conversational", "hh", "votes", "unpaired"] = "auto"  # auto: detected from the first record
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's name
     system: str | None = None  # a default system prompt for every record
     # pairs of whole texts (chosen and rejected hold the prompt too): split after the last marker
@@ -66,11 +66,11 @@ class DataConfig:
 class LoraConfig:
     """Low-rank adapters through `peft` (off by default)."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
+    enabled: bool = False  # train a LoRA adapter instead of every weight
+    r: int = 16  # the adapters' rank (peft's r)
+    alpha: int = 32  # the adapters' scale numerator (peft's lora_alpha; the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+    target_modules: list[str] = field(  # the modules that get an adapter (peft's target_modules)
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     merge_on_save: bool = False  # also write merged full weights to final/merged
@@ -80,11 +80,11 @@ class LoraConfig:
 class ModelConfig:
     """The policy: a causal LM in a local folder."""
 
-    path: str = ""
+    path: str = ""  # a model folder (save_pretrained's layout) or a hub model id
     tokenizer: str | None = None  # defaults to `path`
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the dtype the weights are loaded in (train.bf16 is autocast)
+    trust_remote_code: bool = False  # run the model folder's own Python (only when you trust it)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
     disable_dropout: bool = True  # dropout off in the policy while it trains (TRL's default too): log-probs are deterministic
     attn_implementation: str | None = None  # e.g. "sdpa" or "eager"; None lets transformers pick
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -99,9 +99,9 @@ class ReferenceConfig:
     frozen copy). ``adapter`` asked for explicitly is the base model with the adapter off.
     """
 
-    strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"
+    strategy: Literal["auto", "copy", "adapter", "cache", "none"] = "auto"  # see the section's text above
     path: str | None = None  # reference model folder; defaults to model.path
-    cache_dir: str = "~/.cache/preftune/reference"
+    cache_dir: str = "~/.cache/preftune/reference"  # strategy cache: log-probs stored here, keyed by weights, tokenizer, data, precision
     sync_ref_model: bool = False  # TR-DPO: move the reference towards the policy every ref_model_sync_steps (copy strategy only)
     ref_model_mixup_alpha: float = 0.6  # TR-DPO: ref <- alpha * policy + (1 - alpha) * ref; 1.0 replaces it (hard update)
     ref_model_sync_steps: int = 512  # TR-DPO: optimizer steps between syncs
@@ -113,7 +113,7 @@ class LossConfig:
 
     name: str | list[str] = "dpo"  # a loss (paper name or TRL's loss_type), or a list summed with weights
     weights: list[float] | None = None  # one per loss in a list (TRL's loss_weights; default all 1)
-    beta: float = 0.1
+    beta: float = 0.1  # the strength of the pull towards the reference (the inverse temperature of the implicit reward)
     label_smoothing: float = 0.0  # dpo: conservative DPO; robust: the label flip rate; exo: epsilon (> 0); aot: smoothing
     normalize: bool = False  # ipo: per-token (length-averaged) log-probs, as TRL does
     gamma: float = 0.5  # simpo: target reward margin
@@ -134,26 +134,26 @@ class LossConfig:
 class TrainConfig:
     """The one training loop's settings, shared by every stage."""
 
-    output_dir: str = "runs/dpo"
-    seed: int = 42
+    output_dir: str = "runs/dpo"  # the run's folder (config, metrics, checkpoints, final model, report)
+    seed: int = 42  # seeds Python and torch (all devices), the data order and the held-out split (data.eval_fraction)
     deterministic: bool = False  # deterministic kernels (bitwise-reproducible CUDA runs; slower)
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data (unless max_steps is set)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 8  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"  # adamw is fused where torch has the kernel; sgd: plain
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = 0
+    lr: float = 1e-6  # the peak learning rate
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW), L2 otherwise
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's beta1 and beta2
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"  # after warmup: constant, or a linear or cosine decay to 0
+    warmup_steps: int = 0  # optimizer steps of linear warmup up to lr
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # clip the gradient's global norm to this; null: no clipping
     bf16: bool | None = None  # bf16 autocast; null (auto): bf16 units (CUDA; CPU AMX/avx512_bf16) and >= 5M parameters (training/precision.py)
     sharding: Literal["none", "fsdp"] = "none"  # fsdp: torch's FSDP2 (fully_shard) over the processes (training/sharding.py); none: DDP
     compile: bool | Literal["auto"] = "auto"  # torch.compile (inductor) of the decoder layers; auto: CUDA, long CPU runs (training/compile_choice.py)
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between lines of metrics.jsonl
     eval_every: int | None = None  # optimizer steps; None = only at the end
     eval_batch_size: int | None = None  # defaults to batch_size
     save_every: int | None = None  # checkpoint every N optimizer steps
@@ -164,7 +164,7 @@ class TrainConfig:
     project: str = "preftune"  # the W&B project / MLflow experiment
     run_name: str | None = None  # the tracker's run name; default: the output folder's name
     tensorboard: bool = False  # the same as report_to including tensorboard
-    progress: bool = True
+    progress: bool = True  # progress bars on stderr (tokenization, reference pass, evaluation, generation)
     logprob_chunk_size: int = 1024  # tokens per chunk of the output projection
     report: bool = True  # write report.html (training curves) at the end
 
@@ -236,9 +236,9 @@ class RMConfig:
 class KTOLossConfig:
     """KTO's objective (Ethayarajh et al. 2024): beta and the weights of the two kinds of example."""
 
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    beta: float = 0.1  # as DPO's beta: the pull towards the reference
+    desirable_weight: float = 1.0  # the loss weight of desirable records
+    undesirable_weight: float = 1.0  # the loss weight of undesirable records
 
     @property
     def name(self) -> str:  # what the reference and the loss registry call it

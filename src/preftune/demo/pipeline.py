@@ -118,7 +118,7 @@ def _train_overrides(s: DemoSettings, out_dir: Path, steps: int, batch: int, lr:
             f"--train.lr={lr}", f"--train.seed={s.seed}", "--train.scheduler=cosine", "--train.warmup_steps=5",
             f"--train.log_every={max(1, steps // 10)}", f"--train.eval_every={max(1, steps // 2)}",
             f"--train.progress={str(s.progress).lower()}", "--train.save_every=null", "--train.overwrite=true",
-            "--train.bf16=false"]  # fp32 pinned: the same table on every processor (README)
+            "--train.bf16=false"]  # fp32 pinned: the same table on every processor (docs/demo.md)
 
 
 def label_pairs(prompts: list[str], samples: list[list[str]]) -> tuple[list[dict], int]:

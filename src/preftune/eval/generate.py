@@ -39,17 +39,17 @@ class GenerationSettings:
     ``batch_size`` counts prompts per ``model.generate`` call.
     """
 
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    num_beams: int = 1
-    repetition_penalty: float | None = None
-    num_samples: int = 1
-    do_sample: bool | None = None
-    seed: int = 0
-    batch_size: int = 16
+    max_new_tokens: int = 64  # at most this many tokens per completion (a stop token ends one sooner)
+    temperature: float = 1.0  # divides the logits before sampling; 0: greedy
+    top_k: int | None = None  # sample among the k most likely tokens; null: off
+    top_p: float | None = None  # sample among the most likely tokens whose probabilities sum to p; null: off
+    min_p: float | None = None  # drop tokens less likely than min_p times the most likely one; null: off
+    num_beams: int = 1  # beam search with this many beams (1: none)
+    repetition_penalty: float | None = None  # transformers' penalty on tokens already generated; null: off
+    num_samples: int = 1  # completions per prompt (beam search: the best beams, best first)
+    do_sample: bool | None = None  # null: sample when temperature > 0 and num_beams == 1
+    seed: int = 0  # the sampling seed: the same seed, the same samples on one machine
+    batch_size: int = 16  # prompts per model.generate call
     progress: bool = True  # a bar on stderr over the prompts
 
     @property

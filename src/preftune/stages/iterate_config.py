@@ -23,11 +23,11 @@ from preftune.eval.generate import GenerationSettings
 class IterateOptions:
     """The loop: rounds, prompts, the judge, how pairs are made, which reference each round uses."""
 
-    rounds: int = 2
+    rounds: int = 2  # rounds of sample, score, pair, train, evaluate (may grow on resume)
     prompts: list[str] = field(default_factory=list)  # prompt files sampled from each round (any file `preftune generate` reads)
     eval_prompts: list[str] = field(default_factory=list)  # held-out prompt files for the per-round evaluation
     max_prompts: int | None = None  # at most this many training prompts per round
-    max_eval_prompts: int | None = 64
+    max_eval_prompts: int | None = 64  # at most this many held-out prompts per evaluation
     eval_samples: int = 2  # samples per held-out prompt (temperature 1: judge score, win rate, KL)
     judge: str | None = None  # "module:function" or "file.py:function" scoring (prompt, completion) -> number
     reward_model: str | None = None  # or a reward model folder (`preftune rm`'s final/)
