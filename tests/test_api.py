@@ -182,7 +182,9 @@ def test_the_run_folder_says_how_the_run_ended(tiny, tmp_path: Path) -> None:  #
     done = preftune.dpo(new_model(tiny), train_data=pairs(16), tokenizer=tiny, max_steps=1, output_dir=str(tmp_path / "ok"), **QUIET)
     status = json.loads((done.run_dir / "status.json").read_text())
     assert status == {"status": "finished", "step": 1, "stopped_by": None,
-                      "precision": {"bf16": False, "setting": "auto", "why": status["precision"]["why"]}}
+                      "precision": {"bf16": False, "setting": "auto", "why": status["precision"]["why"]},
+                      "processor": status["processor"], "started": status["started"], "seconds": status["seconds"]}
+    assert status["processor"] and status["seconds"] >= 0 and status["started"] > 1.7e9
     with pytest.raises(preftune.PreftuneError, match="chosen"):
         preftune.dpo(new_model(tiny), train_data=[{"prompt": "a", "rejected": "b"}], tokenizer=tiny, output_dir=str(tmp_path / "bad"), **QUIET)
     assert not (tmp_path / "bad").exists()  # a run that fails before training leaves no folder behind
