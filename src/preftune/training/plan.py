@@ -11,7 +11,9 @@ lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of `
   the Llama-family shapes (biases and norms included), and the plan says it is approximate;
 - **gradients** ``T x p`` for the ``T`` trainable parameters (all of them, or LoRA's);
 - **optimizer** AdamW ``2 T x p`` (exp_avg, exp_avg_sq in the parameter's dtype), RMSprop ``T x p``, SGD 0;
-- **reference** ``P x p`` for a frozen copy; 0 for the adapter switched off, the on-disk cache, or none;
+- **reference** ``P x p`` for a frozen copy (under bf16 autocast its decoder layers' matrices are held
+  in bf16, 2 bytes each: :func:`preftune.training.reference.layer_matrices_to_bf16`); 0 for the
+  adapter switched off, the on-disk cache, or none;
 - **activations**: what the policy's forward keeps for the backward pass, per token of a row
   (measured on CPU for seven Llama shapes and three key/value widths, SDPA attention, and
   fitted to within a few bytes per token by)::
@@ -206,9 +208,11 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
     adapted = [t for t in s.lora if t in modules]
     trainable = sum(s.lora_r * sum(modules[t]) for t in adapted) * L if s.lora else total
     state = {"adamw": 2, "rmsprop": 1, "sgd": 0}[s.optimizer]
-    parts = {"parameters": total * p, "gradients": trainable * p, "optimizer": state * trainable * p,
-             "reference": total * p if s.reference == "copy" else 0}
     mixed = s.bf16 and s.dtype == "float32"  # autocast over fp32 weights; over bf16 weights it changes nothing
+    matrices = L * sum(i * o for i, o in modules.values())  # the decoder layers' linear maps
+    reference = (matrices * 2 + (total - matrices) * p) if mixed else total * p  # bf16: the copy's layer matrices in bf16
+    parts = {"parameters": total * p, "gradients": trainable * p, "optimizer": state * trainable * p,
+             "reference": reference if s.reference == "copy" else 0}
     resid, act = (4, 2) if mixed else (p, p)
     full = not s.lora
     rows, width, scored = rows_and_width(s)
@@ -232,7 +236,7 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
     if s.sharding == "fsdp":
         for key in ("parameters", "gradients", "optimizer", "reference"):
             parts[key] = math.ceil(parts[key] / s.devices)
-        parts["gathered_layers"] = 2 * shape.layer_params() * p
+        parts["gathered_layers"] = 2 * shape.layer_params() * (2 if mixed else p)  # bf16: FSDP2 gathers the layers in bf16
     fixed = parts["parameters"] + parts["reference"] + parts["optimizer"] + parts["autocast_copies"]
     fixed += parts.get("ddp_buckets", 0) + parts.get("gathered_layers", 0)
     parts["peak"] = fixed + max(parts["activations"], parts["gradients"]) + parts["logprob_chunks"]
