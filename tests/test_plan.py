@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import subprocess
@@ -239,3 +240,20 @@ def test_parameters_are_counted_exactly_for_another_architecture_on_the_meta_dev
     shape = shape_of(config)
     assert shape.params() == sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters())
     assert shape.counted is not None and shape.params() != replace(shape, counted=None).params()  # the formula alone is off
+
+
+def test_a_bf16_runs_reference_copy_is_counted_with_its_layer_matrices_in_bf16() -> None:
+    """Llama-2-7B's shapes, fp32 weights: under bf16 autocast the frozen copy holds its layers' matrices in bf16
+    (training.reference.layer_matrices_to_bf16), so a full DPO step's fixed bytes are ~20 per parameter, not 22;
+    FSDP gathers its layers in bf16."""
+    from preftune.training.plan import Setup, Shape, estimate
+
+    shape = Shape(vocab=32000, hidden=4096, layers=32, kv=4096, q=4096, mlp=11008, tied=False)
+    total, matrices = shape.params(), 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    base = Setup("single", "dpo", 1, 128, 64, True, 1024, "float32", "adamw", reference="copy")
+    fp32, bf16 = estimate(shape, base), estimate(shape, replace(base, bf16=True))
+    assert fp32["reference"] == 4 * total and bf16["reference"] == 2 * matrices + 4 * (total - matrices)
+    fixed = sum(bf16[key] for key in ("parameters", "gradients", "optimizer", "reference", "autocast_copies")) / total
+    assert 20.0 < fixed < 20.1  # 4 + 4 + 8 + 2 (+ 4 for the 0.26B outside the layers' matrices) + 2
+    sharded = estimate(shape, replace(base, bf16=True, sharding="fsdp", devices=8))
+    assert sharded["gathered_layers"] == 2 * shape.layer_params() * 2 and sharded["reference"] == math.ceil(bf16["reference"] / 8)

@@ -40,16 +40,22 @@ The step's peak is ``parameters + reference + optimizer + max(activations + chun
 chunks)`` (the gradients fill as the activations are freed; measured so). DDP adds a second copy of
 the gradients (its all-reduce buckets; ``gradient_as_bucket_view`` off, accelerate's default).
 FSDP / ZeRO-3 divide parameters, gradients, optimizer state and the reference by the devices and
-add two gathered layers (the one running and the next, prefetched); activations are not sharded.
+add two gathered layers (the one running and the next, prefetched; in bf16 under bf16, as
+``train.sharding=fsdp`` gathers them); activations are not sharded.
 The reference's forward pass and the cache pass run without gradients and hold less than the step.
+
+The peak is LIVE TENSOR bytes, what a device's memory must hold. A process's resident memory
+(RSS) adds the libraries (about 0.35 GiB of torch and transformers on CPU) and the allocator's
+slack; the CUDA caching allocator adds its own.
 
 Checked (``tests/test_plan.py``) against the peak of live tensor bytes of real training steps on
 CPU (``preftune.dpo``, ``sft``, ``reward_model``), recorded by torch's profiler (``profile_memory``:
 every allocation and free of the CPU allocator, replayed in time order, plus the parameters that
 exist before): DPO single, cached reference, LoRA, gradient checkpointing, bf16 autocast and the
-concatenated layout, SFT, RM, and DDP per process (2 processes, gloo), within 25%. FSDP / ZeRO-3
-figures are estimates, not measured here; GPU kernels' workspaces and the CUDA caching
-allocator's fragmentation are not modelled.
+concatenated layout, SFT, RM, and DDP and FSDP (``train.sharding=fsdp``) per process (2 processes,
+gloo), within 25%; each process's RSS is recorded beside it (docs/scale.md). ZeRO-3 is not
+measured (DeepSpeed is not run here); GPU kernels' workspaces and the CUDA caching allocator's
+fragmentation are not modelled.
 """
 
 from __future__ import annotations
@@ -317,5 +323,6 @@ def format_plan(result: dict[str, Any]) -> str:
             + [f"yes (b={r['batch']})" if r["fits"] else f"no (b={r['batch']})", str(r["largest_batch"])] for r in result["strategies"]]
     widths = [max(len(str(x)) for x in column) for column in zip(names, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([head, "GiB per device (batch per device; DDP adds its gradient buckets, FSDP its gathered layers)",
+    return "\n".join([head, "GiB of live tensors per device (batch per device; DDP adds its gradient buckets, FSDP its gathered "
+                            "layers; a process's RSS adds the libraries, ~0.35 GiB on CPU)",
                       line(names), *map(line, rows)]) + "\n"
