@@ -99,34 +99,42 @@ def rss() -> tuple[int, int]:
     return pages * os.sysconf("SC_PAGE_SIZE"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1, sharding: str = "none") -> tuple[int, ...]:
+def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1, sharding: str = "none",
+            profiled: bool = True) -> tuple[int, ...]:
     """(planned peak, measured peak of live tensors, RSS before the run, highest RSS after it) in bytes of two
-    steps of ``stage`` with ``strategy``, per process; ``sharding``: data parallel (none) or fsdp."""
+    steps of ``stage`` with ``strategy``, per process; ``sharding``: data parallel (none) or fsdp. Sharded, the
+    model is built inside the profiled run: sharding frees its full parameters, and the profiler records no
+    free of a tensor allocated before it started. ``profiled=False``: RSS only (the profiler's records are
+    resident too), the live peak -1."""
     import preftune
     from preftune.training.plan import Setup, estimate, shape_of
 
     settings, setup = STRATEGIES[strategy]
     if "reference" in settings:
         settings = {"reference": {**settings["reference"], "cache_dir": str(out / "cache")}}
+    if sharding != "none":
+        settings = {**settings, "sharding": sharding}
     tokenizer = tiny_tokenizer()
-    model = llama(model_name)
     batch = BATCH[model_name]
     data = records(2 * batch * processes)
     assert len(tokenizer(data[0]["prompt"])["input_ids"]) == PROMPT_WORDS + 1  # one token a word, and BOS
     if stage == "sft":
         data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in data]
     train = {"dpo": preftune.dpo, "sft": preftune.sft, "rm": preftune.reward_model}[stage]
-    if sharding != "none":
-        settings = {**settings, "sharding": sharding}
-    baseline = sum(p.numel() * p.element_size() for p in model.parameters())
+    model = llama(model_name) if sharding == "none" else None
+    config = model.config if model is not None else llama(model_name).config
+    baseline = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
     rss_before = rss()[0]
-    peak = measured_peak(lambda: train(model, train_data=data, tokenizer=tokenizer, output_dir=str(out / f"run-{sharding}"),
-                                       batch_size=batch, max_steps=2, progress=False, report=False, max_length=512,
-                                       max_prompt_length=256, **settings), baseline)
+
+    def run() -> None:
+        train(model or llama(model_name), train_data=data, tokenizer=tokenizer, output_dir=str(out / f"run-{sharding}-{profiled}"),
+              batch_size=batch, max_steps=2, progress=False, report=False, max_length=512, max_prompt_length=256, **settings)
+
+    peak = measured_peak(run, baseline) if profiled else run() or -1
     base = Setup("single", stage, batch, PROMPT_WORDS + 1, COMPLETION_WORDS + 1, True, 1024, "float32", "adamw",
                  reference="copy" if stage == "dpo" else "none", devices=processes,
                  sharding=sharding if sharding != "none" else "ddp" if processes > 1 else "none")
-    return estimate(shape_of(model.config), replace(base, **setup))["peak"], peak, rss_before, rss()[1]
+    return estimate(shape_of(config), replace(base, **setup))["peak"], peak, rss_before, rss()[1]
 
 
 @pytest.mark.slow
@@ -224,10 +232,12 @@ def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch
 
 
 if __name__ == "__main__":  # under torchrun, by test_ddp_and_fsdp_estimates_per_process_within_25_percent: a JSON line per process and run
-    for name in ("fsdp", "none"):  # sharded first: getrusage's peak RSS is the process's highest so far
-        result = measure(sys.argv[2] if len(sys.argv) > 2 else "tiny", "dpo", "single", Path(sys.argv[1]),
-                         processes=int(os.environ["WORLD_SIZE"]), sharding=name)
-        print(json.dumps({"sharding": name, "rank": int(os.environ["RANK"]), "bytes": result}), flush=True)
+    # by hand: ... test_plan.py OUT 34m [rss]: the 34M model; rss: sharded only, no profiler (docs/scale.md's RSS)
+    name, rss_only = (sys.argv[2] if len(sys.argv) > 2 else "tiny"), sys.argv[3:] == ["rss"]
+    for sharding in ("fsdp",) if rss_only else ("fsdp", "none"):  # sharded first: getrusage's peak RSS is the highest so far
+        result = measure(name, "dpo", "single", Path(sys.argv[1]), processes=int(os.environ["WORLD_SIZE"]), sharding=sharding,
+                         profiled=not rss_only)
+        print(json.dumps({"sharding": sharding, "rank": int(os.environ["RANK"]), "bytes": result}), flush=True)
 
 
 def test_parameters_are_counted_exactly_for_another_architecture_on_the_meta_device() -> None:
