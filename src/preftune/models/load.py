@@ -171,11 +171,11 @@ def unsharded_replica(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if not has_adapter(model):
-        return AutoModelForCausalLM.from_config(model.config, torch_dtype=dtype)
+        return AutoModelForCausalLM.from_config(model.config, dtype=dtype)
     from peft import get_peft_model
 
     names = list(model.peft_config)
-    base = AutoModelForCausalLM.from_config(model.get_base_model().config, torch_dtype=dtype)
+    base = AutoModelForCausalLM.from_config(model.get_base_model().config, dtype=dtype)
     replica = get_peft_model(base, model.peft_config[names[0]], adapter_name=names[0])
     for name in names[1:]:
         replica.add_adapter(name, model.peft_config[name])
