@@ -2,7 +2,8 @@
 
 Two processes with a global batch of 8 (4 each) give the losses at every step and the final
 weights of one process with batch 8, data-parallel (DDP) and sharded (train.sharding=fsdp:
-torch's FSDP2, each process holding half of the parameters, gradients and AdamW state); a run
+torch's FSDP2, each process holding half of the parameters, gradients and AdamW state; LoRA
+too, its frozen base sharded and its reference the adapter switched off); a run
 stopped and resumed on two processes (or resumed on one with the same global batch) ends the
 same, a sharded one stopped by a SIGTERM to the whole launch included; two "nodes" on one
 machine give the result of two processes on one node; what is not supported is refused in one line.
