@@ -2,7 +2,8 @@
 
 Two processes with a global batch of 8 (4 each) give the losses at every step and the final
 weights of one process with batch 8, data-parallel (DDP) and sharded (train.sharding=fsdp:
-torch's FSDP2, each process holding half of the parameters, gradients and AdamW state); a run
+torch's FSDP2, each process holding half of the parameters, gradients and AdamW state; LoRA
+too, its frozen base sharded and its reference the adapter switched off); a run
 stopped and resumed on two processes (or resumed on one with the same global batch) ends the
 same, a sharded one stopped by a SIGTERM to the whole launch included; two "nodes" on one
 machine give the result of two processes on one node; what is not supported is refused in one line.
@@ -167,6 +168,27 @@ def test_two_sharded_processes_equal_one_for_dpo_with_a_copied_and_a_cached_refe
         assert_same_runs(tmp_path / f"one-{strategy}", tmp_path / f"two-{strategy}")  # eval included: balanced batches
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two-copy" / "final")  # the gathered model, whole
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+
+
+@pytest.mark.fp32_exact
+def test_two_sharded_processes_equal_one_for_lora_dpo_with_the_adapter_off_reference(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    """LoRA under FSDP2: the frozen base sharded beside the adapters, the reference the sharded policy with its
+    adapter off; final/ holds the adapter (PeftModel.from_pretrained loads it) and merged/ the merged weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["--model.lora.enabled=true", "--model.lora.merge_on_save=true", "--reference.strategy=auto", "--train.max_steps=4",
+            "--train.lr=1e-2"]
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", *lora, "--train.batch_size=8"))
+    two = preftune(*dpo(tiny_model_dir, data, tmp_path / "two", *lora, "--train.batch_size=4", "--train.sharding=fsdp"), processes=2)
+    assert json.loads((tmp_path / "two" / "reference.json").read_text())["adapter"].startswith("off")
+    *each, whole = held_mib(two.stderr)  # the adapters' parameters, gradients and AdamW state, halved
+    assert all(0.4 * whole <= held <= 0.6 * whole for held in each), two.stderr
+    assert_same_runs(tmp_path / "one", tmp_path / "two")  # the adapter's weights (final/*.safetensors)
+    assert_same_weights(weights(tmp_path / "one" / "final" / "merged"), weights(tmp_path / "two" / "final" / "merged"), atol=1e-5)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "two" / "final")
+    assert any("lora_B" in name and bool(p.ne(0).any()) for name, p in policy.named_parameters())  # trained, loaded
 
 
 @pytest.mark.fp32_exact

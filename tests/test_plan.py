@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import subprocess
@@ -90,41 +91,64 @@ CASES = ([("tiny", "dpo", s) for s in STRATEGIES] + [("34m", "dpo", s) for s in 
 CASES = [pytest.param(*case, marks=pytest.mark.fp32_exact) if case[0] == "tiny" else case for case in CASES]
 
 
-def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1) -> tuple[int, int]:
-    """(planned peak, measured peak) in bytes of two steps of ``stage`` with ``strategy``, per process."""
+def rss() -> tuple[int, int]:
+    """(resident bytes now, the process's highest resident bytes so far), from /proc and getrusage (Linux)."""
+    import resource
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(model_name: str, stage: str, strategy: str, out: Path, processes: int = 1, sharding: str = "none",
+            profiled: bool = True) -> tuple[int, ...]:
+    """(planned peak, measured peak of live tensors, RSS before the run, highest RSS after it) in bytes of two
+    steps of ``stage`` with ``strategy``, per process; ``sharding``: data parallel (none) or fsdp. Sharded, the
+    model is built inside the profiled run: sharding frees its full parameters, and the profiler records no
+    free of a tensor allocated before it started. ``profiled=False``: RSS only (the profiler's records are
+    resident too), the live peak -1."""
     import preftune
     from preftune.training.plan import Setup, estimate, shape_of
 
     settings, setup = STRATEGIES[strategy]
     if "reference" in settings:
         settings = {"reference": {**settings["reference"], "cache_dir": str(out / "cache")}}
+    if sharding != "none":
+        settings = {**settings, "sharding": sharding}
     tokenizer = tiny_tokenizer()
-    model = llama(model_name)
     batch = BATCH[model_name]
     data = records(2 * batch * processes)
     assert len(tokenizer(data[0]["prompt"])["input_ids"]) == PROMPT_WORDS + 1  # one token a word, and BOS
     if stage == "sft":
         data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in data]
     train = {"dpo": preftune.dpo, "sft": preftune.sft, "rm": preftune.reward_model}[stage]
-    baseline = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = measured_peak(lambda: train(model, train_data=data, tokenizer=tokenizer, output_dir=str(out / "run"), batch_size=batch,
-                                       max_steps=2, progress=False, report=False, max_length=512, max_prompt_length=256,
-                                       **settings), baseline)
+    model = llama(model_name) if sharding == "none" else None
+    config = model.config if model is not None else llama(model_name).config
+    baseline = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+    rss_before = rss()[0]
+
+    def run() -> None:
+        train(model or llama(model_name), train_data=data, tokenizer=tokenizer, output_dir=str(out / f"run-{sharding}-{profiled}"),
+              batch_size=batch, max_steps=2, progress=False, report=False, max_length=512, max_prompt_length=256, **settings)
+
+    peak = measured_peak(run, baseline) if profiled else run() or -1
     base = Setup("single", stage, batch, PROMPT_WORDS + 1, COMPLETION_WORDS + 1, True, 1024, "float32", "adamw",
-                 reference="copy" if stage == "dpo" else "none", sharding="ddp" if processes > 1 else "none", devices=processes)
-    return estimate(shape_of(model.config), replace(base, **setup))["peak"], peak
+                 reference="copy" if stage == "dpo" else "none", devices=processes,
+                 sharding=sharding if sharding != "none" else "ddp" if processes > 1 else "none")
+    return estimate(shape_of(config), replace(base, **setup))["peak"], peak, rss_before, rss()[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_name", "stage", "strategy"), CASES)
 def test_estimate_within_25_percent_of_measured_peak(model_name: str, stage: str, strategy: str, tmp_path: Path) -> None:
-    planned, peak = measure(model_name, stage, strategy, tmp_path)
+    planned, peak, *_ = measure(model_name, stage, strategy, tmp_path)
     assert planned == pytest.approx(peak, rel=0.25), (model_name, stage, strategy, planned / 2**20, peak / 2**20)
 
 
 @pytest.mark.slow
-def test_ddp_estimate_per_process_within_25_percent(tmp_path: Path) -> None:
-    """Two processes (torchrun, gloo), each measuring its own peak: this file run as a script."""
+def test_ddp_and_fsdp_estimates_per_process_within_25_percent(tmp_path: Path) -> None:
+    """Two processes (torchrun, gloo; one launch), each measuring its own peak of live tensors: data parallel,
+    and sharded (train.sharding=fsdp). This file run as a script. The plan's peak is live tensor bytes;
+    the process's RSS adds the libraries and the allocator's slack, so it is only required to lie above it."""
     port = __import__("socket").create_server(("127.0.0.1", 0))
     free = port.getsockname()[1]
     port.close()
@@ -132,10 +156,12 @@ def test_ddp_estimate_per_process_within_25_percent(tmp_path: Path) -> None:
                           f"--master-port={free}", __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    peaks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("[")]
-    assert len(peaks) == 2
-    for planned, peak in peaks:
-        assert planned == pytest.approx(peak, rel=0.25), (planned / 2**20, peak / 2**20)
+    peaks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert sorted(p["sharding"] for p in peaks) == ["fsdp", "fsdp", "none", "none"]
+    for p in peaks:
+        planned, peak, _, rss_peak = p["bytes"]
+        assert planned == pytest.approx(peak, rel=0.25), (p["sharding"], planned / 2**20, peak / 2**20)
+        assert rss_peak > peak
 
 
 def test_shapes_and_sharding_arithmetic() -> None:
@@ -205,8 +231,13 @@ def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch
         load_shape(str(tmp_path / "missing" / "x"))
 
 
-if __name__ == "__main__":  # under torchrun, by test_ddp_estimate_per_process_within_25_percent: one JSON line per process
-    print(json.dumps(measure("tiny", "dpo", "single", Path(sys.argv[1]), processes=int(os.environ["WORLD_SIZE"]))))
+if __name__ == "__main__":  # under torchrun, by test_ddp_and_fsdp_estimates_per_process_within_25_percent: a JSON line per process and run
+    # by hand: ... test_plan.py OUT 34m [rss]: the 34M model; rss: sharded only, no profiler (docs/scale.md's RSS)
+    name, rss_only = (sys.argv[2] if len(sys.argv) > 2 else "tiny"), sys.argv[3:] == ["rss"]
+    for sharding in ("fsdp",) if rss_only else ("fsdp", "none"):  # sharded first: getrusage's peak RSS is the highest so far
+        result = measure(name, "dpo", "single", Path(sys.argv[1]), processes=int(os.environ["WORLD_SIZE"]), sharding=sharding,
+                         profiled=not rss_only)
+        print(json.dumps({"sharding": sharding, "rank": int(os.environ["RANK"]), "bytes": result}), flush=True)
 
 
 def test_parameters_are_counted_exactly_for_another_architecture_on_the_meta_device() -> None:
@@ -219,3 +250,20 @@ def test_parameters_are_counted_exactly_for_another_architecture_on_the_meta_dev
     shape = shape_of(config)
     assert shape.params() == sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters())
     assert shape.counted is not None and shape.params() != replace(shape, counted=None).params()  # the formula alone is off
+
+
+def test_a_bf16_runs_reference_copy_is_counted_with_its_layer_matrices_in_bf16() -> None:
+    """Llama-2-7B's shapes, fp32 weights: under bf16 autocast the frozen copy holds its layers' matrices in bf16
+    (training.reference.layer_matrices_to_bf16), so a full DPO step's fixed bytes are ~20 per parameter, not 22;
+    FSDP gathers its layers in bf16."""
+    from preftune.training.plan import Setup, Shape, estimate
+
+    shape = Shape(vocab=32000, hidden=4096, layers=32, kv=4096, q=4096, mlp=11008, tied=False)
+    total, matrices = shape.params(), 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    base = Setup("single", "dpo", 1, 128, 64, True, 1024, "float32", "adamw", reference="copy")
+    fp32, bf16 = estimate(shape, base), estimate(shape, replace(base, bf16=True))
+    assert fp32["reference"] == 4 * total and bf16["reference"] == 2 * matrices + 4 * (total - matrices)
+    fixed = sum(bf16[key] for key in ("parameters", "gradients", "optimizer", "reference", "autocast_copies")) / total
+    assert 20.0 < fixed < 20.1  # 4 + 4 + 8 + 2 (+ 4 for the 0.26B outside the layers' matrices) + 2
+    sharded = estimate(shape, replace(base, bf16=True, sharding="fsdp", devices=8))
+    assert sharded["gathered_layers"] == 2 * shape.layer_params() * 2 and sharded["reference"] == math.ceil(bf16["reference"] / 8)

@@ -230,3 +230,19 @@ def test_ld_dpo_reference_log_probs_are_cached_under_their_own_key(tiny_model_di
         assert read_metrics(run)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     with pytest.raises(Exception, match="ld_alpha must be in"):
         dpo_config(tiny_model_dir, train, None, tmp_path / "bad", "--loss.ld_alpha=1.5")
+
+
+def test_a_bf16_runs_reference_copy_holds_its_layer_matrices_in_bf16_with_the_same_logps() -> None:
+    """Under bf16 autocast every matmul casts its fp32 weight to bf16 anyway: storing the frozen copy's layer
+    matrices in bf16 halves their bytes and gives bitwise the same reference log-probs (the planner counts them so)."""
+    from preftune.training.reference import FrozenCopyReference, layer_matrices_to_bf16
+
+    batch = collate_pairs(random_pairs(6, seed=3), TINY_PAD)
+    fp32, half = FrozenCopyReference(SequenceLogps(freeze(tiny_lm()))), FrozenCopyReference(SequenceLogps(layer_matrices_to_bf16(freeze(tiny_lm()))))
+    dtypes = {name: p.dtype for name, p in half.scorer.named_parameters()}
+    assert {dtypes[n] for n in dtypes if ".layers." in n and n.endswith("proj.weight")} == {torch.bfloat16}
+    assert {dtypes[n] for n in dtypes if ".layers." not in n or "norm" in n} == {torch.float32}  # embeddings, norms, head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fp32.logps(batch), half.logps(batch)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)

@@ -15,22 +15,10 @@ from preftune.training.sharding import check_supported, decoder_layers, part_of
 
 def test_what_sharding_does_not_run_yet_is_refused_in_one_message() -> None:
     fsdp = TrainConfig(sharding="fsdp")
-    check_supported(fsdp, lora=False, processes=2)
-    check_supported(TrainConfig(), lora=True, processes=1)  # unsharded: nothing to check
-    with pytest.raises(ConfigError, match=r"^train.sharding=fsdp: it needs several processes"):
-        check_supported(fsdp, lora=False, processes=1)
-    with pytest.raises(ConfigError, match=r"LoRA is not sharded yet.*train.compile=true is not combined"):
-        check_supported(replace(fsdp, compile=True), lora=True, processes=2)
-
-
-def test_a_lora_run_asking_for_sharding_is_refused_before_its_folder_is_made(
-        tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
-    import preftune
-
-    with pytest.raises(ConfigError, match="LoRA is not sharded yet"):
-        preftune.dpo(str(tiny_model_dir), train_data=str(preference_files[0]), output_dir=str(tmp_path / "run"),
-                     sharding="fsdp", lora={"enabled": True}, max_steps=1, progress=False)
-    assert not (tmp_path / "run").exists()
+    check_supported(fsdp, processes=2)
+    check_supported(replace(TrainConfig(), compile=True), processes=1)  # unsharded: nothing to check
+    with pytest.raises(ConfigError, match=r"^train.sharding=fsdp: it needs several processes.*train.compile=true is not combined"):
+        check_supported(replace(fsdp, compile=True), processes=1)
 
 
 def test_each_decoder_layer_is_a_unit_and_a_part_of_a_state_dict_is_keyed_as_its_own(tiny_model_dir: Path) -> None:

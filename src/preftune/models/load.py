@@ -163,10 +163,30 @@ def has_adapter(model: nn.Module | None) -> bool:
 
 
 
+def unsharded_replica(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An empty plain copy of the causal LM ``model`` (its config, its LoRA adapters by name), built
+    on the CPU in ``dtype``, for a sharded run's gathered weights to be loaded into (``load_state_dict``
+    with the model's own keys): what cannot be done to the shards themselves (merging an adapter,
+    exporting a reward model) is done to it."""
+    from transformers import AutoModelForCausalLM
+
+    if not has_adapter(model):
+        return AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    from peft import get_peft_model
+
+    names = list(model.peft_config)
+    base = AutoModelForCausalLM.from_config(model.get_base_model().config, dtype=dtype)
+    replica = get_peft_model(base, model.peft_config[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        replica.add_adapter(name, model.peft_config[name])
+    return replica
+
+
 def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool = False,
                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``save_pretrained`` (safetensors) + tokenizer; with LoRA the adapter, and merged weights on request.
-    ``state_dict``: the weights to write instead of the model's own (a sharded run's, gathered)."""
+    ``state_dict``: the weights to write instead of the model's own (a sharded run's, gathered; merged
+    through an :func:`unsharded_replica`)."""
     folder.mkdir(parents=True, exist_ok=True)
     if has_adapter(policy):  # the trained adapter only: a frozen reference copy is not part of the model
         extra = {"state_dict": state_dict} if state_dict is not None else {}
@@ -178,7 +198,12 @@ def save_policy(policy: nn.Module, tokenizer: Any, folder: Path, *, merge: bool 
     if merge and hasattr(policy, "merge_and_unload"):
         import copy
 
-        merged = copy.deepcopy(policy).merge_and_unload()
+        if state_dict is None:
+            merged = copy.deepcopy(policy).merge_and_unload()
+        else:
+            merged = unsharded_replica(policy, next(iter(state_dict.values())).dtype)
+            merged.load_state_dict(state_dict)
+            merged = merged.merge_and_unload()
         merged.save_pretrained(str(folder / "merged"), safe_serialization=True)
         tokenizer.save_pretrained(str(folder / "merged"))
 

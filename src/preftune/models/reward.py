@@ -23,7 +23,7 @@ from torch import nn
 from preftune.config.schema import ModelConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import completion_logps
-from preftune.models.load import load_causal_lm, load_tokenizer
+from preftune.models.load import load_causal_lm, load_tokenizer, unsharded_replica
 from preftune.models.scorers import body_of, causal_lm_of
 from preftune.system.progress import batches
 
@@ -74,10 +74,7 @@ def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path, *, seq_c
 
     folder.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
-        from transformers import AutoModelForCausalLM
-
-        dtype = next(iter(state_dict.values())).dtype
-        model = RewardModel(AutoModelForCausalLM.from_config(model.lm.config, torch_dtype=dtype), chunk_size=model.chunk_size)
+        model = RewardModel(unsharded_replica(model.lm, next(iter(state_dict.values())).dtype), chunk_size=model.chunk_size)
         model.load_state_dict(state_dict)
     if hasattr(model.lm, "merge_and_unload"):  # LoRA: a reward model is used whole, so save it merged
         model = RewardModel(copy.deepcopy(model.lm).merge_and_unload(), model.head)

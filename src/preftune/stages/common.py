@@ -31,7 +31,7 @@ from torch import nn
 from preftune.config.schema import to_dict, to_yaml, validate
 from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
-from preftune.models.load import check_causal_lm, has_adapter, load_tokenizer, save_policy
+from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.system.hardware import processor_name
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
@@ -83,7 +83,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         if rank == 0:
             print("preftune: accelerate launch asked for FSDP (ACCELERATE_USE_FSDP): train.sharding=fsdp, torch's fully_shard",
                   file=sys.stderr)
-    check_supported(cfg.train, lora=cfg.model.lora.enabled or has_adapter(given.model), processes=processes)
+    check_supported(cfg.train, processes=processes)
     check_causal_lm(given.model, None if given.model is not None else cfg.model.path)  # before anything is written
     rank, processes = distributed.start()
     if given.model is not None and not cfg.model.path:

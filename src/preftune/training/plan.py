@@ -11,7 +11,9 @@ lengths, log-prob chunk). Per device, in bytes (``p`` = bytes per parameter of `
   the Llama-family shapes (biases and norms included), and the plan says it is approximate;
 - **gradients** ``T x p`` for the ``T`` trainable parameters (all of them, or LoRA's);
 - **optimizer** AdamW ``2 T x p`` (exp_avg, exp_avg_sq in the parameter's dtype), RMSprop ``T x p``, SGD 0;
-- **reference** ``P x p`` for a frozen copy; 0 for the adapter switched off, the on-disk cache, or none;
+- **reference** ``P x p`` for a frozen copy (under bf16 autocast its decoder layers' matrices are held
+  in bf16, 2 bytes each: :func:`preftune.training.reference.layer_matrices_to_bf16`); 0 for the
+  adapter switched off, the on-disk cache, or none;
 - **activations**: what the policy's forward keeps for the backward pass, per token of a row
   (measured on CPU for seven Llama shapes and three key/value widths, SDPA attention, and
   fitted to within a few bytes per token by)::
@@ -38,16 +40,22 @@ The step's peak is ``parameters + reference + optimizer + max(activations + chun
 chunks)`` (the gradients fill as the activations are freed; measured so). DDP adds a second copy of
 the gradients (its all-reduce buckets; ``gradient_as_bucket_view`` off, accelerate's default).
 FSDP / ZeRO-3 divide parameters, gradients, optimizer state and the reference by the devices and
-add two gathered layers (the one running and the next, prefetched); activations are not sharded.
+add two gathered layers (the one running and the next, prefetched; in bf16 under bf16, as
+``train.sharding=fsdp`` gathers them); activations are not sharded.
 The reference's forward pass and the cache pass run without gradients and hold less than the step.
+
+The peak is LIVE TENSOR bytes, what a device's memory must hold. A process's resident memory
+(RSS) adds the libraries (about 0.35 GiB of torch and transformers on CPU) and the allocator's
+slack; the CUDA caching allocator adds its own.
 
 Checked (``tests/test_plan.py``) against the peak of live tensor bytes of real training steps on
 CPU (``preftune.dpo``, ``sft``, ``reward_model``), recorded by torch's profiler (``profile_memory``:
 every allocation and free of the CPU allocator, replayed in time order, plus the parameters that
 exist before): DPO single, cached reference, LoRA, gradient checkpointing, bf16 autocast and the
-concatenated layout, SFT, RM, and DDP per process (2 processes, gloo), within 25%. FSDP / ZeRO-3
-figures are estimates, not measured here; GPU kernels' workspaces and the CUDA caching
-allocator's fragmentation are not modelled.
+concatenated layout, SFT, RM, and DDP and FSDP (``train.sharding=fsdp``) per process (2 processes,
+gloo), within 25%; each process's RSS is recorded beside it (docs/scale.md). ZeRO-3 is not
+measured (DeepSpeed is not run here); GPU kernels' workspaces and the CUDA caching allocator's
+fragmentation are not modelled.
 """
 
 from __future__ import annotations
@@ -206,9 +214,11 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
     adapted = [t for t in s.lora if t in modules]
     trainable = sum(s.lora_r * sum(modules[t]) for t in adapted) * L if s.lora else total
     state = {"adamw": 2, "rmsprop": 1, "sgd": 0}[s.optimizer]
-    parts = {"parameters": total * p, "gradients": trainable * p, "optimizer": state * trainable * p,
-             "reference": total * p if s.reference == "copy" else 0}
     mixed = s.bf16 and s.dtype == "float32"  # autocast over fp32 weights; over bf16 weights it changes nothing
+    matrices = L * sum(i * o for i, o in modules.values())  # the decoder layers' linear maps
+    reference = (matrices * 2 + (total - matrices) * p) if mixed else total * p  # bf16: the copy's layer matrices in bf16
+    parts = {"parameters": total * p, "gradients": trainable * p, "optimizer": state * trainable * p,
+             "reference": reference if s.reference == "copy" else 0}
     resid, act = (4, 2) if mixed else (p, p)
     full = not s.lora
     rows, width, scored = rows_and_width(s)
@@ -232,7 +242,7 @@ def estimate(shape: Shape, s: Setup) -> dict[str, int]:
     if s.sharding == "fsdp":
         for key in ("parameters", "gradients", "optimizer", "reference"):
             parts[key] = math.ceil(parts[key] / s.devices)
-        parts["gathered_layers"] = 2 * shape.layer_params() * p
+        parts["gathered_layers"] = 2 * shape.layer_params() * (2 if mixed else p)  # bf16: FSDP2 gathers the layers in bf16
     fixed = parts["parameters"] + parts["reference"] + parts["optimizer"] + parts["autocast_copies"]
     fixed += parts.get("ddp_buckets", 0) + parts.get("gathered_layers", 0)
     parts["peak"] = fixed + max(parts["activations"], parts["gradients"]) + parts["logprob_chunks"]
@@ -313,5 +323,6 @@ def format_plan(result: dict[str, Any]) -> str:
             + [f"yes (b={r['batch']})" if r["fits"] else f"no (b={r['batch']})", str(r["largest_batch"])] for r in result["strategies"]]
     widths = [max(len(str(x)) for x in column) for column in zip(names, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([head, "GiB per device (batch per device; DDP adds its gradient buckets, FSDP its gathered layers)",
+    return "\n".join([head, "GiB of live tensors per device (batch per device; DDP adds its gradient buckets, FSDP its gathered "
+                            "layers; a process's RSS adds the libraries, ~0.35 GiB on CPU)",
                       line(names), *map(line, rows)]) + "\n"

@@ -299,6 +299,20 @@ def adapter_reference(cfg: DPOConfig, policy_scorer: nn.Module, info: dict[str, 
     return AdapterOffReference(policy_scorer, name)
 
 
+def layer_matrices_to_bf16(model: nn.Module) -> nn.Module:
+    """Store the linear maps of ``model``'s decoder layers in bf16 (in place): a frozen reference that
+    only ever runs under bf16 autocast, which casts those weights to bf16 for every matmul anyway, so
+    its log-probs are bitwise the same (tested) in half the bytes. Embeddings, norms and the head keep
+    their dtype (they are not autocast ops; the head runs in :mod:`preftune.logprobs`'s own precision)."""
+    from preftune.training.sharding import decoder_layers
+
+    for layer in decoder_layers(model):
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                module.to(torch.bfloat16)
+    return model
+
+
 def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, train: Sequence[Any],
                     held: Sequence[Any], collate: Callable, device: torch.device,
                     scorer_cls: type[nn.Module] | None = None, *, ref_model: nn.Module | None = None,
@@ -311,7 +325,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
     by its content instead of the tokenizer folder's files. ``compile``: the run's resolved
     ``train.compile`` (:mod:`preftune.training.compile_choice`), applied to a reference copy's decoder layers;
     ``bf16``: the run's resolved ``train.bf16`` (:mod:`preftune.training.precision`), the precision the cache
-    pass runs in and its key records.
+    pass runs in and its key records; a reference copy loaded here then holds its layers' matrices in
+    bf16 (:func:`layer_matrices_to_bf16`).
     """
     scorer_cls = scorer_cls or SequenceLogps
     ref_path = cfg.reference.path or cfg.model.path
@@ -325,6 +340,8 @@ def build_reference(cfg: DPOConfig, strategy: str, policy_scorer: nn.Module, tra
 
     def copy_scorer() -> nn.Module:
         model = freeze(ref_model) if in_memory else freeze(load_causal_lm(cfg.model, ref_path))
+        if bf16 and not in_memory and not cfg.reference.sync_ref_model:  # a copy of our own, never moved: half its bytes
+            layer_matrices_to_bf16(model)
         if compile:
             compile_layers(model)
         return scorer_cls(model, chunk_size=cfg.train.logprob_chunk_size, **ld).to(device)
