@@ -338,6 +338,27 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- tiny
+def _tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    from preftune.models.tiny import TINY_DATA, TINY_MODEL
+
+    parser.add_argument("--model-dir", default=TINY_MODEL, help=f"where the model goes (default: {TINY_MODEL})")
+    parser.add_argument("--data-dir", default=TINY_DATA, help=f"where the data goes (default: {TINY_DATA})")
+
+
+def _tiny(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Write the tiny model and data; one line says what and where, and what to run next."""
+    from transformers.utils import logging as hf_logging
+
+    from preftune.models.tiny import write_tiny_setup
+
+    hf_logging.disable_progress_bar()
+    written = write_tiny_setup(args.model_dir, args.data_dir)
+    print(f"preftune: tiny model in {written[0]}, tiny data in {written[1].parent} ({', '.join(p.name for p in written[1:])}); "
+          "next: preftune dpo configs/dpo-tiny.yaml (or sft, rm, kto, iterate with their *-tiny.yaml)")
+    return 0
+
+
 #: The command line, in the order ``preftune --help`` lists it.
 VERBS: tuple[Verb, ...] = (
     Verb("inspect", "read a dataset, check every record, and report what it holds", _inspect_arguments, _inspect,
@@ -357,6 +378,8 @@ VERBS: tuple[Verb, ...] = (
     Verb("report", "write RUN_DIR/report.html (plots embedded) and RUN_DIR/plots/*.png", _report_arguments, _report),
     Verb("plan", "estimate per-device memory of a training step for each strategy (from config.json alone)", _plan_arguments,
          _plan, takes_overrides=True),
+    Verb("tiny", "write the tiny model and data that configs/*-tiny.yaml use (seconds, seeded: the same files every time)",
+         _tiny_arguments, _tiny),
     Verb("demo", "the whole pipeline (SFT, reward model, DPO, evaluation) on an embedded task, in minutes on a CPU",
          _demo_arguments, _demo),
 )

@@ -1,4 +1,5 @@
-"""Tiny tokenizers and models built on the fly, for tests, the demo and the benchmarks.
+"""Tiny tokenizers and models built on the fly, for tests, the demo, the benchmarks and the
+shipped ``configs/*-tiny.yaml`` (:func:`write_tiny_setup`, the `preftune tiny` verb).
 
 Nothing can be downloaded here, so preftune trains a byte-level BPE tokenizer with
 ``tokenizers`` and builds a small Llama from a ``transformers`` config (random weights).
@@ -153,6 +154,43 @@ def synthetic_corpus() -> list[str]:
     words = NEUTRAL_WORDS + GOOD_WORDS + BAD_WORDS
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
 
+
+
+#: Where `preftune tiny` writes, and where the shipped configs/*-tiny.yaml read (relative to the working folder)
+TINY_MODEL = "runs/tiny-model"
+TINY_DATA = "runs/tiny-data"
+#: The files of TINY_DATA: pairs to train and evaluate on (also prompts for `iterate`), and unpaired records for KTO
+TINY_FILES = ("train.jsonl", "eval.jsonl", "unpaired.jsonl")
+
+
+def write_tiny_setup(model_dir: str | Path = TINY_MODEL, data_dir: str | Path = TINY_DATA) -> list[Path]:
+    """The tiny model and data the shipped ``configs/*-tiny.yaml`` point at, written in seconds and
+    the same bytes every time (seeded): a tokenizer and a random-weights Llama in ``model_dir``;
+    in ``data_dir`` 64 training and 32 held-out pairs of :func:`synthetic_preferences` and 128
+    unpaired records (each training pair split into a desirable and an undesirable record).
+    Returns what was written. A ``model_dir`` that holds something other than a model is refused."""
+    import json
+
+    from preftune.errors import PreftuneError
+
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    for folder in (model_dir, data_dir):
+        if folder.exists() and not folder.is_dir():
+            raise PreftuneError(f"'{folder}' is a file, not a folder: the tiny setup writes a folder there.")
+    if model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / "config.json").is_file():
+        raise PreftuneError(f"'{model_dir}' holds files but no model (config.json): the tiny setup does not write over it.")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(synthetic_corpus(), vocab_size=300, out_dir=model_dir)
+    tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, out_dir=model_dir)
+    train, held = synthetic_preferences(64, seed=1), synthetic_preferences(32, seed=2)
+    unpaired = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"} for p in train for side in ("chosen", "rejected")]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = [model_dir]
+    for name, records in zip(TINY_FILES, (train, held, unpaired)):
+        path = data_dir / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 def good_words_score(prompt: object, completion: str) -> float:
