@@ -96,7 +96,7 @@ def test_cli_errors_are_short_and_clean(tmp_path: Path, tiny_model_dir: Path, pr
     cases = [
         ([str(DPO_TINY), "--train.lr=fast"], "'train.lr': expected a number"),
         ([str(DPO_TINY), "--trian.lr=1"], "Did you mean '--train.lr'"),
-        ([str(DPO_TINY), f"--model.path={tmp_path / 'missing'}", f"--data.train={train}"], "is not a folder"),
+        ([str(DPO_TINY), f"--model.path={tmp_path / 'missing'}", f"--data.train={train}"], f"no folder '{tmp_path / 'missing'}'; nor can it"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", *args], capture_output=True, text=True, timeout=300)

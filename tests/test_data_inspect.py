@@ -97,7 +97,7 @@ def test_not_a_tokenizer_folder_is_a_clear_error(small: Path, tmp_path: Path) ->
     empty.mkdir()
     with pytest.raises(PreftuneError, match="holds no tokenizer"):
         inspect(str(small), "--on-error", "skip", "--tokenizer", str(empty))
-    with pytest.raises(PreftuneError, match="is not a folder"):
+    with pytest.raises(PreftuneError, match="no folder '.*nope'"):
         inspect(str(small), "--on-error", "skip", "--tokenizer", str(tmp_path / "nope"))
 
 

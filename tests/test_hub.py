@@ -79,8 +79,11 @@ def test_what_is_not_there_is_one_clear_line(offline: Path) -> None:
     assert "\n" not in message
     for part in ("'preftune-test/not-cached'", str(offline), "offline", "hf download preftune-test/not-cached"):
         assert part in message, part
-    with pytest.raises(PreftuneError, match="is not a folder, nor a Hugging Face hub id"):
+    assert message.startswith("model folder: no folder 'preftune-test/not-cached' (relative to ")  # the local path first, then the hub
+    with pytest.raises(PreftuneError) as err:  # a path that cannot be a hub id gets no hub hint
         load_causal_lm(ModelConfig(path="/no/such/folder"))
+    assert str(err.value).endswith("no folder '/no/such/folder'; nor can it be a Hugging Face hub id (org/name).")
+    assert "hf download" not in str(err.value) and "relative to" not in str(err.value)
 
 
 def test_a_dataset_by_hub_id_and_a_hub_layout_folder(offline: Path, tmp_path: Path) -> None:
@@ -98,7 +101,7 @@ def test_a_dataset_by_hub_id_and_a_hub_layout_folder(offline: Path, tmp_path: Pa
     assert (len(local.train), len(local.eval)) == (12, 4)
     with pytest.raises(PreftuneError, match=r"cannot load split 'validation'.*'train', 'dev'"):
         prepare(DataConfig(train=[str(folder)], train_split="validation"), tokenizer, records="pairs", seed=0)
-    with pytest.raises(PreftuneError, match="dataset 'preftune-test/missing' is not a local path"):
+    with pytest.raises(PreftuneError, match="dataset: no file or folder 'preftune-test/missing' .*as a Hugging Face hub id"):
         prepare(DataConfig(train=["preftune-test/missing"]), tokenizer, records="pairs", seed=0)
 
 

@@ -42,7 +42,7 @@ def test_pickled_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_missing_folders_are_named(tmp_path: Path) -> None:
-    with pytest.raises(PreftuneError, match="is not a folder"):
+    with pytest.raises(PreftuneError, match="no folder '.*nope'"):
         load_causal_lm(ModelConfig(path=str(tmp_path / "nope")))
     with pytest.raises(PreftuneError, match="no model folder given"):
         load_causal_lm(ModelConfig(path=""))

@@ -225,9 +225,9 @@ def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert load_shape("org/big-model") == shape_of(model.config)
-    with pytest.raises(PreftuneError, match="'org/other' is not a local path"):
+    with pytest.raises(PreftuneError, match="no folder 'org/other' .*hf download org/other"):
         load_shape("org/other")
-    with pytest.raises(PreftuneError, match="not a folder, nor a Hugging Face hub id"):
+    with pytest.raises(PreftuneError, match="no folder .*; nor can it be a Hugging Face hub id"):
         load_shape(str(tmp_path / "missing" / "x"))
 
 

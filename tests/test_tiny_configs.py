@@ -56,3 +56,22 @@ def test_a_tiny_config_runs_as_written(newcomer: Path, name: str, capsys: pytest
     else:
         assert json.loads((run / "status.json").read_text())["status"] == "finished"
         assert (run / "final" / "config.json").is_file()
+
+
+def test_a_newcomer_who_skips_preftune_tiny_is_told_what_to_run(newcomer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for verb in ("dpo", "iterate"):
+        for _ in range(2):  # nothing is left behind that would refuse the same command again
+            assert main([verb, str(REPO / "configs" / f"{verb}-tiny.yaml")]) == 2
+            err = capsys.readouterr().err
+            assert f"no folder 'runs/tiny-model' (relative to {tmp_path}) (the model of configs/*-tiny.yaml: `preftune tiny` writes it" in err
+            assert "`hf download runs/tiny-model`" in err and "huggingface-cli" not in err  # it can be a hub id: the hint follows
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny-model").symlink_to(newcomer / "runs" / "tiny-model")
+    for verb in ("sft", "iterate"):
+        assert main([verb, str(REPO / "configs" / f"{verb}-tiny.yaml")]) == 2
+        assert f"runs/tiny-data/train.jsonl: no such file or folder (relative to {tmp_path})" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-model"]

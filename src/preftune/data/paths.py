@@ -28,7 +28,8 @@ def check_readable(path: Path, name: str) -> str:
             raise DataError(f"a broken symbolic link (to '{os.readlink(path)}', which does not exist)", file=name,
                             reason="missing_file") from None
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise DataError("no such file or folder", file=name, reason="missing_file") from None
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise DataError(f"no such file or folder{where}", file=name, reason="missing_file") from None
         raise DataError(f"the file cannot be read: {err.strerror}", file=name, reason="unreadable") from None
     if not (stat_module.S_ISREG(mode) or stat_module.S_ISDIR(mode)):
         kind = "a FIFO (named pipe)" if stat_module.S_ISFIFO(mode) else "a socket" if stat_module.S_ISSOCK(mode) else "a device"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.system.hub import looks_like_repo_id, snapshot
+from preftune.system.hub import looks_like_repo_id, no_local, snapshot
 
 __all__ = ["check_folder", "load_tokenizer"]
 
@@ -27,9 +27,17 @@ def check_folder(path: str, what: str) -> Path:
         raise PreftuneError(f"no {what} given: set model.path to a model folder or a Hugging Face hub id.")
     if folder.is_dir():
         return folder
+    hint = tiny_hint(str(path))
     if not looks_like_repo_id(str(path)):
-        raise PreftuneError(f"{what} '{path}' is not a folder, nor a Hugging Face hub id (org/name).")
-    return snapshot(str(path), what)
+        raise PreftuneError(f"{what}: {no_local(str(path))}{hint}; nor can it be a Hugging Face hub id (org/name).")
+    return snapshot(str(path), what, hint=hint)
+
+
+def tiny_hint(path: str) -> str:
+    """Where the shipped configs/*-tiny.yaml's model comes from, when ``path`` is that folder; else ''."""
+    from preftune.models.tiny import TINY_MODEL
+
+    return " (the model of configs/*-tiny.yaml: `preftune tiny` writes it, in seconds)" if Path(path) == Path(TINY_MODEL) else ""
 
 
 def _looks_like_tokenizer(name: str) -> bool:

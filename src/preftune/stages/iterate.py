@@ -73,9 +73,10 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     it, gen = cfg.iterate, cfg.generate
     # the judge is loaded before anything is written: a typo in its name leaves nothing that refuses the corrected command
     judge = scorer or load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)
-    _claim(out, cfg, judge_id)
+    describe_model(cfg.model.path)  # so are the model and the prompts: a missing one is named, and nothing written
     train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
     eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
+    _claim(out, cfg, judge_id)
     initial_path = cfg.model.path
     reference_initial = cfg.reference.path or cfg.model.path
     eval_kwargs = dict(max_new_tokens=gen.max_new_tokens, samples=it.eval_samples, seed=gen.seed, batch_size=gen.batch_size)

@@ -145,13 +145,14 @@ def load_shape(path: str, *, trust_remote_code: bool = False) -> Shape:
 
     from transformers import AutoConfig
 
-    from preftune.system.hub import looks_like_repo_id, snapshot
+    from preftune.models.tokenizer import tiny_hint
+    from preftune.system.hub import looks_like_repo_id, no_local, snapshot
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         if not str(path) or not looks_like_repo_id(str(path)):
-            raise PreftuneError(f"model.path '{path}' is not a folder, nor a Hugging Face hub id (org/name).")
-        folder = snapshot(str(path), "model", patterns=["config.json"])
+            raise PreftuneError(f"model.path: {no_local(str(path))}{tiny_hint(str(path))}; nor can it be a Hugging Face hub id (org/name).")
+        folder = snapshot(str(path), "model.path", patterns=["config.json"], hint=tiny_hint(str(path)))
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
