@@ -183,6 +183,7 @@ def test_the_run_folder_says_how_the_run_ended(tiny, tmp_path: Path) -> None:  #
     status = json.loads((done.run_dir / "status.json").read_text())
     assert status == {"status": "finished", "step": 1, "stopped_by": None,
                       "precision": {"bf16": False, "setting": "auto", "why": status["precision"]["why"]},
+                      "compile": {"on": False, "setting": "auto", "why": status["compile"]["why"]},
                       "processor": status["processor"], "started": status["started"], "seconds": status["seconds"]}
     assert status["processor"] and status["seconds"] >= 0 and status["started"] > 1.7e9
     with pytest.raises(preftune.PreftuneError, match="chosen"):

@@ -131,4 +131,4 @@ def test_silent_acceptance_is_gone(tiny_model_dir: Path, preference_files: tuple
                  f"--train.output_dir={tmp_path / 'cut'}", "--data.max_prompt_length=null", "--train.max_steps=1",
                  "--train.progress=false", "--train.report=false", "--data.eval=[]"]) == 0
     err = capsys.readouterr().err
-    assert f"preftune: train data: kept 64 of {len(records)} records; dropped 1 too_long" in err
+    assert f"; train data: kept 64 of {len(records)} pairs, dropped 1 too_long (see data_report.json); reference copy;" in err

@@ -60,7 +60,7 @@ def test_auto_on_a_cpu_follows_the_planned_steps_and_the_compiler() -> None:
     assert not short.on and f"{AUTO_CPU_MIN_STEPS - 1} planned steps < {AUTO_CPU_MIN_STEPS}" in short.why
     long = decide("auto", "cpu", 20000, M34, compiler=gxx)
     assert long.on
-    assert long.line() == "preftune: train.compile auto -> on (CPU, 20000 planned steps >= 2000 for a model of 33.69M parameters)"
+    assert long.line() == "train.compile auto -> on (CPU, 20000 planned steps >= 2000 for a model of 33.69M parameters)"
     without = decide("auto", "cpu", 20000, M34, compiler=no_compiler)
     assert not without.on and "no C++ compiler" in without.line()
     assert not decide("auto", "cpu", 100_000, 30_000, compiler=never_asked).on  # a tiny model
@@ -69,7 +69,7 @@ def test_auto_on_a_cpu_follows_the_planned_steps_and_the_compiler() -> None:
 def test_auto_under_cuda_and_explicit_values() -> None:
     assert decide("auto", "cuda", 1, 1000, compiler=never_asked).on
     assert decide(True, "cpu", 1, 1000, compiler=gxx).on
-    assert decide(True, "cuda", 1, 1000, compiler=never_asked).line() == "preftune: train.compile true -> on (set explicitly)"
+    assert decide(True, "cuda", 1, 1000, compiler=never_asked).line() == "train.compile true -> on (set explicitly)"
     assert not decide(False, "cpu", 10**9, 10**9, compiler=never_asked).on
     with pytest.raises(ConfigError, match=r"train.compile=true, but inductor finds no C\+\+ compiler .*train.compile=auto or false"):
         decide(True, "cpu", 1, 1000, compiler=no_compiler)

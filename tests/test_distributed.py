@@ -89,7 +89,7 @@ def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Pat
     preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.batch_size=8"))
     two = preftune(*dpo(tiny_model_dir, data, tmp_path / "two", "--train.max_steps=6", "--train.batch_size=4"), processes=2)
     assert "2 processes x batch 4 x grad_accum 1 = global batch 8" in two.stderr
-    assert two.stderr.count("preftune: train.compile auto -> off (CPU, 6 planned steps < ") == 1  # decided once, for both
+    assert two.stderr.count("train.compile auto -> off (CPU, 6 planned steps < ") == 1  # decided once, for both
     assert json.loads((tmp_path / "two" / "reference.json").read_text())["layout"] == "prefix_shared"
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
@@ -103,7 +103,7 @@ def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path,
 
     preftune(*sft(tmp_path / "one", 4))
     two = preftune(*sft(tmp_path / "two", 2), processes=2)
-    assert two.stderr.count("preftune: train.compile auto -> off (CPU, 4 planned steps < ") == 1  # the loop decides for sft
+    assert two.stderr.count("train.compile auto -> off (CPU, 4 planned steps < ") == 1  # the loop decides for sft
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 

@@ -35,10 +35,10 @@ DEMO, M34 = 180_000, 33_694_208  # the demo's model and the benchmark's (issue 2
 def test_auto_needs_bf16_units_and_a_model_large_enough() -> None:
     assert not decide(None, "cpu", M34, units=NONE).bf16  # emulated bf16: slower at every size
     small = decide(None, "cpu", DEMO, units=AMX)
-    assert not small.bf16 and small.line() == ("preftune: train.bf16 auto -> off (CPU with AMX (amx_bf16), but a model of 0.18M "
+    assert not small.bf16 and small.line() == ("train.bf16 auto -> off (CPU with AMX (amx_bf16), but a model of 0.18M "
                                                 "parameters < 5M: too small for bf16 to pay)")
     big = decide(None, "cpu", M34, units=AMX)
-    assert big.bf16 and big.line() == "preftune: train.bf16 auto -> on (CPU with AMX (amx_bf16), a model of 33.69M parameters >= 5M)"
+    assert big.bf16 and big.line() == "train.bf16 auto -> on (CPU with AMX (amx_bf16), a model of 33.69M parameters >= 5M)"
     assert decide(None, "cpu", AUTO_MIN_PARAMS, units=AMX).bf16 and not decide(None, "cpu", AUTO_MIN_PARAMS - 1, units=AMX).bf16
     assert not decide(None, "cpu", 30_000, units=AMX).bf16  # the tests' models stay fp32 on every processor
     assert decide(None, "cuda", M34, units=(True, "CUDA H200 (bf16 supported)")).bf16
@@ -46,10 +46,10 @@ def test_auto_needs_bf16_units_and_a_model_large_enough() -> None:
 
 
 def test_explicit_values_win_and_say_when_bf16_is_emulated() -> None:
-    assert decide(True, "cpu", 30_000, units=AMX).line() == "preftune: train.bf16 true -> on (set explicitly)"
+    assert decide(True, "cpu", 30_000, units=AMX).line() == "train.bf16 true -> on (set explicitly)"
     emulated = decide(True, "cpu", M34, units=NONE)
     assert emulated.bf16 and "emulated and slower than fp32" in emulated.why
-    assert decide(False, "cpu", M34, units=AMX).line() == "preftune: train.bf16 false -> off (set explicitly)"
+    assert decide(False, "cpu", M34, units=AMX).line() == "train.bf16 false -> off (set explicitly)"
     with pytest.raises(ConfigError, match=r"true, false or null \(auto\)"):
         decide("yes", "cpu", M34, units=AMX)  # type: ignore[arg-type]
 
@@ -115,7 +115,8 @@ def test_a_run_says_its_precision_once_and_records_it(tiny_model_dir: Path, pref
     capsys.readouterr()
     run = run_dpo(dpo_config(tiny_model_dir, train, held, tmp_path / "run", *COMMON, "--train.max_steps=2", "--train.save_every=2"))
     lines = [line for line in capsys.readouterr().err.splitlines() if "train.bf16" in line]
-    assert lines == ["preftune: train.bf16 auto -> off (CPU without bf16 units (as $PREFTUNE_CPU_BF16_UNITS=0 says))"]
+    assert len(lines) == 1 and lines[0].startswith(f"preftune: dpo: model {tiny_model_dir} (")  # the run's start line says it
+    assert "; train.bf16 auto -> off (CPU without bf16 units (as $PREFTUNE_CPU_BF16_UNITS=0 says)); train.compile auto -> off (" in lines[0]
     bf16, status, state = recorded(run)
     assert bf16 is False and state["bf16"] is False
     assert status == {"bf16": False, "setting": "auto", "why": "CPU without bf16 units (as $PREFTUNE_CPU_BF16_UNITS=0 says)"}
@@ -143,7 +144,7 @@ def test_auto_turns_bf16_on_for_a_model_large_enough_and_a_resume_elsewhere_keep
 
     capsys.readouterr()
     whole = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "whole", *COMMON, *cache, "--train.max_steps=4"))
-    assert "preftune: train.bf16 auto -> on (CPU with bf16 units (as $PREFTUNE_CPU_BF16_UNITS=1 says), a model of" in capsys.readouterr().err
+    assert "train.bf16 auto -> on (CPU with bf16 units (as $PREFTUNE_CPU_BF16_UNITS=1 says), a model of" in capsys.readouterr().err
     assert recorded(whole)[1]["bf16"] is True and recorded(whole)[0] is True
     fp32 = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "fp32", *COMMON, *cache, "--train.max_steps=1", "--train.bf16=false"))
     assert read_metrics(fp32)[0]["logps/chosen"] != read_metrics(whole)[0]["logps/chosen"]  # bf16 really ran
@@ -192,6 +193,6 @@ def test_every_stage_says_and_records_its_precision(stage: str, tiny_model_dir: 
     capsys.readouterr()
     result = fn(str(tiny_model_dir), train_data=records, output_dir=str(tmp_path / stage), batch_size=4, max_steps=1,
                 progress=False, report=False, bf16=True)
-    assert "preftune: train.bf16 true -> on (set explicitly; CPU without bf16 units" in capsys.readouterr().err
+    assert "train.bf16 true -> on (set explicitly; CPU without bf16 units" in capsys.readouterr().err
     bf16, status, _ = recorded(result.run_dir)
     assert bf16 is True and status["bf16"] is True and status["setting"] is True

@@ -21,6 +21,7 @@ import threading
 from preftune.cli.verbs import VERBS, Verb
 from preftune.errors import PreftuneError
 from preftune.system.distributed import world
+from preftune.system.progress import quiet_transformers_bars
 from preftune.training.interrupts import Interrupted
 
 
@@ -83,7 +84,8 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
         if processes > 1 and not verb.takes_overrides:  # the training verbs are the ones that run data-parallel
             raise PreftuneError(f"`preftune {verb.name}` runs in one process; it was launched in {processes}. "
                                 "Only the training verbs (dpo, kto, sft, rm) train across processes.")
-        return verb.run(args, overrides)
+        with quiet_transformers_bars():  # preftune's own lines and bars say what is happening
+            return verb.run(args, overrides)
     except PreftuneError as err:
         if args.debug:
             raise

@@ -4,6 +4,13 @@ data, save the final model, train, write the report, and say in ``status.json`` 
 seconds since this process started it, or ``failed`` with the error; a run killed outright stays
 ``running``).
 
+The console of a run is two lines of its own on stderr, said by the main process only: at the
+start, one line naming the model (its parameters), the data (kept and dropped, by split), the
+reference strategy, the processes, and the precision and compile choices with their reasons
+(:func:`start_line`; ``status.json`` keeps both choices too); at the end, the ``done`` line.
+Between them run preftune's own progress bars (``train.progress``); transformers' per-file
+loading and saving bars are quiet for the whole run (:func:`preftune.system.progress.quiet_transformers_bars`).
+
 A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
 and objective, and returns the loop's :class:`~preftune.training.loop.Task`; its ``run(cfg)`` is
 ``train(build_task(cfg), cfg)``. So the CLI, the Python API, the demo and the benchmarks build a
@@ -21,7 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +41,13 @@ from preftune.errors import PreftuneError
 from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.system.hardware import processor_name
+from preftune.system.progress import quiet_transformers_bars
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
 from preftune.system.seeding import seed_everything
 from preftune.training.checkpoint import resolve_resume
+from preftune.training.compile_choice import CompileChoice, resolve_compile
 from preftune.training.loop import Fitted, Task, fit
-from preftune.training.precision import PrecisionChoice, resolve_precision
+from preftune.training.precision import PrecisionChoice, model_params, resolve_precision
 from preftune.training.sharding import check_supported
 
 
@@ -63,12 +72,14 @@ class Given:
 
 @dataclass
 class Run:
-    """A started run: its config, folder, tokenizer and device."""
+    """A started run: its config, folder, tokenizer and device; ``about``: what its start line says of
+    the data and the reference (the stage adds them as it builds the task, and hands them to :class:`Task`)."""
 
     cfg: Any
     dir: Path
     tokenizer: Any
     device: torch.device
+    about: list[str] = field(default_factory=list)
 
 
 def start_run(cfg: Any, given: Given | None = None) -> Run:
@@ -106,11 +117,6 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
              processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
-        if processes > 1:
-            train = cfg.train
-            print(f"preftune: {processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
-                  f"{processes * train.batch_size * train.grad_accum} per optimizer step "
-                  f"({'sharded: FSDP2' if train.sharding == 'fsdp' else 'data parallel'})", file=sys.stderr)
     distributed.barrier()
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +124,7 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
 
 
 #: What status.json keeps from one write to the next (the run's decisions and where and when it started, recorded once)
-STATUS_KEEPS = ("precision", "processor", "started")
+STATUS_KEEPS = ("precision", "compile", "processor", "started")
 
 
 def mark(run_dir: Path, status: str, **info: Any) -> None:
@@ -134,12 +140,14 @@ def with_precision(cfg: Any, precision: PrecisionChoice) -> Any:
     return replace(cfg, train=replace(cfg.train, bf16=precision.bf16))
 
 
-def record_precision(run_dir: Path, cfg: Any, precision: PrecisionChoice) -> None:
-    """The run's resolved precision into ``config.yaml`` (``train.bf16``) and ``status.json`` (``precision``)."""
+def record_choices(run_dir: Path, cfg: Any, precision: PrecisionChoice, compile_choice: CompileChoice) -> None:
+    """The run's resolved precision into ``config.yaml`` (``train.bf16``), and both choices with their
+    reasons into ``status.json`` (``precision``, ``compile``)."""
     (run_dir / "config.yaml").write_text(to_yaml(with_precision(cfg, precision)), encoding="utf-8")
     status = read_status(run_dir)
-    status.pop("precision", None)
-    mark(run_dir, status.pop("status", "running"), **status, precision=precision.record())
+    for key in STATUS_KEEPS:
+        status.pop(key, None)
+    mark(run_dir, status.pop("status", "running"), **status, precision=precision.record(), compile=compile_choice.record())
 
 
 _SETUP: dict[Path, Claim] = {}  # run folders claimed in this process whose training has not begun
@@ -152,7 +160,8 @@ def recorded(cfg: Any) -> Iterator[None]:
     the run there (not when the folder was refused)."""
     run_dir = Path(cfg.train.output_dir)
     try:
-        yield
+        with quiet_transformers_bars():
+            yield
     except BaseException as err:
         setup = _SETUP.pop(run_dir.resolve(), None)
         ours = read_status(run_dir).get("pid") == os.getpid()
@@ -167,29 +176,25 @@ def recorded(cfg: Any) -> Iterator[None]:
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
-    """Write ``data_report.json`` (the main process) and say on stderr what was dropped or cut;
-    stop when nothing is left to train on (the report then in the message: the run folder is put
-    back as it was, without it)."""
-    summaries = {split: _data_summary(report) for split, report in reports.items()}
+    """Write ``data_report.json`` (the main process) and add to the run's start line what was kept,
+    dropped or cut (``what``: "pairs", "records", ...); stop when nothing is left to train on (the
+    report then in the message: the run folder is put back as it was, without it)."""
+    summaries = {split: _data_summary(report, what) for split, report in reports.items() if report}
     if not train:
         raise PreftuneError(f"no training {what} are left after loading and truncation ({summaries.get('train') or 'no records'}).")
     if distributed.is_main():
         (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
-        for split, summary in summaries.items():
-            if summary:
-                print(f"preftune: {split} data: {summary} (see {run.dir / 'data_report.json'})", file=sys.stderr)
+    run.about += [f"{split} data: {summary}" for split, summary in summaries.items()]
 
 
-def _data_summary(report: dict[str, Any]) -> str:
-    """'kept K of N records; dropped ...; cut ...', or '' when nothing was dropped or cut."""
+def _data_summary(report: dict[str, Any], what: str) -> str:
+    """'kept K of N pairs', then ', dropped ..., cut ... (see data_report.json)' when something was."""
     dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
     cut = {k: v for k, v in report.get("truncation", {}).items() if v and k != "dropped"}
-    if not (dropped or cut):
-        return ""
-    parts = [f"kept {report.get('kept', 0)} of {report.get('records', 0)} records"]
+    parts = [f"kept {report.get('kept', 0)} of {report.get('records', 0)} {what}"]
     parts += [f"dropped {', '.join(f'{v} {k}' for k, v in dropped.items())}"] if dropped else []
     parts += [f"cut {', '.join(f'{v} {k}' for k, v in cut.items())}"] if cut else []
-    return "; ".join(parts)
+    return ", ".join(parts) + (" (see data_report.json)" if dropped or cut else "")
 
 
 def data_digests(cfg: Any) -> dict[str, str]:
@@ -222,10 +227,14 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
         claim.commit()
     if task.data_digests is None:
         task = replace(task, data_digests=data_digests(cfg))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if task.precision is None:  # decided once, before the loop; a stage that needed it earlier set it
-        task = replace(task, precision=resolve_precision(cfg.train, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu"))
+        task = replace(task, precision=resolve_precision(cfg.train, task.model, run_dir, device))
+    if task.compile is None:
+        task = replace(task, compile=resolve_compile(cfg.train, task.model, len(task.train_set), run_dir, device))
     if PartialState().is_main_process:
-        record_precision(run_dir, cfg, task.precision)
+        record_choices(run_dir, cfg, task.precision, task.compile)
+        print(start_line(task, cfg), file=sys.stderr, flush=True)
     fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, task.precision)))
     if PartialState().is_main_process:
         started = read_status(run_dir).get("started")
@@ -237,6 +246,25 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
         print(f"preftune: done{stopped}: model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}"
               + (f", report {run_dir / 'report.html'}" if (run_dir / "report.html").is_file() else ""), file=sys.stderr)
     return fitted
+
+
+def start_line(task: Task, cfg: Any) -> str:
+    """``preftune: dpo: model M (N parameters); train data: kept ...; reference copy; train.bf16 auto ->
+    off (why); train.compile auto -> off (why)``: what is about to run, in one line."""
+    from preftune.config.schema import STAGES
+
+    stage = next((name for name, cls in STAGES.items() if isinstance(cfg, cls)), "train")
+    model = task.output if task.output is not None else task.model
+    params, trained = model_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = f"{params / 1e6:.2f}M parameters" + (f", {trained / 1e6:.2f}M trained" if trained != params else "")
+    parts = [f"model {cfg.model.path or 'given in memory'} ({size})", *task.about]
+    processes, train = distributed.world()[1], cfg.train
+    if processes > 1:
+        parts.append(f"{processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
+                     f"{processes * train.batch_size * train.grad_accum} per optimizer step "
+                     f"({'sharded: FSDP2' if train.sharding == 'fsdp' else 'data parallel'})")
+    parts += [task.precision.line(), task.compile.line()]
+    return f"preftune: {stage}: " + "; ".join(parts)
 
 
 def write_report_or_warn(run_dir: Path) -> None:

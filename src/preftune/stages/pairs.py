@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -62,8 +61,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     full-logits baseline); prefix-shared rows always use :class:`SharedPrefixLogps`.
     """
     shared, why_not = use_prefix_sharing(cfg, policy, list(train_rows) + list(eval_rows))
-    if why_not and distributed.is_main():
-        print(f"preftune: prefix sharing is off: {why_not}; using the concatenated layout", file=sys.stderr)
+    run.about.append(f"reference {strategy}" + (f" (layout concatenated: prefix sharing is off: {why_not})" if why_not else ""))
     scorer_cls = SharedPrefixLogps if shared else (scorer_cls or SequenceLogps)
     options = {"wpo": True} if getattr(cfg.loss, "use_weighting", False) else {}  # WPO: the policy's aligned log-probs too
     if getattr(cfg.loss, "ld_alpha", None) is not None:  # LD-DPO: the policy and every reference weigh the tails
@@ -97,7 +95,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, compile=compile_choice, precision=precision, after_step=after_step)
+                output=policy, compile=compile_choice, precision=precision, after_step=after_step, about=tuple(run.about))
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:

@@ -76,7 +76,7 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
     check_vocabulary(policy, train_items + eval_items, "data")
     return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens,
                 eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy)
+                output=policy, about=tuple(run.about))
 
 
 def run(cfg: SFTConfig) -> Path:

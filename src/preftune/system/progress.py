@@ -4,6 +4,8 @@
 what a stream of unknown length has done (records read and tokenized, and their rate);
 :func:`status` prints one line with a rate once a step is done. Both are silent when progress is off (``train.progress
 = false``, or a caller that passes ``enabled=False``) and for steps too short to matter.
+:func:`quiet_transformers_bars` silences transformers' own per-file bars ("Loading weights",
+"Writing model shards") while preftune's say what is happening, and puts them back after.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ def counter(desc: str, *, unit: str, enabled: bool = True) -> Iterator[Any]:
 
     with tqdm(desc=desc, unit=f" {unit}", leave=False, disable=not enabled, file=sys.stderr, delay=DELAY) as bar:
         yield bar
+
+
+@contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def status(what: str, count: int, seconds: float, *, enabled: bool = True, at_least: float = 2.0) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +72,13 @@ class CompileChoice:
     setting: bool | str = "auto"
 
     def line(self) -> str:
+        """``train.compile auto -> off (why)``: how the run's start line says it."""
         given = "auto" if self.setting == "auto" else str(bool(self.setting)).lower()
-        return f"preftune: train.compile {given} -> {'on' if self.on else 'off'} ({self.why})"
+        return f"train.compile {given} -> {'on' if self.on else 'off'} ({self.why})"
+
+    def record(self) -> dict[str, Any]:
+        """What ``status.json`` keeps of it."""
+        return {"on": self.on, "setting": self.setting, "why": self.why}
 
 
 def cxx_compiler() -> str | None:
@@ -142,8 +146,9 @@ def decide(setting: bool | str, device: str, steps: int, params: int, *, compile
 
 def resolve_compile(train: Any, model: nn.Module, items: int, run_dir: Path, device: torch.device | str) -> CompileChoice:
     """``train.compile`` for the run in ``run_dir`` training ``model`` on ``items`` items: decided on
-    the main process (a resume reads its checkpoint's record), taken by every other, said on stderr."""
-    rank, processes = world()
+    the main process (a resume reads its checkpoint's record), taken by every other (the run's start
+    line says it: :func:`preftune.stages.common.train`)."""
+    _, processes = world()
 
     def choose() -> CompileChoice:
         resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
@@ -152,10 +157,7 @@ def resolve_compile(train: Any, model: nn.Module, items: int, run_dir: Path, dev
         return decide(train.compile, torch.device(device).type, planned_steps(train, items, processes), model_params(model),
                       recorded=None if resume is None else recorded_choice(resume))
 
-    choice = decided_on_main(choose)
-    if rank == 0:
-        print(choice.line(), file=sys.stderr)
-    return choice
+    return decided_on_main(choose)
 
 
 def compile_for_run(choice: CompileChoice | None, train: Any, model: nn.Module, items: int, run_dir: Path,

@@ -78,6 +78,7 @@ class Task:
     precision: PrecisionChoice | None = None  # train.bf16 as the stage resolved it (None: the loop resolves it)
     data_digests: dict[str, str] | None = None  # sha256 of each data file, kept in checkpoints: a resume on changed data is refused
     after_step: Callable[[int], None] | None = None  # called on every process after each optimizer step (TR-DPO's reference sync)
+    about: Sequence[str] = ()  # what the run's start line says of the data and the reference (stages.common.start_line)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:

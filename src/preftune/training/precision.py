@@ -16,7 +16,7 @@ also on a machine where auto would have chosen otherwise (the line then says so)
 ``true``/``false`` that differs from the recorded choice is honoured, and the line says the result
 will not be bitwise the uninterrupted run's. A checkpoint written before the choice was recorded
 is decided afresh, saying so. With several processes the main process decides and every process
-takes its answer; the main process says it in one line on stderr, and the stage records it in the
+takes its answer; the run's start line says it (:func:`preftune.stages.common.train`), and the stage records it in the
 run's ``config.yaml`` (``train.bf16``: the resolved value), ``status.json`` (``precision``) and
 every checkpoint.
 """
@@ -24,7 +24,6 @@ every checkpoint.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from preftune.errors import ConfigError
-from preftune.system.distributed import decided_on_main, world
+from preftune.system.distributed import decided_on_main
 from preftune.system.hardware import bf16_units
 from preftune.training.checkpoint import STATE_FILE, resolve_resume
 
@@ -66,8 +65,9 @@ class PrecisionChoice:
         return "bf16" if self.bf16 else "fp32"
 
     def line(self) -> str:
+        """``train.bf16 auto -> off (why)``: how the run's start line says it."""
         given = "auto" if self.setting is None else str(bool(self.setting)).lower()
-        return f"preftune: train.bf16 {given} -> {'on' if self.bf16 else 'off'} ({self.why})"
+        return f"train.bf16 {given} -> {'on' if self.bf16 else 'off'} ({self.why})"
 
     def record(self) -> dict[str, Any]:
         """What ``status.json`` keeps of it."""
@@ -137,17 +137,13 @@ def model_params(model: nn.Module) -> int:
 
 def resolve_precision(train: Any, model: nn.Module, run_dir: Path, device: torch.device | str) -> PrecisionChoice:
     """``train.bf16`` for the run in ``run_dir`` training ``model``: decided on the main process (a
-    resume reads its checkpoint's record), taken by every other, said on stderr."""
+    resume reads its checkpoint's record), taken by every other (the run's start line says it)."""
     def choose() -> PrecisionChoice:
         resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
         return decide(train.bf16, torch.device(device).type, model_params(model),
                       recorded=None if resume is None else recorded_choice(resume), resuming=resume is not None)
 
-    choice = decided_on_main(choose)
-    rank, _ = world()
-    if rank == 0:
-        print(choice.line(), file=sys.stderr)
-    return choice
+    return decided_on_main(choose)
 
 
 def new_accelerator(accelerator_cls: type, precision: PrecisionChoice) -> Any:
