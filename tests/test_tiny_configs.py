@@ -50,12 +50,31 @@ def test_every_verb_has_its_tiny_config() -> None:
 def test_a_tiny_config_runs_as_written(newcomer: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     verb = name.removesuffix("-tiny.yaml")
     assert main([verb, str(REPO / "configs" / name)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err  # transformers' bars are quiet under preftune's
     run = newcomer / "runs" / f"{verb}-tiny"
     if verb == "iterate":
         assert len(json.loads((run / "iterate.json").read_text())["rounds"]) == 2
-    else:
-        assert json.loads((run / "status.json").read_text())["status"] == "finished"
-        assert (run / "final" / "config.json").is_file()
+        return
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert (run / "final" / "config.json").is_file()
+    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("preftune: ")]
+    assert len(ours) == 2 and ours[0].startswith(f"preftune: {verb}: model runs/tiny-model (0.05M parameters); train data: kept "), ours
+    assert "train.bf16 auto -> off (" in ours[0] and "train.compile auto -> off (" in ours[0]
+    assert err.endswith(f"preftune: done: model in runs/{verb}-tiny/final, metrics in runs/{verb}-tiny/metrics.jsonl, "
+                        f"report runs/{verb}-tiny/report.html\n")  # the last line
+
+
+def test_without_progress_a_run_says_two_lines(newcomer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--train.progress=false", "--train.max_steps=2", "--train.output_dir=runs/quiet", "--train.report=false"]
+    assert main(["dpo", str(REPO / "configs" / "dpo-tiny.yaml"), *args]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == ("preftune: dpo: model runs/tiny-model (0.05M parameters); train data: kept 64 of 64 pairs; eval data: kept 32 "
+                        "of 32 pairs; reference copy; train.bf16 auto -> off (CPU without bf16 units (as $PREFTUNE_CPU_BF16_UNITS=0 "
+                        "says)); train.compile auto -> off (CPU, 2 planned steps < 1292749 for a model of 0.05M parameters: compiling "
+                        "would not pay for itself)")
+    assert lines[1] == "preftune: done: model in runs/quiet/final, metrics in runs/quiet/metrics.jsonl"
 
 
 def test_a_newcomer_who_skips_preftune_tiny_is_told_what_to_run(newcomer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
