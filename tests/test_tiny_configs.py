@@ -94,3 +94,11 @@ def test_a_newcomer_who_skips_preftune_tiny_is_told_what_to_run(newcomer: Path, 
         assert main([verb, str(REPO / "configs" / f"{verb}-tiny.yaml")]) == 2
         assert f"runs/tiny-data/train.jsonl: no such file or folder (relative to {tmp_path})" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-model"]
+
+
+def test_the_readmes_first_training_command_is_a_tiny_config_as_written() -> None:
+    """What the tests above run is what the README tells a newcomer to type first."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(".venv/bin/preftune ")]
+    training = [c for c in commands if c.split()[1] in ("tiny", "dpo", "sft", "rm", "kto", "iterate")]
+    assert training[:2] == [".venv/bin/preftune tiny", ".venv/bin/preftune dpo configs/dpo-tiny.yaml"]
