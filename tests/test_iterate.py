@@ -252,8 +252,9 @@ def test_a_resumed_iteration_refuses_another_judge_with_the_same_name(preference
     assert function_fingerprint(lambda p, c: 1.0) != function_fingerprint(lambda p, c: 2.0)
     train, held = preference_files
     out = tmp_path / "run"
+    (tmp_path / "no-model").mkdir()  # a folder, empty: a missing one is refused before anything is written
     common = {"model": tmp_path / "no-model", "prompts": [str(train)], "eval_prompts": [str(held)]}
-    with pytest.raises(PreftuneError, match="no-model"):  # the iteration starts (config.yaml, judge.json), then finds no model
+    with pytest.raises(PreftuneError, match="no-model"):  # the iteration starts (config.yaml, judge.json), then finds no model in it
         preftune.iterate(ITERATE_TINY, judge=_factory(1.0), train={"output_dir": str(out), "progress": False}, **common)
     resume = {"output_dir": str(out), "progress": False, "resume_from": "latest"}
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
