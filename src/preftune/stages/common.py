@@ -184,17 +184,17 @@ def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) 
         raise PreftuneError(f"no training {what} are left after loading and truncation ({summaries.get('train') or 'no records'}).")
     if distributed.is_main():
         (run.dir / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
-    run.about += [f"{split} data: {summary}" for split, summary in summaries.items()]
+    run.about += [f"{split} data: {summary}" + (" (see data_report.json)" if "," in summary else "") for split, summary in summaries.items()]
 
 
 def _data_summary(report: dict[str, Any], what: str) -> str:
-    """'kept K of N pairs', then ', dropped ..., cut ... (see data_report.json)' when something was."""
+    """'kept K of N pairs', then ', dropped ...' and ', cut ...' when something was."""
     dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
     cut = {k: v for k, v in report.get("truncation", {}).items() if v and k != "dropped"}
     parts = [f"kept {report.get('kept', 0)} of {report.get('records', 0)} {what}"]
     parts += [f"dropped {', '.join(f'{v} {k}' for k, v in dropped.items())}"] if dropped else []
     parts += [f"cut {', '.join(f'{v} {k}' for k, v in cut.items())}"] if cut else []
-    return ", ".join(parts) + (" (see data_report.json)" if dropped or cut else "")
+    return ", ".join(parts)
 
 
 def data_digests(cfg: Any) -> dict[str, str]:
