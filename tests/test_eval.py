@@ -195,7 +195,7 @@ def test_run_eval_on_a_run_folder_saves_every_metric(dpo_run: Path, judges_modul
     assert saved["win_rate"][0]["n"] == 12 and saved["win_rate"][0]["judge"] == "function my_judges:longer"
     assert len(saved["samples"]) == 5 and saved["samples"][0]["reference"] is not None
     table = format_table(results)
-    for needle in ("reward accuracy", "KL per completion", "win rate (ties count half)", "95% CI", "Perplexity (2 held-out texts"):
+    for needle in ("reward accuracy", "KL per completion", "win rate, ties count half", "95% Wilson interval", "Perplexity (2 held-out texts"):
         assert needle in table, needle
 
 
