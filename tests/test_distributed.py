@@ -7,6 +7,11 @@ too, its frozen base sharded and its reference the adapter switched off); a run
 stopped and resumed on two processes (or resumed on one with the same global batch) ends the
 same, a sharded one stopped by a SIGTERM to the whole launch included; two "nodes" on one
 machine give the result of two processes on one node; what is not supported is refused in one line.
+
+Marked fp32_exact (run again by `make test` as on a CPU with bf16 units): one data-parallel and
+one sharded launch. train.bf16 auto is decided once, on the main process, and broadcast
+(system.distributed.decided_on_main), so every other launch here takes the same path; running
+them all twice would cost CI minutes and check nothing more.
 """
 
 from __future__ import annotations
@@ -94,7 +99,6 @@ def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Pat
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.fp32_exact
 def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     def sft(out: Path, batch: int) -> list[str]:
         return ["sft", str(REPO / "configs" / "sft-tiny.yaml"), f"--model.path={tiny_model_dir}", f"--data.train={data[0]}",
@@ -107,7 +111,6 @@ def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path,
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.fp32_exact
 def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     constant = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.save_every=3"]
     preftune(*dpo(tiny_model_dir, data, tmp_path / "straight", "--train.max_steps=6", "--train.batch_size=4", *constant), processes=2)
@@ -128,7 +131,6 @@ def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path,
     assert refused.returncode == 2 and "global batch of 8" in refused.stderr and "this run has 4" in refused.stderr
 
 
-@pytest.mark.fp32_exact
 def test_two_processes_equal_one_for_kto_with_the_global_kl_baseline_data_parallel_and_sharded(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     def kto(out: Path, batch: int) -> list[str]:  # lr 1e-2: a per-process z0 moved the weights by 2e-4 here
@@ -170,7 +172,6 @@ def test_two_sharded_processes_equal_one_for_dpo_with_a_copied_and_a_cached_refe
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
 
 
-@pytest.mark.fp32_exact
 def test_two_sharded_processes_equal_one_for_lora_dpo_with_the_adapter_off_reference(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     """LoRA under FSDP2: the frozen base sharded beside the adapters, the reference the sharded policy with its
@@ -191,7 +192,6 @@ def test_two_sharded_processes_equal_one_for_lora_dpo_with_the_adapter_off_refer
     assert any("lora_B" in name and bool(p.ne(0).any()) for name, p in policy.named_parameters())  # trained, loaded
 
 
-@pytest.mark.fp32_exact
 def test_two_sharded_processes_equal_one_for_sft_with_packing_and_the_reward_model(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     from preftune.models.reward import load_reward_model
@@ -232,7 +232,6 @@ def stop_by_sigterm(args: list[str], out: Path) -> tuple[int, str]:
     return step, err
 
 
-@pytest.mark.fp32_exact
 def test_a_sharded_run_stopped_by_sigterm_resumes_on_two_processes_bitwise_and_on_one(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil
