@@ -185,3 +185,29 @@ def test_no_module_over_400_lines() -> None:
     """A module that grows past 400 lines is split by meaning (DESIGN.md)."""
     long = {name: n for name, path in modules(SRC).items() if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+BENCHMARKS = SRC.parent / "benchmarks"
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(roots: list[Path], limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """'file:function' -> lines, for every function (methods and nested ones included) longer than ``limit``."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (lines := node.end_lineno - node.lineno + 1) > limit:
+                    found[f"{path.relative_to(root.parent)}:{node.name}"] = lines
+    return found
+
+
+def test_no_function_over_80_lines() -> None:
+    """A function that needs a page of body names its steps instead (DESIGN.md: `_fit` reads as its docstring)."""
+    assert long_functions([SRC, BENCHMARKS]) == {}
+
+
+def test_the_size_checker_counts_a_long_function(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * 80, encoding="utf-8")
+    assert long_functions([tmp_path / "pkg"]) == {"pkg/m.py:long": 81}
