@@ -75,21 +75,25 @@ def measure_peak(settings: Settings, workdir: Path, dtype: str = "float32") -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: The module every benchmark process runs (``python -m benchmarks.runners``): it runs any run by name.
+RUNNER = "benchmarks.runners"
+
+
 def plan(runs: list[str], smoke: bool) -> list[tuple[str, list[str], dict[str, str]]]:
     """(module, runs, environment) per process: one run each; a smoke run packs the runs that
-    share an environment into one process (imports are most of its time)."""
+    share an environment into one process (imports are most of its time): preftune's, then TRL's."""
     ours = [r for r in runs if r in VARIANTS]
     theirs = [r for r in runs if r in TRL_RUNS]
-    # benchmarks/sweep.py's runs, in the runners' processes (trl-sweep starts one per TRL run, not under --smoke)
+    # benchmarks/sweep.py's runs, beside each side's (trl-sweep starts one process per TRL run, not under --smoke)
     ours += [r for r in runs if r == "sweep"]
     theirs += [r for r in runs if r == "trl-sweep"]
     env_of = {**{r: spec.env for r, spec in TRL_RUNS.items()}, "trl-sweep": {}}
     if not smoke:
-        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], env_of[r]) for r in theirs]
-    groups: list[tuple[str, list[str], dict[str, str]]] = [("benchmarks.run_preftune", ours, {})] if ours else []
+        return [(RUNNER, [r], {}) for r in ours] + [(RUNNER, [r], env_of[r]) for r in theirs]
+    groups: list[tuple[str, list[str], dict[str, str]]] = [(RUNNER, ours, {})] if ours else []
     for env in {json.dumps(env_of[r], sort_keys=True) for r in theirs}:
         group = [r for r in theirs if json.dumps(env_of[r], sort_keys=True) == env]
-        groups.append(("benchmarks.run_trl", group, json.loads(env)))
+        groups.append((RUNNER, group, json.loads(env)))
     return groups
 
 

@@ -32,10 +32,10 @@ LAYERS: list[tuple[str, ...]] = [
 TORCH_ONLY = ("preftune.losses", "preftune.logprobs")
 
 
-def modules(src: Path) -> dict[str, Path]:
-    """Dotted name -> file, for every module under ``src`` (packages by their ``__init__``)."""
+def modules(src: Path, package: str = "") -> dict[str, Path]:
+    """Dotted name -> file, for every module under ``src`` (packages by their ``__init__``), or under its folder ``package``."""
     found = {}
-    for path in sorted(src.rglob("*.py")):
+    for path in sorted((src / package).rglob("*.py")):
         name = ".".join(path.relative_to(src).with_suffix("").parts)
         found[name.removesuffix(".__init__")] = path
     return found
@@ -82,9 +82,9 @@ def violations(src: Path, layers: list[tuple[str, ...]]) -> list[str]:
     return found
 
 
-def circles(src: Path) -> list[list[str]]:
-    """Import circles among the modules (depth-first search over the import graph)."""
-    known = modules(src)
+def circles(src: Path, package: str = "") -> list[list[str]]:
+    """Import circles among the modules (of ``package``; depth-first search over the import graph)."""
+    known = modules(src, package)
     graph = {name: imports(name, path, known) for name, path in known.items()}
     found, seen = [], set()
     state: dict[str, int] = {}  # 1 on the stack, 2 done
@@ -113,6 +113,11 @@ def test_no_import_goes_up_a_layer() -> None:
 
 def test_no_import_circle() -> None:
     assert circles(SRC) == []
+
+
+def test_no_import_circle_among_the_benchmarks() -> None:
+    """The runners' registry (benchmarks/runners.py) sits above the runners; none imports it back."""
+    assert circles(SRC.parent, "benchmarks") == []
 
 
 def test_losses_and_logprobs_import_torch_and_nothing_of_the_project() -> None:
@@ -171,6 +176,15 @@ def test_the_checker_catches_a_circle(tmp_path: Path) -> None:
         "eval/judges.py": "from . import run\n",  # relative imports count too
     })
     assert circles(src) == [["preftune.eval.judges", "preftune.eval.run", "preftune.eval.judges"]]
+
+
+def test_the_checker_catches_a_circle_among_the_benchmarks(tmp_path: Path) -> None:
+    """The circle benchmarks once had: a runner importing the sweep's registry, the sweep importing the runners."""
+    for name, text in {"__init__.py": "", "run_preftune.py": "def run_any():\n    from benchmarks.sweep import RUNNERS\n",
+                       "run_trl.py": "from benchmarks.run_preftune import run_any\n", "sweep.py": "from benchmarks import run_trl\n"}.items():
+        (tmp_path / "benchmarks").mkdir(exist_ok=True)
+        (tmp_path / "benchmarks" / name).write_text(text, encoding="utf-8")
+    assert circles(tmp_path, "benchmarks") == [["benchmarks.run_preftune", "benchmarks.sweep", "benchmarks.run_trl", "benchmarks.run_preftune"]]
 
 
 @pytest.mark.parametrize("relative", ["losses.py", "logprobs.py"])

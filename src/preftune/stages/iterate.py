@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from preftune.stages import dpo
 from preftune.stages.common import recorded, train
 from preftune.stages.iterate_config import IterateConfig, check, round_config
 from preftune.system.distributed import world
+from preftune.system.files import atomic_write
 from preftune.training.checkpoint import latest_checkpoint
 
 FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots", "judge.json")
@@ -168,7 +168,7 @@ def _make_pairs(loop: _Iteration, number: int, folder: Path, policy_path: str) -
     del policy
     samples = [{"prompt": p.prompt, "system": p.system, "sample": j, "completion": t, "score": s, "round": number}
                for p, group, values in zip(prompts, texts, scores) for j, (t, s) in enumerate(zip(group, values))]
-    _atomic(folder / "samples.jsonl", lambda tmp, rows=samples: write_generations(tmp, rows))
+    atomic_write(folder / "samples.jsonl", lambda tmp, rows=samples: write_generations(tmp, rows))
     pairs, counts = build_pairs([p.prompt for p in prompts], texts, scores, rule=it.pairing, min_gap=it.min_gap,
                                 systems=[p.system for p in prompts])
     _write_json(folder / "pairing.json", {"rule": it.pairing, "min_gap": it.min_gap, **counts.as_dict(),
@@ -177,7 +177,7 @@ def _make_pairs(loop: _Iteration, number: int, folder: Path, policy_path: str) -
         raise PreftuneError(f"round {number}: no pairs: every prompt's samples scored the same or within "
                             f"iterate.min_gap ({folder / 'pairing.json'}); more samples (generate.num_samples), a "
                             "higher generate.temperature or a finer-grained judge would help.")
-    _atomic(folder / "pairs.jsonl", lambda tmp, rows=pairs: write_generations(tmp, rows))
+    atomic_write(folder / "pairs.jsonl", lambda tmp, rows=pairs: write_generations(tmp, rows))
 
 
 def _train_round(round_cfg: Any, number: int, folder: Path, callbacks: Sequence[Any]) -> None:
@@ -272,14 +272,7 @@ def _status(folder: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8"))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename: a killed run leaves the old file or the new, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8"))
 
 
 def _write_summary(out: Path, cfg: IterateConfig, initial: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
