@@ -225,3 +225,52 @@ def test_the_size_checker_counts_a_long_function(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "m.py").write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * 80, encoding="utf-8")
     assert long_functions([tmp_path / "pkg"]) == {"pkg/m.py:long": 81}
+
+
+#: Module-level containers that may change while the program runs: memos of what a file's bytes hash to, keyed by
+#: the file's identity (path, size, mtime, inode), and what this machine can do (inductor probed once per process).
+#: They cache facts that hold for every run in the process; they hold no run's state.
+MEMOS = {"preftune.system.files._DIGESTS", "preftune.training.manifest._INTACT", "preftune.models.compiled._state"}
+MUTATORS = {"append", "add", "update", "pop", "popitem", "setdefault", "clear", "remove", "discard", "extend", "insert"}
+
+
+def run_state_globals(src: Path) -> list[str]:
+    """Every module-level dict, list or set that a function of its module changes (a process-wide registry),
+    and every ``global`` statement, as 'module.name'."""
+    found = []
+    for name, path in modules(src).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        containers = set()
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
+            value = getattr(node, "value", None)
+            mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in {"dict", "list", "set", "defaultdict"})
+            containers |= {t.id for t in targets if isinstance(t, ast.Name) and mutable}
+        for function in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(function):
+                if isinstance(node, ast.Global):
+                    found += [f"{name}.{g}" for g in node.names]
+                changed = None
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                    for target in (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]):
+                        if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
+                            changed = target.value.id
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                    changed = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+                if changed in containers and f"{name}.{changed}" not in MEMOS:
+                    found.append(f"{name}.{changed}")
+    return sorted(set(found))
+
+
+def test_no_process_wide_registry_of_run_state() -> None:
+    """A decision about a run is made once where it starts and passed down (training/runplan.py), never kept
+    in a process-wide table (DESIGN.md): the run folders being set up and the locks held live in the run's own objects."""
+    assert run_state_globals(SRC) == []
+
+
+def test_the_registry_checker_finds_a_registry_and_a_global(tmp_path: Path) -> None:
+    src = _package(tmp_path, {"__init__.py": "", "errors.py": "", "stages/__init__.py": "",
+                              "stages/common.py": "_SETUP = {}\nLIMIT = 3\n\ndef start(d):\n    _SETUP[d] = 1\n\n"
+                                                  "def stop(d):\n    global LIMIT\n    _SETUP.pop(d)\n"})
+    assert run_state_globals(src) == ["preftune.stages.common.LIMIT", "preftune.stages.common._SETUP"]

@@ -34,13 +34,14 @@ from preftune.errors import PreftuneError, TrainingError
 from preftune.models.compiled import compile_stats
 from preftune.system.distributed import all_gather, all_sum, world
 from preftune.training.callbacks import Callbacks, DisplacementWatch
-from preftune.training.checkpoint import LoopState, load_checkpoint, non_finite, prune_checkpoints, resolve_resume, rng_state, save_checkpoint
+from preftune.training.checkpoint import LoopState, load_checkpoint, non_finite, prune_checkpoints, rng_state, save_checkpoint
 from preftune.training.compile_choice import compile_for_run
 from preftune.training.evaluate import evaluate_held_out
 from preftune.training.interrupts import Interrupted, StopSignals
 from preftune.training.optim import make_optimizer, make_scheduler
 from preftune.training.precision import new_accelerator, resolve_precision
 from preftune.training.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
+from preftune.training.runplan import RunPlan, plan_run
 from preftune.training.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
 from preftune.training.sharding import clip_grad_norm, full_state_dict, no_sync, part_of, say_held, shard_model
 from preftune.training.task import Batch, CountFn, LossFn, Task, check_shards, count_examples, epoch_batches, shard, sum_counts, to_device
@@ -63,27 +64,30 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = 
     ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
     the run early (:mod:`preftune.training.callbacks`). ``hparams`` (the whole resolved config) go to the
     trackers of ``train.report_to`` (:mod:`preftune.training.trackers`). A SIGTERM or SIGINT ends the run
-    after the current step with a checkpoint (:mod:`preftune.training.interrupts`).
+    after the current step with a checkpoint (:mod:`preftune.training.interrupts`). The run's decisions
+    (resume point, global batch, steps, precision, compile) are ``task.plan``'s, made where the stage
+    started the run (:mod:`preftune.training.runplan`); a task without one is planned here, once.
     """
+    plan = task.plan or plan_run(cfg, Path(run_dir), hparams)  # a task built without a stage: planned here, once
     with StopSignals() as signals:
-        return _fit(task, cfg, Path(run_dir), callbacks, hparams, signals)
+        return _fit(task, cfg, Path(run_dir), callbacks, hparams, signals, plan)
 
 
 def _fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], hparams: dict[str, Any] | None,
-         signals: StopSignals) -> Fitted:
+         signals: StopSignals, plan: RunPlan) -> Fitted:
     """The loop: for each optimizer step, its micro-batches (the data position), then :func:`_step`
     (batch, forward, loss, backward, accumulate, clip, step, schedule), then log, evaluate and
     checkpoint as ``cfg`` asks; a stop signal ends it after the step with a checkpoint."""
     from tqdm.auto import tqdm
 
-    run = _start(task, cfg, run_dir, callbacks, hparams)
+    run = _start(task, cfg, run_dir, callbacks, hparams, plan)
     state = run.state
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not cfg.progress or not run.accelerator.is_main_process, desc="train")
     run.model.train()
     run.started, run.tokens_at_start = time.perf_counter(), state.tokens_seen
     stopped_by: str | None = None
     while state.step < run.total_steps:
-        batches = epoch_batches(task, cfg, state.epoch, run.processes)
+        batches = epoch_batches(task, plan.global_batch, cfg.seed, state.epoch)
         # The micro-batches of this epoch not consumed yet, in groups of grad_accum.
         remaining = batches[state.batches_in_epoch :]
         if not remaining:
@@ -139,6 +143,7 @@ class _Run:
     trackers: Any
     hooks: Callbacks
     last_checkpoint: Path | None
+    plan: RunPlan
     window: MetricWindow = field(default_factory=MetricWindow)
     watch: DisplacementWatch = field(default_factory=DisplacementWatch)
     last_record: dict[str, Any] = field(default_factory=dict)
@@ -155,15 +160,19 @@ class _Run:
         return all_gather(answer)[0] if self.processes > 1 else answer
 
 
-def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], hparams: dict[str, Any] | None) -> _Run:
-    """The run's precision, accelerator, shards, optimizer, compiled layers, schedule, resumed state and trackers."""
+def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any], hparams: dict[str, Any] | None, plan: RunPlan) -> _Run:
+    """As ``plan`` says: the accelerator in the run's precision, shards, optimizer, compiled layers, schedule, resumed state and trackers."""
     from accelerate import Accelerator
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    precision = task.precision or resolve_precision(cfg, task.model, run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = plan.precision or resolve_precision(cfg, task.model, device, resume=plan.resume)
     accelerator = new_accelerator(Accelerator, precision)
     rank, processes = world()
-    check_shards(len(task.train_set), cfg, processes)
+    if not task.train_set:
+        raise PreftuneError("the training set is empty after loading and truncation: nothing to train on.")
+    check_shards(len(task.train_set), plan)
+    total_steps = plan.total_steps(cfg, len(task.train_set))
     sharded = cfg.sharding == "fsdp"
     if sharded:  # before the optimizer is made: it steps this process's shards (training/sharding.py)
         shard_model(task.model, bf16=precision.bf16)
@@ -172,27 +181,21 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any]
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
-    compiling = compile_for_run(task.compile, cfg, task.model, len(task.train_set), run_dir, accelerator.device)
+    compiling = compile_for_run(plan.compile, cfg, task.model, total_steps, accelerator.device, resume=plan.resume)
     compiled_before = compile_stats() if compiling else {}
     model, optimizer = (task.model, optimizer) if sharded else accelerator.prepare(task.model, optimizer)
 
-    batches_per_epoch = math.ceil(len(task.train_set) / (cfg.batch_size * processes))
-    if batches_per_epoch == 0:
-        raise PreftuneError("the training set is empty after loading and truncation: nothing to train on.")
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     state = LoopState()
-    resume = resolve_resume(cfg, run_dir, hparams, global_batch=cfg.batch_size * processes, data=task.data_digests)
-    if resume is not None:
-        state = load_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                                rank=rank, global_batch=cfg.batch_size * processes, restore_sharded=load_sharded_state)
-    state.global_batch, state.compiled, state.bf16 = cfg.batch_size * processes, compiling, precision.bf16  # what a resume takes over
+    if plan.resume is not None:
+        state = load_checkpoint(plan.resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                                rank=rank, global_batch=plan.global_batch, restore_sharded=load_sharded_state)
+    state.global_batch, state.compiled, state.bf16 = plan.global_batch, compiling, precision.bf16  # what a resume takes over
     truncate_metrics(run_dir / "metrics.jsonl", state.step)
     trackers = start_trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None
     return _Run(task, cfg, run_dir, hparams, accelerator, model, optimizer, scheduler, params, state, total_steps, rank, processes,
-                sharded, compiling, compiled_before, trackers, Callbacks(callbacks), last_checkpoint=resume)
+                sharded, compiling, compiled_before, trackers, Callbacks(callbacks), last_checkpoint=plan.resume, plan=plan)
 
 
 def _step(run: _Run, group: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +287,7 @@ def _checkpoint(run: _Run) -> Path:
     rngs = all_gather(rng_state())
     if accelerator.is_main_process:
         save_checkpoint(path, model=accelerator.unwrap_model(run.model), optimizer=run.optimizer, scheduler=run.scheduler,
-                        state=state, export=task.save_model or task.save_final, rng=rngs, config=run.hparams, data=task.data_digests)
+                        state=state, export=task.save_model or task.save_final, rng=rngs, config=run.hparams, data=run.plan.data_digests)
         if cfg.save_total_limit:
             prune_checkpoints(run.run_dir, cfg.save_total_limit)
     return path

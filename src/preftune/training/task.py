@@ -15,10 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.config.schema import TrainConfig
 from preftune.errors import PreftuneError
-from preftune.training.compile_choice import CompileChoice
-from preftune.training.precision import PrecisionChoice
+from preftune.training.runplan import RunPlan
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -50,9 +48,7 @@ class Task:
     save_model: Callable[..., None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
-    compile: CompileChoice | None = None  # train.compile as the stage resolved it (None: the loop resolves it)
-    precision: PrecisionChoice | None = None  # train.bf16 as the stage resolved it (None: the loop resolves it)
-    data_digests: dict[str, str] | None = None  # sha256 of each data file, kept in checkpoints: a resume on changed data is refused
+    plan: RunPlan | None = None  # the run's decisions, made when it started (training/runplan.py); None: fit plans it
     after_step: Callable[[int], None] | None = None  # called on every process after each optimizer step (TR-DPO's reference sync)
 
 
@@ -71,14 +67,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def epoch_batches(task: Task, cfg: TrainConfig, epoch: int, processes: int = 1) -> list[list[int]]:
-    """The epoch's GLOBAL micro-batches (``batch_size`` per process, so ``batch_size x processes``
+def epoch_batches(task: Task, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's GLOBAL micro-batches (``batch_size`` per process, so ``global_batch`` = ``batch_size x processes``
     items each), length-grouped over the whole set exactly as one process with that batch would."""
     from preftune.data.collate import LengthGroupedBatchSampler
 
-    sampler = LengthGroupedBatchSampler(
-        task.lengths, cfg.batch_size * processes, seed=cfg.seed, shuffle=True, group_by_length=task.group_by_length
-    )
+    sampler = LengthGroupedBatchSampler(task.lengths, global_batch, seed=seed, shuffle=True, group_by_length=task.group_by_length)
     sampler.set_epoch(epoch)
     return list(sampler)
 
@@ -90,14 +84,15 @@ def shard(indices: list[int], rank: int, processes: int) -> list[int]:
     return indices[start : start + base + (1 if rank < extra else 0)]
 
 
-def check_shards(n_items: int, cfg: TrainConfig, processes: int) -> None:
+def check_shards(n_items: int, plan: RunPlan) -> None:
     """Every process needs an example in every micro-batch (DDP runs the step on all of them)."""
+    processes = plan.processes
     if processes == 1:
         return
-    tail = n_items % (cfg.batch_size * processes)
+    tail = n_items % plan.global_batch
     if n_items < processes or 0 < tail < processes:
         raise PreftuneError(
-            f"{n_items} training items in global batches of {cfg.batch_size} x {processes} processes leave a last batch of "
+            f"{n_items} training items in global batches of {plan.global_batch // processes} x {processes} processes leave a last batch of "
             f"{tail or n_items} for {processes} processes; choose train.batch_size so that each process gets at least one "
             "example of every batch (or run on fewer processes)."
         )
