@@ -75,25 +75,64 @@ def measure_peak(settings: Settings, workdir: Path, dtype: str = "float32") -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: The module every benchmark process runs (``python -m benchmarks.runners``): it runs any run by name.
+RUNNER = "benchmarks.runners"
+
+
 def plan(runs: list[str], smoke: bool) -> list[tuple[str, list[str], dict[str, str]]]:
     """(module, runs, environment) per process: one run each; a smoke run packs the runs that
-    share an environment into one process (imports are most of its time)."""
+    share an environment into one process (imports are most of its time): preftune's, then TRL's."""
     ours = [r for r in runs if r in VARIANTS]
     theirs = [r for r in runs if r in TRL_RUNS]
-    # benchmarks/sweep.py's runs, in the runners' processes (trl-sweep starts one per TRL run, not under --smoke)
+    # benchmarks/sweep.py's runs, beside each side's (trl-sweep starts one process per TRL run, not under --smoke)
     ours += [r for r in runs if r == "sweep"]
     theirs += [r for r in runs if r == "trl-sweep"]
     env_of = {**{r: spec.env for r, spec in TRL_RUNS.items()}, "trl-sweep": {}}
     if not smoke:
-        return [("benchmarks.run_preftune", [r], {}) for r in ours] + [("benchmarks.run_trl", [r], env_of[r]) for r in theirs]
-    groups: list[tuple[str, list[str], dict[str, str]]] = [("benchmarks.run_preftune", ours, {})] if ours else []
+        return [(RUNNER, [r], {}) for r in ours] + [(RUNNER, [r], env_of[r]) for r in theirs]
+    groups: list[tuple[str, list[str], dict[str, str]]] = [(RUNNER, ours, {})] if ours else []
     for env in {json.dumps(env_of[r], sort_keys=True) for r in theirs}:
         group = [r for r in theirs if json.dumps(env_of[r], sort_keys=True) == env]
-        groups.append(("benchmarks.run_trl", group, json.loads(env)))
+        groups.append((RUNNER, group, json.loads(env)))
     return groups
 
 
 def main(argv: list[str] | None = None) -> int:
+    args, runs, settings = parse_arguments(argv)
+    from benchmarks.fixtures import build_fixtures
+
+    started = time.perf_counter()
+    fixtures, manifest = build_fixtures(args.fixtures, [settings.model])
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="preftune-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    peak = measure_peak(settings, workdir)
+    bf16_runs = [r for r in runs if (r in VARIANTS and VARIANTS[r].bf16) or (r in TRL_RUNS and TRL_RUNS[r].bf16)]
+    peak_bf16 = measure_peak(settings, workdir, "bfloat16") if bf16_runs else None
+    context = {"machine": machine(), "versions": versions(), "matmul_peak_flops_per_s": peak["matmul_peak_flops_per_s"],
+               "fixtures_manifest_version": manifest["version"]}
+    if peak_bf16:
+        context["matmul_peak_bf16_flops_per_s"] = peak_bf16["matmul_peak_flops_per_s"]
+    records, failed = run_children(plan(runs, settings.smoke), settings, fixtures.root, workdir, context, peak, peak_bf16)
+
+    print()
+    print(f"model {settings.model}, {settings.timed_steps} timed steps after {settings.warmup_steps} warm-up, batch "
+          f"{settings.batch_size}, {settings.threads} threads; fp32 matmul peak {peak['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
+    print(table(records) if records else "no run finished")
+    lines, same = equivalence(records)
+    sweep_lines, sweep_same = sweep_cost(records)
+    print("\n".join(lines + bf16_cost(records) + sweep_lines))
+    bad = [r["run"] for r in records if not finite(r)]
+    if bad:
+        print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)
+    if not settings.smoke and records:
+        results = args.results or HERE / "results.jsonl"
+        results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return 1 if failed or bad or not same or not sweep_same else 0
+
+
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], Settings]:
+    """The command line: its arguments, the runs asked for (checked) and the settings they run with."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every run for 2 steps on the 7M model and 16 records")
     parser.add_argument("--model", choices=["7m", "34m"], default="7m")
@@ -119,64 +158,34 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(model="7m", batch_size=2, threads=1, warmup_steps=1, timed_steps=1, smoke=True)
     else:
         settings = Settings(model=args.model, threads=args.threads, warmup_steps=args.warmup_steps, timed_steps=args.timed_steps)
+    return args, runs, settings
 
-    from benchmarks.fixtures import build_fixtures
 
-    started = time.perf_counter()
-    fixtures, manifest = build_fixtures(args.fixtures, [settings.model])
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="preftune-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    peak = measure_peak(settings, workdir)
-    bf16_runs = [r for r in runs if (r in VARIANTS and VARIANTS[r].bf16) or (r in TRL_RUNS and TRL_RUNS[r].bf16)]
-    peak_bf16 = measure_peak(settings, workdir, "bfloat16") if bf16_runs else None
-    context = {"machine": machine(), "versions": versions(), "matmul_peak_flops_per_s": peak["matmul_peak_flops_per_s"],
-               "fixtures_manifest_version": manifest["version"]}
-    if peak_bf16:
-        context["matmul_peak_bf16_flops_per_s"] = peak_bf16["matmul_peak_flops_per_s"]
-    records: list[dict[str, Any]] = []
-    failed = False
-
-    def collect(child: tuple[subprocess.Popen, Path, Path]) -> list[dict]:
-        nonlocal failed
-        try:
-            return finish_child(*child)
-        except RuntimeError as err:
-            print(str(err), file=sys.stderr)
-            failed = True
-            return []
-
-    def report(found: list[dict]) -> None:
-        for record in found:
-            record.update(context)
-            # a bf16 row against the bf16 matmul peak, an fp32 row against the fp32 one
-            record["utilization"] = record["flops_per_s"] / (peak_bf16 if record.get("bf16") else peak)["matmul_peak_flops_per_s"]
-            print(json.dumps(record), flush=True)
-            records.append(record)
-
-    starts = plan(runs, settings.smoke)
+def run_children(starts: list[tuple[str, list[str], dict[str, str]]], settings: Settings, fixtures: Path, workdir: Path,
+                 context: dict[str, Any], peak: dict[str, Any], peak_bf16: dict[str, Any] | None) -> tuple[list[dict], bool]:
+    """Run every process of :func:`plan`, printing each record as it comes; the records, and whether a process failed."""
     if settings.smoke:  # timings mean nothing here: start every process at once
-        children = [start_child(m, g, settings, fixtures.root, workdir, e) for m, g, e in starts]
-        for child in children:
-            report(collect(child))
+        children = [start_child(m, g, settings, fixtures, workdir, e) for m, g, e in starts]
+        found = [collect(child, context, peak, peak_bf16) for child in children]
     else:  # one process at a time, so no run slows another
-        for m, g, e in starts:
-            report(collect(start_child(m, g, settings, fixtures.root, workdir, e)))
+        found = [collect(start_child(m, g, settings, fixtures, workdir, e), context, peak, peak_bf16) for m, g, e in starts]
+    return [record for records in found if records for record in records], any(records is None for records in found)
 
-    print()
-    print(f"model {settings.model}, {settings.timed_steps} timed steps after {settings.warmup_steps} warm-up, batch "
-          f"{settings.batch_size}, {settings.threads} threads; fp32 matmul peak {peak['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; "
-          f"load average {os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s in all")
-    print(table(records) if records else "no run finished")
-    lines, same = equivalence(records)
-    sweep_lines, sweep_same = sweep_cost(records)
-    print("\n".join(lines + bf16_cost(records) + sweep_lines))
-    bad = [r["run"] for r in records if not finite(r)]
-    if bad:
-        print(f"non-finite numbers in: {', '.join(bad)}", file=sys.stderr)
-    if not settings.smoke and records:
-        results = args.results or HERE / "results.jsonl"
-        results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return 1 if failed or bad or not same or not sweep_same else 0
+
+def collect(child: tuple[subprocess.Popen, Path, Path], context: dict[str, Any], peak: dict[str, Any],
+            peak_bf16: dict[str, Any] | None) -> list[dict] | None:
+    """A finished child's records with the run's context and utilization, each printed; None (its log's tail printed) when it failed."""
+    try:
+        found = finish_child(*child)
+    except RuntimeError as err:
+        print(str(err), file=sys.stderr)
+        return None
+    for record in found:
+        record.update(context)
+        # a bf16 row against the bf16 matmul peak, an fp32 row against the fp32 one
+        record["utilization"] = record["flops_per_s"] / (peak_bf16 if record.get("bf16") else peak)["matmul_peak_flops_per_s"]
+        print(json.dumps(record), flush=True)
+    return found
 
 
 if __name__ == "__main__":

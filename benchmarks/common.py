@@ -124,6 +124,40 @@ def child_main(run: Any, description: str | None) -> None:
         append_json(args.out, run(name, settings, args.fixtures, args.workdir))
 
 
+def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> Any:
+    from preftune.config.schema import (
+        DataConfig,
+        DPOConfig,
+        LoraConfig,
+        LossConfig,
+        ModelConfig,
+        ReferenceConfig,
+        TrainConfig,
+    )
+
+    lora = LoraConfig(enabled=variant.lora, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=list(settings.lora_targets))
+    return DPOConfig(
+        model=ModelConfig(path=str(model_dir), dtype="float32", lora=lora, gradient_checkpointing=variant.checkpointing),
+        data=DataConfig(train=[str(records)], max_length=settings.max_length, max_prompt_length=settings.max_length,
+                        group_by_length=variant.order == "grouped", prefix_sharing=variant.layout == "shared"),
+        loss=LossConfig(name="dpo", beta=settings.beta),
+        reference=ReferenceConfig(strategy="cache" if variant.reference.startswith("cache") else variant.reference,
+                                  cache_dir=str(cache_dir)),
+        train=TrainConfig(output_dir=str(run_dir), seed=settings.seed, max_steps=settings.total_steps, batch_size=settings.batch_size,
+                          lr=settings.lr, scheduler="constant", warmup_steps=0, max_grad_norm=1.0, log_every=1, progress=False,
+                          compile=variant.compile, bf16=variant.bf16),
+    )
+
+
+def preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir: Path) -> list:
+    """preftune's tokenization of the same records: the ids TRL must reproduce (run_trl and the sweep)."""
+    from preftune.data.prepare import prepare
+    from preftune.models.load import load_tokenizer
+
+    cfg = dpo_config(settings, VARIANTS["plain"], model_dir, records, workdir, workdir / "reference-cache")
+    return prepare(cfg.data, load_tokenizer(str(model_dir)), records="pairs", seed=cfg.train.seed).train
+
+
 def settings_from(text: str) -> Settings:
     return Settings(**json.loads(text))
 

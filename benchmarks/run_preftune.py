@@ -1,4 +1,5 @@
-"""One process, one or more preftune runs (``python -m benchmarks.run_preftune ...``; bench.py calls it).
+"""One process, one or more preftune runs (``python -m benchmarks.run_preftune ...``; bench.py runs them
+through :mod:`benchmarks.runners`).
 
 Each run builds its task exactly as ``preftune dpo`` does (``preftune.stages.dpo.build_task``)
 and trains it with the one loop, ``preftune.training.loop.fit``; the benchmark only wraps the collator to
@@ -27,6 +28,7 @@ from benchmarks.common import (
     Variant,
     batch_order,
     child_main,
+    dpo_config,
     real_tokens,
     result,
 )
@@ -44,31 +46,6 @@ class FullLogitsLogps(nn.Module):
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
         return naive_completion_logps(logits, labels)
-
-
-def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> Any:
-    from preftune.config.schema import (
-        DataConfig,
-        DPOConfig,
-        LoraConfig,
-        LossConfig,
-        ModelConfig,
-        ReferenceConfig,
-        TrainConfig,
-    )
-
-    lora = LoraConfig(enabled=variant.lora, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=list(settings.lora_targets))
-    return DPOConfig(
-        model=ModelConfig(path=str(model_dir), dtype="float32", lora=lora, gradient_checkpointing=variant.checkpointing),
-        data=DataConfig(train=[str(records)], max_length=settings.max_length, max_prompt_length=settings.max_length,
-                        group_by_length=variant.order == "grouped", prefix_sharing=variant.layout == "shared"),
-        loss=LossConfig(name="dpo", beta=settings.beta),
-        reference=ReferenceConfig(strategy="cache" if variant.reference.startswith("cache") else variant.reference,
-                                  cache_dir=str(cache_dir)),
-        train=TrainConfig(output_dir=str(run_dir), seed=settings.seed, max_steps=settings.total_steps, batch_size=settings.batch_size,
-                          lr=settings.lr, scheduler="constant", warmup_steps=0, max_grad_norm=1.0, log_every=1, progress=False,
-                          compile=variant.compile, bf16=variant.bf16),
-    )
 
 
 def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> tuple[Any, Any, dict]:
@@ -167,15 +144,8 @@ def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_ste
                   reference_tokens=reference_tokens, losses=[line["loss"] for line in steps], metrics=metrics, extra=extra)
 
 
-def run_any(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
-    """A variant, or the beta sweep (``sweep``, benchmarks/sweep.py): one process runs both under --smoke."""
-    from benchmarks.sweep import RUNNERS
-
-    return RUNNERS[name](settings, fixtures, workdir) if name in RUNNERS else run_one(name, settings, fixtures, workdir)
-
-
 def main() -> None:
-    child_main(run_any, __doc__)
+    child_main(run_one, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""One process, one TRL run (``python -m benchmarks.run_trl ...``; bench.py calls it).
+"""One process, one TRL run (``python -m benchmarks.run_trl ...``; bench.py runs it
+through :mod:`benchmarks.runners`).
 
 TRL 1.16's ``DPOTrainer`` as a user runs it: the model given as a folder, the text records,
 its own tokenization and collator. Only what the issue fixes is set: batch 8, max length 512,
@@ -17,24 +18,14 @@ from typing import Any
 
 from benchmarks.common import (
     TRL_RUNS,
-    VARIANTS,
     Settings,
     StepClock,
     batch_order,
     child_main,
+    preftune_pairs,
     real_tokens,
     result,
 )
-
-
-def _preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir: Path) -> list:
-    """preftune's tokenization of the same records: the ids TRL must reproduce."""
-    from benchmarks.run_preftune import dpo_config
-    from preftune.data.prepare import prepare
-    from preftune.models.load import load_tokenizer
-
-    cfg = dpo_config(settings, VARIANTS["plain"], model_dir, records, workdir, workdir / "reference-cache")
-    return prepare(cfg.data, load_tokenizer(str(model_dir)), records="pairs", seed=cfg.train.seed).train
 
 
 def trl_config(settings: Settings, output_dir: Path, *, bf16: bool = False) -> Any:
@@ -87,7 +78,7 @@ def run(name: str, settings: Settings, fixtures: Path, workdir: Path, *, records
     model_dir, records_path = fx.model(settings.model), records_path or fx.records(settings.smoke)
     out_dir = workdir / (out_name or name)
     shutil.rmtree(out_dir, ignore_errors=True)
-    pairs = _preftune_pairs(settings, model_dir, records_path, out_dir)
+    pairs = preftune_pairs(settings, model_dir, records_path, out_dir)
     order = batch_order(len(pairs), [p.length for p in pairs], settings, grouped=False)[: settings.total_steps]
     flat = [i for batch in order for i in batch]
     records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
@@ -138,15 +129,8 @@ def _check_same_ids(dataset: Any, pairs: list) -> None:
             raise RuntimeError(f"TRL tokenized record {pair.index} differently from preftune; the runs would not be comparable")
 
 
-def run_any(name: str, settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
-    """A TRL run, or the sweep's (``trl-sweep``: three runs; ``trl-sweep-value``: one, benchmarks/sweep.py)."""
-    from benchmarks.sweep import RUNNERS
-
-    return RUNNERS[name](settings, fixtures, workdir) if name in RUNNERS else run(name, settings, fixtures, workdir)
-
-
 def main() -> None:
-    child_main(run_any, __doc__)
+    child_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A beta sweep's cost: ``sweep`` (preftune, one reference pass) against ``trl-sweep`` (three TRL runs).
 
-bench.py starts ``sweep`` in a run_preftune process and ``trl-sweep`` in a run_trl one, which
-hand them to this module. The sweep is DPO with beta 0.05, 0.1 and 0.2, each value trained for
-the benchmark's warm-up + timed steps (2 + 20) on batch 8, max length 512, fp32.
+bench.py starts ``sweep`` and ``trl-sweep`` by name (:data:`benchmarks.runners.RUNNERS`). The sweep is
+DPO with beta 0.05, 0.1 and 0.2, each value trained for the benchmark's warm-up + timed steps (2 + 20)
+on batch 8, max length 512, fp32.
 
 - The data is the pairs TRL's ``trl`` run trains on (the first warm-up + timed batches of its
   random order), written to their own file: one epoch is exactly the steps each value trains, so
@@ -44,7 +44,9 @@ from benchmarks.common import (
     StepClock,
     as_json,
     batch_order,
+    dpo_config,
     peak_rss_bytes,
+    preftune_pairs,
     real_tokens,
     result,
 )
@@ -141,7 +143,6 @@ def _trained(watch: dict[str, Any], settings: Settings, run_dir: Path) -> dict[s
 def run_preftune_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
     """``preftune dpo --sweep loss.beta=0.05,0.1,0.2`` on the sweep's data; then the single run to compare."""
     from benchmarks.fixtures import Fixtures
-    from benchmarks.run_preftune import dpo_config
     from preftune.stages import dpo
     from preftune.stages.sweep import run_sweep
 
@@ -216,7 +217,6 @@ def run_trl_value(settings: Settings, fixtures: Path, workdir: Path) -> dict[str
 def run_trl_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str, Any]:
     """Three TRL runs, one per beta: each its own process (in this one under ``--smoke``)."""
     from benchmarks.fixtures import Fixtures
-    from benchmarks.run_trl import _preftune_pairs
 
     runs = []
     for beta in BETAS:
@@ -227,7 +227,7 @@ def run_trl_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str
         out, log = workdir / f"trl-sweep-{beta}.jsonl", workdir / "logs" / f"trl-sweep-{beta}.log"
         out.unlink(missing_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "benchmarks.run_trl", "--settings", as_json(one), "--fixtures", str(fixtures),
+        command = [sys.executable, "-m", "benchmarks.runners", "--settings", as_json(one), "--fixtures", str(fixtures),
                    "--workdir", str(workdir), "--out", str(out), "--runs", "trl-sweep-value"]
         with log.open("w") as f:  # the environment bench.py gave this process (threads, offline, no MALLOC_)
             code = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], stdout=f, stderr=subprocess.STDOUT).returncode
@@ -238,7 +238,7 @@ def run_trl_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str
 
     model_dir = Fixtures(fixtures).model(settings.model)
     records = sweep_records(settings, fixtures, workdir)
-    tokens = sum(real_tokens(p) for p in _preftune_pairs(settings, model_dir, records, workdir / "sweep-pairs"))
+    tokens = sum(real_tokens(p) for p in preftune_pairs(settings, model_dir, records, workdir / "sweep-pairs"))
     total = sum(r["train_seconds"] for r in runs)
     middle = runs[BETAS.index(SINGLE)]
     per_value = [{"beta": r["beta"], "train_seconds": r["train_seconds"], "timed_seconds": r["seconds"],
@@ -254,10 +254,6 @@ def run_trl_sweep(settings: Settings, fixtures: Path, workdir: Path) -> dict[str
                   tokens=tokens * len(BETAS), reference_tokens=tokens * len(BETAS), losses=middle["losses"],
                   metrics={k: middle[f"per_step/{k}"] for k in ("rewards/margins", "logps/chosen", "logps/rejected")},
                   extra=extra)
-
-
-#: What run_preftune (``sweep``) and run_trl (``trl-sweep``, and each of its runs) hand over to this module.
-RUNNERS = {"sweep": run_preftune_sweep, "trl-sweep": run_trl_sweep, "trl-sweep-value": run_trl_value}
 
 
 def sweep_cost(records: list[dict[str, Any]]) -> tuple[list[str], bool]:

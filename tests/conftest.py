@@ -38,6 +38,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def tokenizer():  # noqa: ANN201
+    """The tiny models' tokenizer (the synthetic corpus, 300 ids), in memory; one per test module, which may change it."""
+    from preftune.models.tiny import synthetic_corpus, train_tokenizer
+
+    return train_tokenizer(synthetic_corpus(), vocab_size=300)
+
+
 @pytest.fixture(scope="session")
 def preference_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Train and held-out JSONL files whose preference follows a learnable rule."""

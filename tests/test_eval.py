@@ -22,13 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
-    from preftune.models.tiny import synthetic_corpus, train_tokenizer
-
-    return train_tokenizer(synthetic_corpus(), vocab_size=300)
-
-
-@pytest.fixture(scope="module")
 def reference(tokenizer):  # noqa: ANN001, ANN201
     from test_generate import sharpened
 

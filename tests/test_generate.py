@@ -40,13 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
-    from preftune.models.tiny import synthetic_corpus, train_tokenizer
-
-    return train_tokenizer(synthetic_corpus(), vocab_size=300)
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):  # noqa: ANN001, ANN201
     return sharpened(tokenizer)
 

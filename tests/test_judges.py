@@ -17,13 +17,6 @@ from preftune.eval.judges import (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
-    from preftune.models.tiny import synthetic_corpus, train_tokenizer
-
-    return train_tokenizer(synthetic_corpus(), vocab_size=300)
-
-
 @pytest.fixture
 def judges_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The judge functions of conftest.JUDGES, importable as ``my_judges``."""

@@ -32,10 +32,10 @@ LAYERS: list[tuple[str, ...]] = [
 TORCH_ONLY = ("preftune.losses", "preftune.logprobs")
 
 
-def modules(src: Path) -> dict[str, Path]:
-    """Dotted name -> file, for every module under ``src`` (packages by their ``__init__``)."""
+def modules(src: Path, package: str = "") -> dict[str, Path]:
+    """Dotted name -> file, for every module under ``src`` (packages by their ``__init__``), or under its folder ``package``."""
     found = {}
-    for path in sorted(src.rglob("*.py")):
+    for path in sorted((src / package).rglob("*.py")):
         name = ".".join(path.relative_to(src).with_suffix("").parts)
         found[name.removesuffix(".__init__")] = path
     return found
@@ -82,9 +82,9 @@ def violations(src: Path, layers: list[tuple[str, ...]]) -> list[str]:
     return found
 
 
-def circles(src: Path) -> list[list[str]]:
-    """Import circles among the modules (depth-first search over the import graph)."""
-    known = modules(src)
+def circles(src: Path, package: str = "") -> list[list[str]]:
+    """Import circles among the modules (of ``package``; depth-first search over the import graph)."""
+    known = modules(src, package)
     graph = {name: imports(name, path, known) for name, path in known.items()}
     found, seen = [], set()
     state: dict[str, int] = {}  # 1 on the stack, 2 done
@@ -113,6 +113,11 @@ def test_no_import_goes_up_a_layer() -> None:
 
 def test_no_import_circle() -> None:
     assert circles(SRC) == []
+
+
+def test_no_import_circle_among_the_benchmarks() -> None:
+    """The runners' registry (benchmarks/runners.py) sits above the runners; none imports it back."""
+    assert circles(SRC.parent, "benchmarks") == []
 
 
 def test_losses_and_logprobs_import_torch_and_nothing_of_the_project() -> None:
@@ -173,6 +178,15 @@ def test_the_checker_catches_a_circle(tmp_path: Path) -> None:
     assert circles(src) == [["preftune.eval.judges", "preftune.eval.run", "preftune.eval.judges"]]
 
 
+def test_the_checker_catches_a_circle_among_the_benchmarks(tmp_path: Path) -> None:
+    """The circle benchmarks once had: a runner importing the sweep's registry, the sweep importing the runners."""
+    for name, text in {"__init__.py": "", "run_preftune.py": "def run_any():\n    from benchmarks.sweep import RUNNERS\n",
+                       "run_trl.py": "from benchmarks.run_preftune import run_any\n", "sweep.py": "from benchmarks import run_trl\n"}.items():
+        (tmp_path / "benchmarks").mkdir(exist_ok=True)
+        (tmp_path / "benchmarks" / name).write_text(text, encoding="utf-8")
+    assert circles(tmp_path, "benchmarks") == [["benchmarks.run_preftune", "benchmarks.sweep", "benchmarks.run_trl", "benchmarks.run_preftune"]]
+
+
 @pytest.mark.parametrize("relative", ["losses.py", "logprobs.py"])
 def test_the_torch_only_rule_is_checked(tmp_path: Path, relative: str) -> None:
     src = _package(tmp_path, {"__init__.py": "", "errors.py": "", relative: "from preftune.errors import X\n"})
@@ -185,3 +199,78 @@ def test_no_module_over_400_lines() -> None:
     """A module that grows past 400 lines is split by meaning (DESIGN.md)."""
     long = {name: n for name, path in modules(SRC).items() if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+BENCHMARKS = SRC.parent / "benchmarks"
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(roots: list[Path], limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """'file:function' -> lines, for every function (methods and nested ones included) longer than ``limit``."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (lines := node.end_lineno - node.lineno + 1) > limit:
+                    found[f"{path.relative_to(root.parent)}:{node.name}"] = lines
+    return found
+
+
+def test_no_function_over_80_lines() -> None:
+    """A function that needs a page of body names its steps instead (DESIGN.md: `_fit` reads as its docstring)."""
+    assert long_functions([SRC, BENCHMARKS]) == {}
+
+
+def test_the_size_checker_counts_a_long_function(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * 80, encoding="utf-8")
+    assert long_functions([tmp_path / "pkg"]) == {"pkg/m.py:long": 81}
+
+
+#: Module-level containers that may change while the program runs: memos of what a file's bytes hash to, keyed by
+#: the file's identity (path, size, mtime, inode), and what this machine can do (inductor probed once per process).
+#: They cache facts that hold for every run in the process; they hold no run's state.
+MEMOS = {"preftune.system.files._DIGESTS", "preftune.training.manifest._INTACT", "preftune.models.compiled._state"}
+MUTATORS = {"append", "add", "update", "pop", "popitem", "setdefault", "clear", "remove", "discard", "extend", "insert"}
+
+
+def run_state_globals(src: Path) -> list[str]:
+    """Every module-level dict, list or set that a function of its module changes (a process-wide registry),
+    and every ``global`` statement, as 'module.name'."""
+    found = []
+    for name, path in modules(src).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        containers = set()
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
+            value = getattr(node, "value", None)
+            mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in {"dict", "list", "set", "defaultdict"})
+            containers |= {t.id for t in targets if isinstance(t, ast.Name) and mutable}
+        for function in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(function):
+                if isinstance(node, ast.Global):
+                    found += [f"{name}.{g}" for g in node.names]
+                changed = None
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                    for target in (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]):
+                        if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
+                            changed = target.value.id
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                    changed = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+                if changed in containers and f"{name}.{changed}" not in MEMOS:
+                    found.append(f"{name}.{changed}")
+    return sorted(set(found))
+
+
+def test_no_process_wide_registry_of_run_state() -> None:
+    """A decision about a run is made once where it starts and passed down (training/runplan.py), never kept
+    in a process-wide table (DESIGN.md): the run folders being set up and the locks held live in the run's own objects."""
+    assert run_state_globals(SRC) == []
+
+
+def test_the_registry_checker_finds_a_registry_and_a_global(tmp_path: Path) -> None:
+    src = _package(tmp_path, {"__init__.py": "", "errors.py": "", "stages/__init__.py": "",
+                              "stages/common.py": "_SETUP = {}\nLIMIT = 3\n\ndef start(d):\n    _SETUP[d] = 1\n\n"
+                                                  "def stop(d):\n    global LIMIT\n    _SETUP.pop(d)\n"})
+    assert run_state_globals(src) == ["preftune.stages.common.LIMIT", "preftune.stages.common._SETUP"]

@@ -306,3 +306,27 @@ def test_the_stop_message_says_when_the_first_checkpoint_is_due(tiny_model_dir: 
     cfg = dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.save_every=5", "--train.eval_every=null")
     with pytest.raises(TrainingError, match=r"no checkpoint was written yet \(the first is due at step 5\)"):
         run_dpo(cfg, extra_terms=[nan])
+
+
+def test_the_resume_point_is_resolved_once_per_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's plan is made once where it starts (training/runplan.py); the precision and compile choices and the
+    loop read its resume point instead of resolving train.resume_from again."""
+    import sys
+
+    import preftune.training.checkpoint as checkpoint
+
+    common = ["--train.save_every=2", "--train.eval_every=null", "--train.log_every=1"]
+    stopped = run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, tmp_path / "run", "--train.max_steps=2", *common))
+    calls: list[object] = []
+    resolve = checkpoint.resolve_resume
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args[0].resume_from)  # type: ignore[attr-defined]
+        return resolve(*args, **kwargs)
+
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("preftune") and hasattr(m, "resolve_resume")]:
+        monkeypatch.setattr(module, "resolve_resume", counted)  # every module that holds it, under any import
+    run_dpo(dpo_config(tiny_model_dir, preference_files[0], None, stopped, "--train.max_steps=3", *common, "--train.resume_from=latest"))
+    assert calls == ["latest"]
+    assert [m["step"] for m in read_metrics(stopped)] == [1, 2, 3]

@@ -32,31 +32,13 @@ from typing import Any
 
 from preftune.config.schema import DataConfig
 from preftune.data.store import ItemsWriter, TokenizedItems, open_items, start_file
+from preftune.system.files import atomic_write, file_digest
 
 #: 2: ids, offsets and fields in one safetensors file, memory-mapped (data/store.py); 3: the weight field
 #: is read, chat completions are split from the whole conversation, KTO label counts are in the report
 CACHE_VERSION = 3
 #: the DataConfig fields that do NOT change the tokenized items (applied later, or the file list itself)
 NOT_IN_KEY = ("train", "eval", "eval_fraction", "group_by_length", "prefix_sharing", "tokenized_cache_dir")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks (the cache key's data part; checkpoint manifests;
-    a run's data, :func:`source_digests`). Not read again in this process while its size, mtime and
-    inode are unchanged."""
-    stat = path.stat()
-    stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if stamp in _DIGESTS:
-        return _DIGESTS[stamp]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    _DIGESTS[stamp] = h.hexdigest()
-    return _DIGESTS[stamp]
-
-
-_DIGESTS: dict[tuple[Any, ...], str] = {}
 
 
 def source_digests(paths: Sequence[Any]) -> dict[str, str]:
@@ -172,9 +154,7 @@ class CacheWriter:
         """Finish the files, put them in place, and return the items read back from the cache."""
         self._writer.finish_file()
         self._file.close()
-        tmp_meta = self.meta_path.with_name(f"{self.meta_path.name}.tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps({"version": CACHE_VERSION, "kind": self.kind, "items": len(self._writer.columns),
-                                        "report": report}), encoding="utf-8")
-        os.replace(self._tmp, self.ids_path)
-        os.replace(tmp_meta, self.meta_path)
+        meta = json.dumps({"version": CACHE_VERSION, "kind": self.kind, "items": len(self._writer.columns), "report": report})
+        os.replace(self._tmp, self.ids_path)  # streamed into its temporary file: renamed here, the metadata after it
+        atomic_write(self.meta_path, lambda tmp: tmp.write_text(meta, encoding="utf-8"))
         return open_items(self.ids_path)

@@ -123,17 +123,14 @@ def _train_overrides(s: DemoSettings, out_dir: Path, steps: int, batch: int, lr:
 
 def label_pairs(prompts: list[str], samples: list[list[str]]) -> tuple[list[dict], int]:
     """One preference pair per prompt from its samples, by the ground truth: the best sample is
-    chosen, the worst rejected (the first of each on equal rewards); prompts whose samples all
-    score the same are ties, left out and counted."""
-    pairs, ties = [], 0
-    for prompt, options in zip(prompts, samples):
-        rewards = [task.reward(prompt, text) for text in options]
-        best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
-        if rewards[best] == rewards[worst]:
-            ties += 1
-            continue
-        pairs.append({"prompt": prompt, "chosen": options[best], "rejected": options[worst]})
-    return pairs, ties
+    chosen, the worst rejected (the first of each on equal rewards), through :func:`preftune.data.pairing.build_pairs`'s
+    ``best_worst`` rule; prompts whose samples all score the same (or that have one) are ties, left out and counted."""
+    from preftune.data.pairing import build_pairs
+
+    rewards = [[task.reward(prompt, text) for text in options] for prompt, options in zip(prompts, samples)]
+    records, counts = build_pairs(prompts, samples, rewards, rule="best_worst")
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+    return pairs, counts.all_equal + counts.single
 
 
 def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples: int, seed: int) -> list[list[str]]:

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,12 @@ from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
 from preftune.system import distributed
 from preftune.system.hardware import processor_name
 from preftune.system.progress import quiet_transformers_bars
-from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status, unlock
+from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status
 from preftune.system.seeding import seed_everything
-from preftune.training.checkpoint import resolve_resume
 from preftune.training.compile_choice import CompileChoice, resolve_compile
 from preftune.training.loop import Fitted, Task, fit
 from preftune.training.precision import PrecisionChoice, model_params, resolve_precision
+from preftune.training.runplan import RunPlan, plan_run
 from preftune.training.sharding import check_supported
 
 
@@ -72,13 +73,15 @@ class Given:
 
 @dataclass
 class Run:
-    """A started run: its config, folder, tokenizer and device; ``about``: what its start line says of
-    the data and the reference (the stage adds them as it builds the task, and hands them to :class:`Task`)."""
+    """A started run: its config, folder, tokenizer and device, its plan (the decisions made as it started),
+    and ``about``: what its start line says of the data and the reference (the stage adds them as it builds
+    the task, and hands them to :class:`Task`)."""
 
     cfg: Any
     dir: Path
     tokenizer: Any
     device: torch.device
+    plan: RunPlan
     about: list[str] = field(default_factory=list)
 
 
@@ -108,19 +111,19 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     elif tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as the loader does: padding is masked by position
     run_dir = Path(cfg.train.output_dir)
+    # every check before anything is written: the folder free, the checkpoint intact and readable, the config and data the same
     if rank == 0:
-        # every check before anything is written: the folder free, the checkpoint intact and readable, the config and data the same
         check_folder(run_dir, cfg.train)
-        resolve_resume(cfg.train, run_dir, to_dict(cfg), say=lambda line: None, global_batch=cfg.train.batch_size * processes,
-                       data=data_digests(cfg))
-        _SETUP[run_dir.resolve()] = claim_folder(run_dir, cfg.train)
+    plan = plan_run(cfg.train, run_dir, to_dict(cfg), data_digests(cfg))
+    if rank == 0:
+        _claimed(run_dir, claim_folder(run_dir, cfg.train))
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
              processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
     distributed.barrier()
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Run(cfg, run_dir, tokenizer, device)
+    return Run(cfg, run_dir, tokenizer, device, plan)
 
 
 #: What status.json keeps from one write to the next (the run's decisions and where and when it started, recorded once)
@@ -150,29 +153,49 @@ def record_choices(run_dir: Path, cfg: Any, precision: PrecisionChoice, compile_
     mark(run_dir, status.pop("status", "running"), **status, precision=precision.record(), compile=compile_choice.record())
 
 
-_SETUP: dict[Path, Claim] = {}  # run folders claimed in this process whose training has not begun
+@dataclass
+class Setup:
+    """The run of one :func:`recorded` block: the folder :func:`start_run` claimed, and whether training has begun."""
+
+    dir: Path
+    claim: Claim | None = None
+    training: bool = False
+
+
+#: The :class:`Setup` of the innermost :func:`recorded` block running in this thread (a context variable:
+#: it lives as long as the block, so :func:`start_run` and :func:`train` inside it reach their run's claim).
+_RECORDING: ContextVar[Setup | None] = ContextVar("preftune_recording", default=None)
+
+
+def _claimed(run_dir: Path, claim: Claim) -> None:
+    """Hand ``claim`` to the enclosing :func:`recorded` block (outside one, the claim and its lock last as long as the process)."""
+    setup = _RECORDING.get()
+    if setup is not None and setup.dir == run_dir.resolve():
+        setup.claim = claim
 
 
 @contextmanager
 def recorded(cfg: Any) -> Iterator[None]:
     """When the body raises: before training began, put the run folder back as it was (see
     :class:`~preftune.system.runfolder.Claim`); once it has, mark it ``failed`` with the error, if this process had started
-    the run there (not when the folder was refused)."""
+    the run there (not when the folder was refused). The folder's lock is released when the block ends."""
     run_dir = Path(cfg.train.output_dir)
+    setup = Setup(run_dir.resolve())
+    token = _RECORDING.set(setup)
     try:
         with quiet_transformers_bars():
             yield
     except BaseException as err:
-        setup = _SETUP.pop(run_dir.resolve(), None)
         ours = read_status(run_dir).get("pid") == os.getpid()
-        if setup is not None:  # claimed by this process, not yet training
-            setup.undo()
+        if setup.claim is not None and not setup.training:  # claimed by this process, not yet training
+            setup.claim.undo()
         elif ours:
             mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        _SETUP.pop(run_dir.resolve(), None)
-        unlock(run_dir)
+        _RECORDING.reset(token)
+        if setup.claim is not None:
+            setup.claim.release()
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
@@ -222,20 +245,22 @@ def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
     from accelerate import PartialState
 
     run_dir = Path(cfg.train.output_dir)
-    claim = _SETUP.pop(run_dir.resolve(), None)  # training begins: from here a failure is recorded in status.json
-    if claim is not None:
-        claim.commit()
-    if task.data_digests is None:
-        task = replace(task, data_digests=data_digests(cfg))
+    setup = _RECORDING.get()
+    if setup is not None and setup.dir == run_dir.resolve() and setup.claim is not None and not setup.training:
+        setup.training = True  # training begins: from here a failure is recorded in status.json
+        setup.claim.commit()
+    plan = task.plan or plan_run(cfg.train, run_dir, to_dict(cfg), data_digests(cfg))  # a task a stage built carries its run's
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if task.precision is None:  # decided once, before the loop; a stage that needed it earlier set it
-        task = replace(task, precision=resolve_precision(cfg.train, task.model, run_dir, device))
-    if task.compile is None:
-        task = replace(task, compile=resolve_compile(cfg.train, task.model, len(task.train_set), run_dir, device))
+    if plan.precision is None:  # decided once, before the loop; a stage that needed it earlier decided it then
+        plan = plan.with_choices(precision=resolve_precision(cfg.train, task.model, device, resume=plan.resume))
+    if plan.compile is None:
+        plan = plan.with_choices(compile=resolve_compile(cfg.train, task.model, plan.total_steps(cfg.train, len(task.train_set)), device,
+                                                         resume=plan.resume))
+    task = replace(task, plan=plan)
     if PartialState().is_main_process:
-        record_choices(run_dir, cfg, task.precision, task.compile)
+        record_choices(run_dir, cfg, plan.precision, plan.compile)
         print(start_line(task, cfg), file=sys.stderr, flush=True)
-    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, task.precision)))
+    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, plan.precision)))
     if PartialState().is_main_process:
         started = read_status(run_dir).get("started")
         took = round(time.time() - started, 1) if isinstance(started, (int, float)) else None  # since this process started the run
@@ -261,9 +286,9 @@ def start_line(task: Task, cfg: Any) -> str:
     processes, train = distributed.world()[1], cfg.train
     if processes > 1:
         parts.append(f"{processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
-                     f"{processes * train.batch_size * train.grad_accum} per optimizer step "
+                     f"{task.plan.global_batch * train.grad_accum} per optimizer step "
                      f"({'sharded: FSDP2' if train.sharding == 'fsdp' else 'data parallel'})")
-    parts += [task.precision.line(), task.compile.line()]
+    parts += [task.plan.precision.line(), task.plan.compile.line()]
     return f"preftune: {stage}: " + "; ".join(parts)
 
 

@@ -17,17 +17,30 @@ latest checkpoint (``train.save_every``) or, with none, starts that round's trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from preftune.config.schema import to_dict, to_yaml
+from preftune.data.pairing import build_pairs
+from preftune.data.prompts import read_prompts
 from preftune.errors import ConfigError, PreftuneError
+from preftune.eval.generate import write_generations
+from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
+from preftune.eval.scoring import function_fingerprint, function_name, function_scorer, load_scorer
+from preftune.models.load import describe_model, load_model
+from preftune.stages import dpo
+from preftune.stages.common import recorded, train
 from preftune.stages.iterate_config import IterateConfig, check, round_config
+from preftune.system.distributed import world
+from preftune.system.files import atomic_write
+from preftune.training.checkpoint import latest_checkpoint
 
 FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots", "judge.json")
 JUDGE_FILE = "judge.json"  # a judge function's name and fingerprint (eval.scoring.function_fingerprint)
@@ -37,37 +50,68 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     """Run (or continue) the iteration; return its folder. ``callbacks`` go to every round's training
     loop; ``judge``, a function ``(prompt, completion) -> number``, scores in place of
     ``iterate.judge`` (which then records its name, ``module:qualname``)."""
-    import dataclasses
-
-    import torch
-
-    from preftune.data.pairing import build_pairs
-    from preftune.data.prompts import read_prompts
-    from preftune.eval.generate import write_generations
-    from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
-    from preftune.eval.scoring import load_scorer
-    from preftune.models.load import describe_model, load_model
-    from preftune.stages import dpo
-    from preftune.stages.common import recorded, train
-    from preftune.system.distributed import world
-    from preftune.training.checkpoint import latest_checkpoint
-
-    scorer, judge_id = None, None
-    if judge is not None:
-        from preftune.eval.scoring import function_fingerprint, function_name, function_scorer
-
-        if not callable(judge):
-            raise ConfigError(f"judge must be a function (prompt, completion) -> number, got {type(judge).__name__}.")
-        if cfg.iterate.reward_model or cfg.iterate.judge not in (None, function_name(judge)):
-            raise ConfigError(f"a judge function was given, and the config names another judge "
-                              f"({cfg.iterate.reward_model or cfg.iterate.judge}); give exactly one.")
-        cfg = dataclasses.replace(cfg, iterate=dataclasses.replace(cfg.iterate, judge=function_name(judge)))
-        scorer = function_scorer(judge)  # its signature checked before anything is written
-        judge_id = {"name": function_name(judge), "fingerprint": function_fingerprint(judge)}
+    cfg, scorer, judge_id = _given_judge(cfg, judge)
     check(cfg)
     if world()[1] > 1:
         raise PreftuneError("`preftune iterate` runs in one process (sampling, scoring and pairing are not sharded yet); "
                             "it was launched in several.")
+    loop = _begin(cfg, scorer, judge_id)
+    rounds: list[dict[str, Any]] = []
+    policy_path = cfg.model.path
+    for number in range(1, cfg.iterate.rounds + 1):
+        folder = loop.out / f"round-{number}"
+        if (folder / "round.json").is_file():  # finished before: kept, not redone
+            rounds.append(json.loads((folder / "round.json").read_text(encoding="utf-8")))
+        else:
+            _say(f"round {number}/{cfg.iterate.rounds}: policy {policy_path}")
+            rounds.append(_round(loop, number, folder, policy_path, callbacks))
+            _write_summary(loop.out, cfg, loop.initial, rounds)
+        policy_path = str(folder / "final")
+    _write_summary(loop.out, cfg, loop.initial, rounds)
+    if cfg.train.report:
+        from preftune.report.series import write_iteration_report
+
+        _say(f"report {write_iteration_report(loop.out)}")
+    return loop.out
+
+
+@dataclasses.dataclass
+class _Iteration:
+    """What every round of one iteration shares: its settings and folder, the judge, the prompts and the initial model's samples."""
+
+    cfg: IterateConfig
+    out: Path
+    device: torch.device
+    judge: Any
+    train_prompts: list[Any]
+    eval_prompts: list[Any]
+    initial: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def load(self, path: str) -> tuple[Any, Any]:
+        """A model and its tokenizer, held only while used: training a round needs the memory."""
+        return load_model(describe_model(path), device=self.device, trust_remote_code=self.cfg.model.trust_remote_code)
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        gen = self.cfg.generate
+        return dict(max_new_tokens=gen.max_new_tokens, samples=self.cfg.iterate.eval_samples, seed=gen.seed, batch_size=gen.batch_size)
+
+
+def _given_judge(cfg: IterateConfig, judge: Any) -> tuple[IterateConfig, Any, dict[str, Any] | None]:
+    """A judge function given in Python: ``cfg`` naming it, its scorer (its signature checked before anything is
+    written) and its identity (name and fingerprint); ``cfg``, None, None without one."""
+    if judge is None:
+        return cfg, None, None
+    if not callable(judge):
+        raise ConfigError(f"judge must be a function (prompt, completion) -> number, got {type(judge).__name__}.")
+    if cfg.iterate.reward_model or cfg.iterate.judge not in (None, function_name(judge)):
+        raise ConfigError(f"a judge function was given, and the config names another judge "
+                          f"({cfg.iterate.reward_model or cfg.iterate.judge}); give exactly one.")
+    cfg = dataclasses.replace(cfg, iterate=dataclasses.replace(cfg.iterate, judge=function_name(judge)))
+    return cfg, function_scorer(judge), {"name": function_name(judge), "fingerprint": function_fingerprint(judge)}
+
+
+def _begin(cfg: IterateConfig, scorer: Any, judge_id: dict[str, Any] | None) -> _Iteration:
+    """Load the judge, claim the folder, read the prompts, and draw (or read back) the initial model's held-out samples."""
     out = Path(cfg.train.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     it, gen = cfg.iterate, cfg.generate
@@ -77,82 +121,79 @@ def run(cfg: IterateConfig, *, callbacks: Sequence[Any] = (), judge: Any = None)
     train_prompts = _prompts(read_prompts, it.prompts, it.max_prompts)
     eval_prompts = _prompts(read_prompts, it.eval_prompts, it.max_eval_prompts)
     _claim(out, cfg, judge_id)
-    initial_path = cfg.model.path
-    reference_initial = cfg.reference.path or cfg.model.path
-    eval_kwargs = dict(max_new_tokens=gen.max_new_tokens, samples=it.eval_samples, seed=gen.seed, batch_size=gen.batch_size)
-
-    def load(path: str) -> tuple[Any, Any]:  # held only while used: training a round needs the memory
-        return load_model(describe_model(path), device=device, trust_remote_code=cfg.model.trust_remote_code)
-
+    loop = _Iteration(cfg, out, device, judge, train_prompts, eval_prompts)
     initial_file = out / "initial.json"
     if initial_file.is_file():
-        initial = json.loads(initial_file.read_text(encoding="utf-8"))
+        loop.initial = json.loads(initial_file.read_text(encoding="utf-8"))
     else:
-        initial_model, tokenizer = load(initial_path)
-        initial = initial_samples(initial_model, tokenizer, *_split(eval_prompts), judge, **eval_kwargs)
+        initial_model, tokenizer = loop.load(cfg.model.path)
+        loop.initial = initial_samples(initial_model, tokenizer, *_split(loop.eval_prompts), judge, **loop.eval_kwargs())
         del initial_model
-        _write_json(initial_file, initial)
-    rounds: list[dict[str, Any]] = []
-    policy_path = initial_path
-    for number in range(1, it.rounds + 1):
-        folder = out / f"round-{number}"
-        summary_file = folder / "round.json"
-        if summary_file.is_file():  # finished before: kept, not redone
-            rounds.append(json.loads(summary_file.read_text(encoding="utf-8")))
-            policy_path = str(folder / "final")
-            continue
-        _say(f"round {number}/{it.rounds}: policy {policy_path}")
-        folder.mkdir(parents=True, exist_ok=True)
-        pairs_file, samples_file = folder / "pairs.jsonl", folder / "samples.jsonl"
-        if not pairs_file.is_file():
-            policy, policy_tokenizer = load(policy_path)
-            settings = _round_settings(gen, number)
-            _, texts, scores = sample_and_score(policy, policy_tokenizer, *_split(train_prompts), judge, settings)
-            del policy
-            samples = [{"prompt": p.prompt, "system": p.system, "sample": j, "completion": t, "score": s, "round": number}
-                       for p, group, values in zip(train_prompts, texts, scores) for j, (t, s) in enumerate(zip(group, values))]
-            _atomic(samples_file, lambda tmp, rows=samples: write_generations(tmp, rows))
-            pairs, counts = build_pairs([p.prompt for p in train_prompts], texts, scores, rule=it.pairing, min_gap=it.min_gap,
-                                        systems=[p.system for p in train_prompts])
-            _write_json(folder / "pairing.json", {"rule": it.pairing, "min_gap": it.min_gap, **counts.as_dict(),
-                                                  "sample_score": score_summary(scores)})
-            if not pairs:
-                raise PreftuneError(f"round {number}: no pairs: every prompt's samples scored the same or within "
-                                    f"iterate.min_gap ({folder / 'pairing.json'}); more samples (generate.num_samples), a "
-                                    "higher generate.temperature or a finer-grained judge would help.")
-            _atomic(pairs_file, lambda tmp, rows=pairs: write_generations(tmp, rows))
-        pairing = json.loads((folder / "pairing.json").read_text(encoding="utf-8"))
-        _say(f"round {number}: {pairing['pairs']} pairs from {pairing['prompts']} prompts (ties dropped: {pairing['ties']}, "
-             f"below the gap: {pairing['below_gap']}, all-equal prompts: {pairing['all_equal']})")
-        reference = reference_initial if it.reference == "initial" else policy_path
-        round_cfg = round_config(cfg, policy=policy_path, reference=reference, pairs=pairs_file, output_dir=folder)
-        status = _status(folder)
-        if not (status.get("status") == "finished" and (folder / "final").is_dir()):
-            if latest_checkpoint(folder) is not None:
-                round_cfg.train.resume_from = "latest"
-                _say(f"round {number}: resuming its DPO run from {latest_checkpoint(folder)}")
-            else:
-                round_cfg.train.overwrite = True  # a round that saved no checkpoint starts its training again
-            with recorded(round_cfg):
-                train(dpo.build_task(round_cfg), round_cfg, callbacks)
-        policy_path = str(folder / "final")
-        (policy, tokenizer), (initial_model, _) = load(policy_path), load(initial_path)
-        result = evaluate_round(policy, initial_model, tokenizer, *_split(eval_prompts), judge, initial, **eval_kwargs)
-        del policy, initial_model
-        summary = {"round": number, "policy": policy_path, "reference": reference, "pairing": pairing,
-                   "steps": _status(folder).get("step"), **result}
-        _write_json(summary_file, summary)
-        rounds.append(summary)
-        _say(f"round {number}: held-out judge score {result['judge_score']['mean']:.4f} (initial "
-             f"{initial['judge_score']['mean']:.4f}), win rate vs initial {result['win_rate_vs_initial']['win_rate']:.3f}, "
-             f"KL to initial {result['kl_to_initial']['mean']:.3f}")
-        _write_summary(out, cfg, initial, rounds)
-    _write_summary(out, cfg, initial, rounds)
-    if cfg.train.report:
-        from preftune.report.series import write_iteration_report
+        _write_json(initial_file, loop.initial)
+    return loop
 
-        _say(f"report {write_iteration_report(out)}")
-    return out
+
+def _round(loop: _Iteration, number: int, folder: Path, policy_path: str, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """One round: sample, score and pair (or reuse the saved pairs), train DPO from ``policy_path``
+    (or resume its run), measure the new policy; its summary, also written to ``round.json``."""
+    cfg, it = loop.cfg, loop.cfg.iterate
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_file = folder / "pairs.jsonl"
+    if not pairs_file.is_file():
+        _make_pairs(loop, number, folder, policy_path)
+    pairing = json.loads((folder / "pairing.json").read_text(encoding="utf-8"))
+    _say(f"round {number}: {pairing['pairs']} pairs from {pairing['prompts']} prompts (ties dropped: {pairing['ties']}, "
+         f"below the gap: {pairing['below_gap']}, all-equal prompts: {pairing['all_equal']})")
+    reference = (cfg.reference.path or cfg.model.path) if it.reference == "initial" else policy_path
+    round_cfg = round_config(cfg, policy=policy_path, reference=reference, pairs=pairs_file, output_dir=folder)
+    _train_round(round_cfg, number, folder, callbacks)
+    policy_path = str(folder / "final")
+    (policy, tokenizer), (initial_model, _) = loop.load(policy_path), loop.load(cfg.model.path)
+    result = evaluate_round(policy, initial_model, tokenizer, *_split(loop.eval_prompts), loop.judge, loop.initial, **loop.eval_kwargs())
+    del policy, initial_model
+    summary = {"round": number, "policy": policy_path, "reference": reference, "pairing": pairing,
+               "steps": _status(folder).get("step"), **result}
+    _write_json(folder / "round.json", summary)
+    _say(f"round {number}: held-out judge score {result['judge_score']['mean']:.4f} (initial "
+         f"{loop.initial['judge_score']['mean']:.4f}), win rate vs initial {result['win_rate_vs_initial']['win_rate']:.3f}, "
+         f"KL to initial {result['kl_to_initial']['mean']:.3f}")
+    return summary
+
+
+def _make_pairs(loop: _Iteration, number: int, folder: Path, policy_path: str) -> None:
+    """Sample from the policy, score with the judge, pair (:mod:`preftune.data.pairing`): samples.jsonl,
+    pairing.json and, last, pairs.jsonl (whose presence marks the round's data as complete)."""
+    it, prompts = loop.cfg.iterate, loop.train_prompts
+    policy, policy_tokenizer = loop.load(policy_path)
+    settings = _round_settings(loop.cfg.generate, number)
+    _, texts, scores = sample_and_score(policy, policy_tokenizer, *_split(prompts), loop.judge, settings)
+    del policy
+    samples = [{"prompt": p.prompt, "system": p.system, "sample": j, "completion": t, "score": s, "round": number}
+               for p, group, values in zip(prompts, texts, scores) for j, (t, s) in enumerate(zip(group, values))]
+    atomic_write(folder / "samples.jsonl", lambda tmp, rows=samples: write_generations(tmp, rows))
+    pairs, counts = build_pairs([p.prompt for p in prompts], texts, scores, rule=it.pairing, min_gap=it.min_gap,
+                                systems=[p.system for p in prompts])
+    _write_json(folder / "pairing.json", {"rule": it.pairing, "min_gap": it.min_gap, **counts.as_dict(),
+                                          "sample_score": score_summary(scores)})
+    if not pairs:
+        raise PreftuneError(f"round {number}: no pairs: every prompt's samples scored the same or within "
+                            f"iterate.min_gap ({folder / 'pairing.json'}); more samples (generate.num_samples), a "
+                            "higher generate.temperature or a finer-grained judge would help.")
+    atomic_write(folder / "pairs.jsonl", lambda tmp, rows=pairs: write_generations(tmp, rows))
+
+
+def _train_round(round_cfg: Any, number: int, folder: Path, callbacks: Sequence[Any]) -> None:
+    """The round's DPO run, unless it finished: resumed from its latest checkpoint, or started again without one."""
+    status = _status(folder)
+    if status.get("status") == "finished" and (folder / "final").is_dir():
+        return
+    if latest_checkpoint(folder) is not None:
+        round_cfg.train.resume_from = "latest"
+        _say(f"round {number}: resuming its DPO run from {latest_checkpoint(folder)}")
+    else:
+        round_cfg.train.overwrite = True  # a round that saved no checkpoint starts its training again
+    with recorded(round_cfg):
+        train(dpo.build_task(round_cfg), round_cfg, callbacks)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -222,8 +263,6 @@ def _split(records: list[Any]) -> tuple[list[Any], list[str | None]]:
 
 
 def _round_settings(gen: Any, number: int) -> Any:
-    import dataclasses
-
     return dataclasses.replace(gen, seed=gen.seed + number - 1)  # fresh samples each round, the same on a rerun
 
 
@@ -235,14 +274,7 @@ def _status(folder: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8"))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename: a killed run leaves the old file or the new, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8"))
 
 
 def _write_summary(out: Path, cfg: IterateConfig, initial: dict[str, Any], rounds: list[dict[str, Any]]) -> None:

@@ -69,8 +69,8 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size, **options)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
     # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
-    compile_choice = resolve_compile(cfg.train, policy, len(train_rows), run.dir, run.device)
-    precision = resolve_precision(cfg.train, policy, run.dir, run.device)
+    compile_choice = resolve_compile(cfg.train, policy, run.plan.total_steps(cfg.train, len(train_rows)), run.device, resume=run.plan.resume)
+    precision = resolve_precision(cfg.train, policy, run.device, resume=run.plan.resume)
     train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
                                                     ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on,
                                                     bf16=precision.bf16)
@@ -95,7 +95,8 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, compile=compile_choice, precision=precision, after_step=after_step, about=tuple(run.about))
+                output=policy, plan=run.plan.with_choices(precision=precision, compile=compile_choice), after_step=after_step,
+                about=tuple(run.about))
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:

@@ -83,7 +83,7 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
                 collate=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id),
                 lengths=[p.length for p in data.train], counts=count_pairs, eval_set=data.eval, save_final=save_final,
                 save_model=lambda folder, state_dict=None: save_final(folder, seq_cls=False, state_dict=state_dict),
-                group_by_length=cfg.data.group_by_length, output=model, about=tuple(run.about))
+                group_by_length=cfg.data.group_by_length, output=model, plan=run.plan, about=tuple(run.about))
 
 
 def run(cfg: RMConfig) -> Path:

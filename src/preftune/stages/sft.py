@@ -74,7 +74,7 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
         collate = partial(collate_unpaired, pad_token_id=pad)
         lengths = [x.length for x in data.train]
     check_vocabulary(policy, train_items + eval_items, "data")
-    return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens,
+    return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens, plan=run.plan,
                 eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
                 output=policy, about=tuple(run.about))
 

@@ -13,8 +13,11 @@ data or a wrong model leaves the folder byte for byte as it found it, subfolders
 (:meth:`Claim.undo`). A symbolic link among them is refused before anything moves: no run writes one.
 
 One run per folder: a run holds an exclusive lock on ``.preftune-lock`` (``flock``: checked and
-taken in one step, released when the process ends, however it ends), and a ``status.json`` that
-says ``running`` counts only while its process (pid and start time) is alive.
+taken in one step, released when the run's claim is, or when the process ends, however it ends),
+and a ``status.json`` that says ``running`` counts only while its process (pid and start time) is
+alive. The lock file names its holder (host and pid), so a process that still holds a folder's lock
+(a claim it never released) may claim the folder again; the :class:`Claim` keeps the lock, so no
+table of locks is kept in the process.
 """
 
 from __future__ import annotations
@@ -81,18 +84,17 @@ def writing(status: dict[str, Any]) -> bool:
     return status.get("pid_start") is None or process_start(status["pid"]) in (None, status["pid_start"])
 
 
-#: run folder -> the open lock file this process holds on it (an flock, released when the process ends)
-_LOCKS: dict[str, int] = {}
+def _holder() -> bytes:
+    """What the lock file says of the process holding it: this host and process."""
+    return f"{socket.gethostname()} {os.getpid()}".encode()
 
 
-def lock(run_dir: Path) -> bool:
-    """Hold ``run_dir/.preftune-lock`` exclusively (one run per folder, checked and taken at once);
-    True when this call created the file. A lock this process holds already is kept."""
+def lock(run_dir: Path) -> tuple[int | None, bool]:
+    """Hold ``run_dir/.preftune-lock`` exclusively (one run per folder, checked and taken at once):
+    (the open lock file, whether this call created it). A lock this process holds already (through
+    a claim it did not release) is kept: (None, False)."""
     import fcntl
 
-    key = str(run_dir.resolve())
-    if key in _LOCKS:
-        return False
     path = run_dir / LOCK
     created = not path.exists()
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -100,17 +102,13 @@ def lock(run_dir: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
+        if path.read_bytes() == _holder():
+            return None, False
         raise PreftuneError(f"another preftune run is writing to '{run_dir}' (it holds {path}); wait for it, or choose "
                             "another train.output_dir.") from None
-    _LOCKS[key] = fd
-    return created
-
-
-def unlock(run_dir: Path) -> None:
-    """Release the lock :func:`lock` took (the file stays: removing it would race another run's lock)."""
-    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
-    if fd is not None:
-        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, _holder())
+    return fd, created
 
 
 def is_ours(run_dir: Path) -> bool:
@@ -135,10 +133,18 @@ class Claim:
     moved: list[str] = field(default_factory=list)  # entries moved aside into STASH
     marked: bool = False  # the marker was written by this claim
     locked: bool = False  # the lock file was created by this claim
+    lock_fd: int | None = None  # the open lock file: the folder is this run's until :meth:`release`
+
+    def release(self) -> None:
+        """Let the folder's lock go (the file stays, emptied: removing it would race another run's lock)."""
+        if self.lock_fd is not None:
+            os.ftruncate(self.lock_fd, 0)  # no longer this process's: it may not take the lock as its own again
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def undo(self) -> None:
         """Put the folder back as it was found: what this run wrote removed, what it moved aside back."""
-        unlock(self.dir)
+        self.release()
         if self.created:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
@@ -160,13 +166,13 @@ class Claim:
         shutil.rmtree(self.dir / STASH, ignore_errors=True)
 
 
-def check_folder(run_dir: Path, train: Any) -> list[str]:
+def check_folder(run_dir: Path, train: Any, *, locked: bool = False) -> list[str]:
     """Every reason to refuse ``run_dir`` for a run with ``train``'s settings, raised before anything
-    is written; returns the run entries it holds."""
+    is written (``locked``: this process holds the folder's lock, so no other run writes there); returns the run entries it holds."""
     if os.path.lexists(run_dir) and not run_dir.is_dir():
         raise PreftuneError(f"train.output_dir '{run_dir}' is a file, not a folder.")
     status = read_status(run_dir)
-    if writing(status) and str(run_dir.resolve()) not in _LOCKS:
+    if writing(status) and not locked:
         raise PreftuneError(f"another preftune run (pid {status['pid']}) is writing to '{run_dir}'; wait for it, or choose "
                             "another train.output_dir.")
     held = _entries(run_dir)
@@ -196,10 +202,10 @@ def claim_folder(run_dir: Path, train: Any) -> Claim:
     claim = Claim(run_dir, created=not run_dir.exists())
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        claim.locked = lock(run_dir)
-        held = check_folder(run_dir, train)  # again, now that no other run can change the folder
+        claim.lock_fd, claim.locked = lock(run_dir)
+        held = check_folder(run_dir, train, locked=True)  # again, now that no other run can change the folder
     except PreftuneError:
-        unlock(run_dir)
+        claim.release()
         if claim.created:
             shutil.rmtree(run_dir, ignore_errors=True)
         elif claim.locked:

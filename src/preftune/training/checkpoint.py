@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import pickle
 import random
 import shutil
@@ -34,6 +33,7 @@ from torch import nn
 
 from preftune.errors import TrainingError
 from preftune.models.weights import IN_EXPORT_FILE, WEIGHTS_FILE, read_weights, write_weights
+from preftune.system.files import replace_folder, temporary_folder
 from preftune.training.manifest import MANIFEST_FILE, STATE_FILE, manifest_problem, write_manifest
 
 CONFIG_FILE = "run_config.json"  # not config.json: that is the exported model's
@@ -118,10 +118,7 @@ def save_checkpoint(
     if bad:
         raise TrainingError(f"no checkpoint written at step {state.step}: the weights are not all finite "
                             f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = temporary_folder(folder)
     try:
         _write_files(tmp, weights, optimizer, scheduler, state, export, rng, config, data)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -132,9 +129,7 @@ def save_checkpoint(
             raise
         raise TrainingError(f"no space left on the device to write checkpoint '{folder}': it needs about {need / 2**20:.1f} MiB "
                             f"(weights and optimizer state), {free / 2**20:.1f} MiB are free; the partial files were removed.") from None
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
     return folder
 
 

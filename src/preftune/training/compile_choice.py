@@ -33,8 +33,8 @@ from torch import nn
 
 from preftune.errors import ConfigError
 from preftune.models.compiled import compile_layers
-from preftune.system.distributed import decided_on_main, world
-from preftune.training.checkpoint import STATE_FILE, resolve_resume
+from preftune.system.distributed import decided_on_main
+from preftune.training.checkpoint import STATE_FILE
 from preftune.training.precision import model_params
 
 #: ``auto`` compiles a CPU run of a model of :data:`AUTO_CPU_REFERENCE_PARAMS` parameters that
@@ -92,7 +92,8 @@ def cxx_compiler() -> str | None:
 
 
 def planned_steps(train: Any, items: int, processes: int = 1) -> int:
-    """The optimizer steps a run of ``items`` training items plans, counted as :func:`preftune.training.loop.fit` counts them."""
+    """The optimizer steps a run of ``items`` training items takes: the one count (:meth:`preftune.training.runplan.RunPlan.total_steps`,
+    which the loop runs for and ``auto`` plans with)."""
     per_epoch = math.ceil(math.ceil(items / (train.batch_size * processes)) / train.grad_accum)
     return train.max_steps or train.epochs * per_epoch
 
@@ -144,25 +145,23 @@ def decide(setting: bool | str, device: str, steps: int, params: int, *, compile
     return CompileChoice(True, f"CPU, {steps} planned steps >= {needed} for {size}", setting)
 
 
-def resolve_compile(train: Any, model: nn.Module, items: int, run_dir: Path, device: torch.device | str) -> CompileChoice:
-    """``train.compile`` for the run in ``run_dir`` training ``model`` on ``items`` items: decided on
-    the main process (a resume reads its checkpoint's record), taken by every other (the run's start
-    line says it: :func:`preftune.stages.common.train`)."""
-    _, processes = world()
+def resolve_compile(train: Any, model: nn.Module, steps: int, device: torch.device | str, *, resume: Path | None) -> CompileChoice:
+    """``train.compile`` for a run training ``model`` for ``steps`` optimizer steps (its plan's): decided on
+    the main process (a resume, from the checkpoint ``resume`` of the run's plan, reads its record), taken
+    by every other (the run's start line says it: :func:`preftune.stages.common.train`)."""
 
     def choose() -> CompileChoice:
-        resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
         if train.sharding == "fsdp" and train.compile == "auto":  # compiled FSDP2 units are not tested yet
             return CompileChoice(False, "sharded runs are eager (train.sharding=fsdp)")
-        return decide(train.compile, torch.device(device).type, planned_steps(train, items, processes), model_params(model),
+        return decide(train.compile, torch.device(device).type, steps, model_params(model),
                       recorded=None if resume is None else recorded_choice(resume))
 
     return decided_on_main(choose)
 
 
-def compile_for_run(choice: CompileChoice | None, train: Any, model: nn.Module, items: int, run_dir: Path,
-                    device: torch.device | str) -> bool:
+def compile_for_run(choice: CompileChoice | None, train: Any, model: nn.Module, steps: int, device: torch.device | str, *,
+                    resume: Path | None) -> bool:
     """Compile ``model``'s decoder layers when the run's choice (resolved here when None) says so;
     whether they now run compiled (False where inductor fails its probe: one line says so)."""
-    choice = choice or resolve_compile(train, model, items, run_dir, device)
+    choice = choice or resolve_compile(train, model, steps, device, resume=resume)
     return choice.on and compile_layers(model) > 0

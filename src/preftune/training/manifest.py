@@ -8,12 +8,11 @@ A checkpoint checked intact in this process is not hashed again while its files 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from preftune.data.cache import file_digest
 from preftune.models.weights import WEIGHTS_FILE
+from preftune.system.files import atomic_write, file_digest
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
@@ -27,9 +26,7 @@ def write_manifest(folder: Path) -> None:
     """``manifest.json``: every file's size and sha256, written atomically (a temporary name, then a rename)."""
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)} for p in _files(folder)}
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, folder / MANIFEST_FILE)
+    atomic_write(folder / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
 
 
 def manifest_problem(folder: Path) -> str | None:

@@ -34,7 +34,7 @@ from torch import nn
 from preftune.errors import ConfigError
 from preftune.system.distributed import decided_on_main
 from preftune.system.hardware import bf16_units
-from preftune.training.checkpoint import STATE_FILE, resolve_resume
+from preftune.training.checkpoint import STATE_FILE
 
 #: Auto turns bf16 autocast on from this many parameters, on a device with bf16 units.
 #:
@@ -135,11 +135,10 @@ def model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def resolve_precision(train: Any, model: nn.Module, run_dir: Path, device: torch.device | str) -> PrecisionChoice:
-    """``train.bf16`` for the run in ``run_dir`` training ``model``: decided on the main process (a
-    resume reads its checkpoint's record), taken by every other (the run's start line says it)."""
+def resolve_precision(train: Any, model: nn.Module, device: torch.device | str, *, resume: Path | None) -> PrecisionChoice:
+    """``train.bf16`` for a run training ``model``: decided on the main process (a resume, from the
+    checkpoint ``resume`` of the run's plan, reads its record), taken by every other (the run's start line says it)."""
     def choose() -> PrecisionChoice:
-        resume = resolve_resume(train, Path(run_dir), say=lambda line: None)
         return decide(train.bf16, torch.device(device).type, model_params(model),
                       recorded=None if resume is None else recorded_choice(resume), resuming=resume is not None)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 import warnings
@@ -40,6 +39,7 @@ from preftune.models.load import freeze, load_causal_lm
 from preftune.models.scorers import SequenceLogps
 from preftune.models.tokenizer import check_folder
 from preftune.system.distributed import all_gather, barrier, is_main, world
+from preftune.system.files import atomic_write
 from preftune.system.progress import batches
 
 CACHE_VERSION = 1
@@ -241,9 +241,8 @@ def load_or_compute_cache(
         table[name] = torch.empty_like(values).index_copy_(0, where, values)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key, "rows": str(len(pairs))})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in table.items()}, str(tmp),
+                                                 metadata={"key": key, "rows": str(len(pairs))}))
     barrier()
     del scorer
     return CachedReference(table, path), False

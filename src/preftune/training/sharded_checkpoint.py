@@ -17,8 +17,6 @@ sharding), so a run resumes on the same number of processes bitwise, and on anot
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch import nn
 
 from preftune.errors import TrainingError
 from preftune.system.distributed import all_gather, barrier, is_main
+from preftune.system.files import replace_folder, temporary_folder
 from preftune.training.checkpoint import CONFIG_FILE, STATE_FILE, LoopState, write_manifest
 from preftune.training.sharding import full_state_dict, part_of
 
@@ -57,9 +56,7 @@ def save_sharded_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        temporary_folder(folder)
     barrier()
     dcp.save(_states(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))
     weights = part_of(full_state_dict(model), model, output or model) if export is not None else None
@@ -72,9 +69,7 @@ def save_sharded_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         write_manifest(tmp)  # last, once every process has written its part: it covers every file
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     barrier()
     return folder
 
