@@ -40,19 +40,13 @@ def completion_logps(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    rows = hidden.shape[0]
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    tokens = scored.sum(dim=1)
-    row_of = torch.nonzero(scored, as_tuple=True)[0]
-    selected = hidden[:, :-1][scored]  # (N, hidden): only the positions that are scored
+    scored, selected, picked = _scored_positions(hidden, labels)
     token_logps, _, _ = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
+        selected, weight, bias, picked, chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
     )
     if token_weights is not None:
         token_logps = token_logps * token_weights[scored].to(token_logps.dtype)
-    sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
-    return sums, tokens
+    return _per_row(token_logps, scored), scored.sum(dim=1)
 
 
 def completion_logps_with_stats(
@@ -69,17 +63,25 @@ def completion_logps_with_stats(
     entropy (nats, ``-sum_v p_v log p_v``) and of top-1 hits (the label is the argmax), both without
     gradients: SFT's ``entropy`` and ``mean_token_accuracy``, as TRL logs them. Taken from each
     chunk's logits as they are computed, so they cost no second projection."""
-    rows = hidden.shape[0]
+    scored, selected, picked = _scored_positions(hidden, labels)
+    token_logps, entropy, hits = _ChunkedTokenLogps.apply(
+        selected, weight, bias, picked, chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), True,
+    )
+    return _per_row(token_logps, scored), scored.sum(dim=1), _per_row(entropy, scored), _per_row(hits, scored)
+
+
+def _scored_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The scored mask (rows, length - 1) aligned with ``labels[:, 1:]``, the hidden states that predict
+    the scored tokens (N, hidden), and those tokens (N,): only the positions that are scored."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
+    return scored, hidden[:, :-1][scored], targets[scored]
+
+
+def _per_row(values: Tensor, scored: Tensor) -> Tensor:
+    """Per-token ``values`` (N,), in the order of ``scored``'s True positions, summed per row (fp32)."""
     row_of = torch.nonzero(scored, as_tuple=True)[0]
-    token_logps, entropy, hits = _ChunkedTokenLogps.apply(
-        hidden[:, :-1][scored], weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap,
-        compute_dtype(hidden), True,
-    )
-    per_row = [torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, row_of, values)
-               for values in (token_logps, entropy, hits)]
-    return per_row[0], scored.sum(dim=1), per_row[1], per_row[2]
+    return torch.zeros(scored.shape[0], dtype=torch.float32, device=values.device).index_add(0, row_of, values.float())
 
 
 def ld_token_weights(scored: Tensor, ld_alpha: float) -> Tensor:
@@ -112,13 +114,11 @@ def token_logps(
     For metrics that need token-level values (KL estimates, perplexity); chunked like
     :func:`completion_logps`.
     """
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][scored]
+    scored, selected, picked = _scored_positions(hidden, labels)
     values, _, _ = _ChunkedTokenLogps.apply(
-        selected, weight, bias, targets[scored], chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
+        selected, weight, bias, picked, chunk_size, float(logit_scale), final_logit_softcap, compute_dtype(hidden), False
     )
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
     out[scored] = values
     return out
 
@@ -140,11 +140,7 @@ def wpo_logps(
     ``lse = logsumexp(l)``, ``log sum_v p_v^2 = logsumexp(2 l) - 2 lse``, so a token's term is
     ``l_t + lse - logsumexp(2 l)``. One more chunked pass of the output projection.
     """
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    row_of = torch.nonzero(scored, as_tuple=True)[0]
-    selected = hidden[:, :-1][scored].detach()
-    picked = targets[scored]
+    scored, selected, picked = _scored_positions(hidden.detach(), labels)
     dtype = compute_dtype(hidden)
     out = torch.empty(selected.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
@@ -154,7 +150,7 @@ def wpo_logps(
                                 final_logit_softcap, dtype)
             aligned = logits.gather(1, picked[start:end, None]).squeeze(1) + torch.logsumexp(logits, -1) - torch.logsumexp(2 * logits, -1)
             out[start:end] = aligned
-    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row_of, out)
+    return _per_row(out, scored)
 
 
 def naive_completion_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
