@@ -283,12 +283,12 @@ def start_line(task: Task, cfg: Any) -> str:
     params, trained = model_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     size = f"{params / 1e6:.2f}M parameters" + (f", {trained / 1e6:.2f}M trained" if trained != params else "")
     parts = [f"model {cfg.model.path or 'given in memory'} ({size})", *task.about]
-    processes, train = distributed.world()[1], cfg.train
-    if processes > 1:
-        parts.append(f"{processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
-                     f"{task.plan.global_batch * train.grad_accum} per optimizer step "
+    plan, train = task.plan, cfg.train
+    if plan.processes > 1:
+        parts.append(f"{plan.processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
+                     f"{plan.global_batch * train.grad_accum} per optimizer step "
                      f"({'sharded: FSDP2' if train.sharding == 'fsdp' else 'data parallel'})")
-    parts += [task.plan.precision.line(), task.plan.compile.line()]
+    parts += [plan.precision.line(), plan.compile.line()]
     return f"preftune: {stage}: " + "; ".join(parts)
 
 
