@@ -1,36 +1,72 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each creates .venv when missing,
 # installs torch first (so pip never pulls a multi-gigabyte CUDA build for a CPU machine),
-# then preftune with its dev extras; both are quick once everything is installed. `make test`
-# lints (ruff, configured in pyproject.toml) before it tests.
+# then preftune with its dev extras, every package at the version requirements.lock pins; both
+# are quick once everything is installed. `make test` lints (ruff, configured in pyproject.toml)
+# before it tests.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.preftune-installed
+LOCK   := requirements.lock
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
+PIP_QUIET := -q --disable-pip-version-check
 
-.PHONY: demo test install clean
+.PHONY: demo test test-all test-latest lint lock install check-lock clean
 
 install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+# A missing or damaged lock stops here, in one line: never an unpinned install.
+check-lock:
+	@$(PYTHON) tools/lock.py check $(LOCK)
+
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	@$(PYTHON) tools/lock.py check $(LOCK)
+	$(PY) -m pip install $(PIP_QUIET) -c $(LOCK) torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PY) -m pip install $(PIP_QUIET) -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/preftune demo --out runs/demo
 
-# The suite runs as on a processor without bf16 units (tests/conftest.py); the tests marked
-# fp32_exact then run again as on a CPU with AMX, where train.bf16 auto must keep them in fp32.
-test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+# The fast tier: every test that neither launches processes, compiles, profiles nor runs TRL side
+# by side (those are marked `full`). Minutes on 2 cores. The suite runs as on a processor without
+# bf16 units (tests/conftest.py).
+test: lint
+	$(PY) -m pytest -x -q -m "not full"
+
+# Everything (what CI runs): the fast tier and the full one, then the tests marked fp32_exact
+# again as on a CPU with AMX, where train.bf16 auto must keep them in fp32.
+test-all: lint
 	$(PY) -m pytest -x -q
 	@echo "The fp32_exact tests again, as on a CPU with bf16 units (PREFTUNE_CPU_BF16_UNITS=1):"
 	PREFTUNE_CPU_BF16_UNITS=1 $(PY) -m pytest -x -q -m fp32_exact
 
+# The fast tier against the newest releases that pyproject.toml's ranges allow (no lock), in a
+# separate environment: what `pip install preftune` gives a user next month. Not run by CI.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 $(TORCH_PIP_ARGS)
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers|trl)=='
+	.venv-latest/bin/python -m pytest -x -q -m "not full"
+
+# Regenerate the lock from pyproject.toml's ranges, deliberately, in a fresh environment; then
+# run `make test-all` on it before committing it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 $(TORCH_PIP_ARGS)
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable | $(PYTHON) tools/lock.py write $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock build src/*.egg-info .pytest_cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,75 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # CPU with AMX, where train.bf16 auto must still keep them in fp32. The tests about auto precision
 # set it themselves (monkeypatch.setenv); the tests about bf16 set train.bf16=true.
 os.environ.setdefault("PREFTUNE_CPU_BF16_UNITS", "0")
+
+
+# --------------------------------------------------------------------------- the two tiers
+# `make test` runs the tests not marked `full`; `make test-all` (CI) runs every test. A test that
+# launches a process (a fresh Python interpreter: torch alone takes seconds to import), compiles,
+# profiles or runs TRL side by side is marked `full`; the marker is the one place its tier is
+# said, and this guard holds it: unmarked, such a test fails at the launch, the compile or the
+# profile, naming the marker.
+FULL = "full"
+
+
+def _refuse(what: str, nodeid: str) -> None:
+    pytest.fail(f"{nodeid} {what}: mark it @pytest.mark.{FULL} (the full tier, `make test-all`)", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    if request.node.get_closest_marker(FULL) is not None:
+        yield
+        return
+    import torch
+    import torch.profiler
+
+    node = request.node.nodeid
+
+    launch = subprocess.Popen.__init__
+
+    def popen(self, args, *rest, **kwargs) -> None:  # noqa: ANN001
+        program = Path(str(args[0] if isinstance(args, list | tuple) else str(args).split()[0])).name
+        if program.startswith("python") or program in ("torchrun", "accelerate", "preftune"):  # a fresh interpreter
+            _refuse(f"launches a process ({str(args)[:120]})", node)
+        launch(self, args, *rest, **kwargs)  # a tool's probe (uname -p, g++ --version) costs milliseconds
+
+    def compile_(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        _refuse("compiles (torch.compile)", node)
+
+    def profile(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        _refuse("profiles (torch.profiler)", node)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch.profiler.profile, "__init__", profile)
+    yield
+
+
+# --------------------------------------------------------------------------- preftune in a child process (full tier)
+CLI = [sys.executable, "-m", "preftune.cli"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """A child process's environment: this one's, with preftune's source and the tests' helpers on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]), **extra}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, **run: object) -> subprocess.CompletedProcess[str]:
+    """``preftune ARGS`` as a user runs it, in a fresh interpreter (a test calling it is marked ``full``)."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=child_env(**(env or {})), **run)
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen[str]:
+    """``preftune ARGS`` started in a fresh interpreter, its output piped (a test calling it is marked ``full``)."""
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(**(env or {})), **popen)
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 600, **run: object) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` (a module, ``-c CODE``, torchrun) in a fresh interpreter (a test calling it is marked ``full``)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=child_env(**(env or {})), **run)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -49,6 +49,7 @@ def assert_refused_in_one_line(run: subprocess.CompletedProcess, variable: str, 
     assert lines[0].startswith("preftune: error:") and not (out / "final").exists()
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_accelerate_launch_with_the_fsdp_config_trains_sharded_and_says_so(tiny_model_dir: Path, preference_files: tuple[Path, Path],
                                                                           tmp_path: Path) -> None:
@@ -65,6 +66,7 @@ def test_accelerate_launch_with_the_fsdp_config_trains_sharded_and_says_so(tiny_
     assert "sharding: fsdp" in (out / "config.yaml").read_text() and (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero2.yaml", "zero3.yaml"])
 def test_a_deepspeed_launch_is_refused_in_one_line(name: str, tiny_model_dir: Path, preference_files: tuple[Path, Path],

@@ -70,6 +70,7 @@ def test_a_fresh_adapter_is_zero_and_a_trained_one_is_copied_frozen() -> None:
     assert not torch.allclose(peft_model(input_ids=ids).logits, before)  # the trained adapter is active again
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_sft_lora_then_dpo_step_one_loss_equals_trls(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     from datasets import Dataset

@@ -166,6 +166,7 @@ def test_python_settings_are_checked_like_yaml(tiny, tmp_path: Path) -> None:  #
         preftune.dpo(new_model(tiny), train_data=42, tokenizer=tiny, output_dir=str(tmp_path / "z"))
 
 
+@pytest.mark.full
 def test_import_is_light_and_exports_only_the_public_names() -> None:
     code = "import sys, preftune; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -333,6 +333,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.full
 def test_a_fifo_is_refused_at_once_not_read_forever(ws: Workspace) -> None:
     result = _cli("data", "inspect", str(fifo(ws)), timeout=60)
     assert result.returncode == 2 and "FIFO" in result.stderr and "Traceback" not in result.stderr
@@ -351,6 +352,7 @@ def test_debug_is_accepted_anywhere_and_shows_the_traceback(ws: Workspace, where
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_debug_in_a_subprocess_prints_the_traceback(ws: Workspace) -> None:
     result = _cli("data", "inspect", str(ws.root / "missing.jsonl"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr and "DataError" in result.stderr

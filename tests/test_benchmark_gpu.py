@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
+
 
 def _gpu(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args, "--workdir", str(tmp_path / "gpu")], cwd=REPO,

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
+
 
 @pytest.mark.slow
 def test_precision_benchmark_smoke(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 
+pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
+
 
 @pytest.mark.slow
 def test_prep_benchmark_smoke(tmp_path: Path) -> None:

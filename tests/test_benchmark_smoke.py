@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
+
 
 def test_smoke_benchmark_runs_everything_and_matches_trl(tmp_path: Path) -> None:
     pytest.importorskip("trl", reason="the benchmark compares with TRL (the `bench` extra)")

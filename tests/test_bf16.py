@@ -207,6 +207,7 @@ def test_bf16_tolerance_fails_a_ten_percent_larger_beta(trained: Callable[..., P
 
 
 # --------------------------------------------------------------------------- (b) two processes
+@pytest.mark.full
 @pytest.mark.slow
 def test_bf16_two_processes_equal_one_for_dpo(trained: Callable[..., Path], tiny_model_dir: Path, preference_files: tuple[Path, Path],
                                               tmp_path: Path) -> None:
@@ -223,6 +224,7 @@ def test_bf16_two_processes_equal_one_for_dpo(trained: Callable[..., Path], tiny
     assert_bf16_invariant(trained("dpo", *one, BF16), trained("dpo", *one, FP32), two, "2 processes vs 1")
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_bf16_two_sharded_processes_equal_one_for_dpo(trained: Callable[..., Path], tiny_model_dir: Path,
                                                       preference_files: tuple[Path, Path], tmp_path: Path) -> None:

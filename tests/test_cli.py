@@ -38,6 +38,7 @@ def test_help_lists_every_verb_in_table_order(capsys: pytest.CaptureFixture[str]
     assert {"inspect", "dpo", "sft", "rm", "score", "generate", "eval", "report", "demo"} <= {verb.name for verb in VERBS}
 
 
+@pytest.mark.full
 def test_help_from_the_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "preftune.cli", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -91,6 +92,7 @@ def test_debug_shows_the_error_itself() -> None:
         main(["--debug", "dpo", str(DPO_TINY), "--loss.gamma=0.7"])
 
 
+@pytest.mark.full
 def test_cli_errors_are_short_and_clean(tmp_path: Path, tiny_model_dir: Path, preference_files: tuple[Path, Path]) -> None:
     train, _ = preference_files
     cases = [

@@ -29,6 +29,7 @@ def dpo_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_
     return run_dpo(cfg)
 
 
+@pytest.mark.full
 def test_generate_eval_report_from_the_cli(dpo_run: Path, tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the food was"}, {"prompt": "service"}])
     out = tmp_path / "gen.jsonl"

@@ -39,6 +39,7 @@ def _logps_and_grads(scorer: SharedPrefixLogps, batch: dict) -> tuple[torch.Tens
     return logps.detach(), grads
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_compiled_prefix_shared_logps_and_grads_equal_eager() -> None:
     """Prefix sharing + chunked log-probs + LoRA + gradient checkpointing: compiled == eager to
@@ -95,6 +96,7 @@ print("eager ok")
 """
 
 
+@pytest.mark.full
 def test_inductor_failure_falls_back_with_one_line(tmp_path: Path) -> None:
     """No working C++ compiler (CXX points nowhere; inductor caches what it finds, hence a process of
     its own): one line on stderr, no traceback, nothing compiled, the eager model still runs."""
@@ -112,6 +114,7 @@ def test_inductor_failure_falls_back_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("preftune: train.compile is off") and "running eagerly" in lines[0]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.fp32_exact
 def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise(

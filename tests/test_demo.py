@@ -44,6 +44,7 @@ def test_pairs_are_best_against_worst_and_ties_are_counted() -> None:
     assert pairs == [{"prompt": "the plot", "chosen": " was great . i loved it .", "rejected": " was dull . i hated it ."}]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_reduced_demo_aligns_the_policy(tmp_path: Path) -> None:
     """The reduced demo, with a second round of iterative DPO (``--rounds 2``): round 1 is the

@@ -12,10 +12,18 @@ Marked fp32_exact (run again by `make test` as on a CPU with bf16 units): one da
 one sharded launch. train.bf16 auto is decided once, on the main process, and broadcast
 (system.distributed.decided_on_main), so every other launch here takes the same path; running
 them all twice would cost CI minutes and check nothing more.
+
+Launches are what this file costs (a fresh interpreter per process, torch imported in each): a
+single process runs in this one (preftune's CLI called in-process), and launches that would repeat
+one another's setup are shared (the two-process DPO run is the reference of the two-node run and
+the uninterrupted end of the stopped one). Every launch must exit 0: a finished launch reported
+failed (a process ending on SIGABRT in its teardown) fails the test that made it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -28,8 +36,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DPO_TINY, REPO, assert_same_weights, read_metrics, weights, write_jsonl
+from preftune.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.full
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 QUIET = ["--train.progress=false", "--train.report=false", "--train.log_every=1", "--train.lr=1e-3"]
 
@@ -45,22 +54,30 @@ def env() -> dict[str, str]:
 
 
 def preftune(*args: str, processes: int = 1, nodes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """`preftune ARGS` in one process, or under torchrun (processes per node, nodes on this machine)."""
+    """`preftune ARGS` in one process (this one: the CLI called in-process), or launched by torchrun
+    (processes per node, nodes on this machine)."""
     if processes == 1 and nodes == 1:
-        command = [[sys.executable, "-m", "preftune.cli", *args]]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(list(args))
+        result = subprocess.CompletedProcess(args, code, "", err.getvalue())
     else:
         port = free_port()
         command = [[*TORCHRUN, f"--nnodes={nodes}", f"--nproc-per-node={processes}", f"--node-rank={node}",
                     "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "preftune.cli", *args] for node in range(nodes)]
-    running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for c in command]
-    results = []
-    for p in running:
-        out, err = p.communicate(timeout=600)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for c in command]
+        results = []
+        for p in running:
+            out, err = p.communicate(timeout=600)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        result = results[0]
+        if check:
+            for r in results:
+                assert r.returncode == 0, r.stderr[-3000:]
     if check:
-        for r in results:
-            assert r.returncode == 0, r.stderr[-3000:]
-    return results[0]
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "terminate called" not in result.stderr, result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +106,27 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert_same_weights(weights(a / "final"), weights(b / "final"), atol=1e-5)
 
 
+CONSTANT = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.save_every=3"]
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """DPO for 6 steps with prefix sharing, a constant learning rate and a checkpoint every 3 steps:
+    one process with batch 8 ("one") and two processes with batch 4 each ("two", its stderr beside it)."""
+    folder = tmp_path_factory.mktemp("dpo-runs")
+    preftune(*dpo(tiny_model_dir, data, folder / "one", "--train.max_steps=6", "--train.batch_size=8", *CONSTANT))
+    two = preftune(*dpo(tiny_model_dir, data, folder / "two", "--train.max_steps=6", "--train.batch_size=4", *CONSTANT), processes=2)
+    (folder / "two.stderr").write_text(two.stderr)
+    return {"one": folder / "one", "two": folder / "two", "two.stderr": folder / "two.stderr"}
+
+
 @pytest.mark.fp32_exact
-def test_two_processes_equal_one_for_dpo_with_prefix_sharing(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.batch_size=8"))
-    two = preftune(*dpo(tiny_model_dir, data, tmp_path / "two", "--train.max_steps=6", "--train.batch_size=4"), processes=2)
-    assert "2 processes x batch 4 x grad_accum 1 = global batch 8" in two.stderr
-    assert two.stderr.count("train.compile auto -> off (CPU, 6 planned steps < ") == 1  # decided once, for both
-    assert json.loads((tmp_path / "two" / "reference.json").read_text())["layout"] == "prefix_shared"
-    assert_same_runs(tmp_path / "one", tmp_path / "two")
+def test_two_processes_equal_one_for_dpo_with_prefix_sharing(dpo_runs: dict[str, Path]) -> None:
+    stderr = dpo_runs["two.stderr"].read_text()
+    assert "2 processes x batch 4 x grad_accum 1 = global batch 8" in stderr
+    assert stderr.count("train.compile auto -> off (CPU, 6 planned steps < ") == 1  # decided once, for both
+    assert json.loads((dpo_runs["two"] / "reference.json").read_text())["layout"] == "prefix_shared"
+    assert_same_runs(dpo_runs["one"], dpo_runs["two"])
 
 
 def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
@@ -111,23 +141,25 @@ def test_two_processes_equal_one_for_sft_with_accumulation(tiny_model_dir: Path,
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
-def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    constant = ["--train.scheduler=constant", "--train.warmup_steps=0", "--train.save_every=3"]
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "straight", "--train.max_steps=6", "--train.batch_size=4", *constant), processes=2)
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=3", "--train.batch_size=4", *constant), processes=2)
+def test_a_stopped_two_process_run_resumes_to_the_same_end(tiny_model_dir: Path, data: tuple[Path, Path], dpo_runs: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    import shutil
+
+    straight = dpo_runs["two"] / "final"  # 6 steps on two processes, uninterrupted
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=3", "--train.batch_size=4", *CONSTANT), processes=2)
     rng = __import__("torch").load(tmp_path / "stopped" / "checkpoints" / "step-3" / "rng.pt", weights_only=True)
     assert len(rng["ranks"]) == 2  # every process's RNG
-    resumed = dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=6", "--train.resume_from=latest", *constant)
+    shutil.copytree(tmp_path / "stopped", tmp_path / "one")
+    resumed = dpo(tiny_model_dir, data, tmp_path / "stopped", "--train.max_steps=6", "--train.resume_from=latest", *CONSTANT)
     preftune(*resumed, "--train.batch_size=4", processes=2)
-    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "stopped" / "final"), atol=1e-5)
+    assert_same_weights(weights(straight), weights(tmp_path / "stopped" / "final"), atol=1e-5)
     # one process with the same global batch continues the same data position
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=3", "--train.batch_size=4", *constant), processes=2)
     preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=6", "--train.resume_from=latest", "--train.batch_size=8",
-                  *constant))
-    assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "one" / "final"), atol=1e-5)
+                  *CONSTANT))
+    assert_same_weights(weights(straight), weights(tmp_path / "one" / "final"), atol=1e-5)
     # another global batch would point at other examples: refused
     refused = preftune(*dpo(tiny_model_dir, data, tmp_path / "one", "--train.max_steps=9", "--train.resume_from=latest",
-                            "--train.batch_size=4", *constant), check=False)
+                            "--train.batch_size=4", *CONSTANT), check=False)
     assert refused.returncode == 2 and "global batch of 8" in refused.stderr and "this run has 4" in refused.stderr
 
 
@@ -252,10 +284,10 @@ def test_a_sharded_run_stopped_by_sigterm_resumes_on_two_processes_bitwise_and_o
     assert_same_weights(weights(tmp_path / "straight" / "final"), weights(tmp_path / "one" / "final"), atol=1e-5)
 
 
-def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "procs", "--train.max_steps=3", "--train.batch_size=4"), processes=2)
-    preftune(*dpo(tiny_model_dir, data, tmp_path / "nodes", "--train.max_steps=3", "--train.batch_size=4"), processes=1, nodes=2)
-    assert_same_runs(tmp_path / "procs", tmp_path / "nodes")
+def test_two_nodes_on_one_machine_equal_two_processes(tiny_model_dir: Path, data: tuple[Path, Path], dpo_runs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    preftune(*dpo(tiny_model_dir, data, tmp_path / "nodes", "--train.max_steps=6", "--train.batch_size=4", *CONSTANT), processes=1, nodes=2)
+    assert_same_runs(dpo_runs["two"], tmp_path / "nodes")
 
 
 def test_what_is_not_supported_is_refused_in_one_line(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from preftune.errors import PreftuneError
 from preftune.stages.dpo import run as run_dpo
 
 
+@pytest.mark.full
 def test_cli_run_learns_and_writes_the_run_folder(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files
     run = tmp_path / "run"

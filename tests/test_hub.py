@@ -110,6 +110,7 @@ def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.full
 def test_preftune_dpo_with_a_hub_model_and_dataset_offline(hub_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = _cli("dpo", str(REPO / "configs" / "dpo-tiny.yaml"), "--model.path=preftune-test/tiny-llama",

@@ -27,6 +27,7 @@ COMMON = ["--train.deterministic=true", "--train.save_every=null", "--train.eval
           "--train.scheduler=constant", "--train.warmup_steps=0", "--train.batch_size=4"]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_sigterm_checkpoints_says_where_exits_143_and_resumes_to_the_same_weights(
         tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ def test_shipped_config_runs_two_rounds_and_the_judge_score_rises(iterated: Path
     assert (iterated / "plots" / "judge_by_round.png").is_file() and "Rounds" in (iterated / "report.html").read_text()
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_a_killed_iteration_resumes_and_ends_as_an_uninterrupted_one(
         iterated: Path, tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:

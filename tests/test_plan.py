@@ -137,6 +137,7 @@ def measure(model_name: str, stage: str, strategy: str, out: Path, processes: in
     return estimate(shape_of(config), replace(base, **setup))["peak"], peak, rss_before, rss()[1]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_name", "stage", "strategy"), CASES)
 def test_estimate_within_25_percent_of_measured_peak(model_name: str, stage: str, strategy: str, tmp_path: Path) -> None:
@@ -144,6 +145,7 @@ def test_estimate_within_25_percent_of_measured_peak(model_name: str, stage: str
     assert planned == pytest.approx(peak, rel=0.25), (model_name, stage, strategy, planned / 2**20, peak / 2**20)
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_ddp_and_fsdp_estimates_per_process_within_25_percent(tmp_path: Path) -> None:
     """Two processes (torchrun, gloo; one launch), each measuring its own peak of live tensors: data parallel,
@@ -188,6 +190,7 @@ def test_shapes_and_sharding_arithmetic() -> None:
         parse_bytes("80 parsecs")
 
 
+@pytest.mark.full
 def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from preftune.cli.main import main
 

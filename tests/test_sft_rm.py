@@ -189,6 +189,7 @@ def test_not_a_reward_model_is_a_clear_error(tiny_model_dir: Path) -> None:
         load_reward_model(tiny_model_dir)
 
 
+@pytest.mark.full
 def test_a_sequence_classification_model_is_refused_before_anything_is_written(
         tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     """TRL's RewardTrainer takes AutoModelForSequenceClassification(num_labels=1): it has no LM head,
@@ -212,6 +213,7 @@ def test_a_sequence_classification_model_is_refused_before_anything_is_written(
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.full
 def test_cli_sft_then_rm_then_score(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files
     cli = [sys.executable, "-m", "preftune.cli"]

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,7 @@ def test_a_finished_run_is_not_overwritten_by_accident(tiny_model_dir: Path, pre
 def test_two_runs_cannot_share_a_folder(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "busy"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process that is not preftune
     try:
         (out / "status.json").write_text(json.dumps({"status": "running", "pid": sleeper.pid, "host": socket.gethostname()}))
         with pytest.raises(PreftuneError, match=f"another preftune run \\(pid {sleeper.pid}\\) is writing"):

@@ -107,6 +107,7 @@ def _sweep_cli(model: Path, train: Path, out: Path, cache: Path, *extra: str) ->
             f"--reference.cache_dir={cache}", *extra]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_to_the_uninterrupted_sweeps_weights(tiny_model_dir: Path, preference_files, tmp_path: Path) -> None:
     """SIGKILL while the second run trains (the third not started), then `--train.resume_from=latest`:

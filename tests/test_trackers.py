@@ -137,6 +137,7 @@ TRL_ONLY = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"
 PREFTUNE_ONLY = {"tokens_per_second"}
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_tensorboard_tags_are_trls_on_the_same_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="make test installs tensorboard (the dev extras)")

@@ -20,6 +20,7 @@ import threading
 
 from preftune.cli.verbs import VERBS, Verb
 from preftune.errors import PreftuneError
+from preftune.system import distributed
 from preftune.system.distributed import world
 from preftune.system.progress import quiet_transformers_bars
 from preftune.training.interrupts import Interrupted
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(verb, args, overrides)
     finally:
+        distributed.leave(meet=False)  # after an error: the process group goes before the interpreter's teardown
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -85,7 +87,9 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
             raise PreftuneError(f"`preftune {verb.name}` runs in one process; it was launched in {processes}. "
                                 "Only the training verbs (dpo, kto, sft, rm) train across processes.")
         with quiet_transformers_bars():  # preftune's own lines and bars say what is happening
-            return verb.run(args, overrides)
+            code = verb.run(args, overrides)
+        distributed.leave(meet=True)
+        return code
     except PreftuneError as err:
         if args.debug:
             raise

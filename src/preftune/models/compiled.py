@@ -19,9 +19,19 @@ was the alternative: it compiles once per bucket and pays padding on every batch
 The compiled layer is bound with ``types.MethodType``, so ``copy.deepcopy`` of a model (a frozen
 reference copy) binds the copy's own layers, never the original's.
 
-When inductor cannot compile on this machine (no C++ compiler, a compiler error), the model
-runs eagerly and ONE line on stderr says so: a probe compiles a two-op function first, and a
-failure at the first real call also falls back (the same inputs then run eagerly).
+Gradient checkpointing stays outside the compiled function whatever transformers does with it.
+Up to 5.24 the decoder model's loop (or ``GradientCheckpointingLayer.__call__``) wrapped the
+layer's call in the checkpoint, so an instance ``forward`` was what it recomputed. From 5.25 the
+checkpoint is inside the class's ``forward`` (a wrapper that ``__init_subclass__`` puts around the
+model's own ``forward``); compiling that wrapper puts ``torch.utils.checkpoint`` under dynamo,
+which then compiles no graph at all and runs the step eagerly. So the layer's own ``forward``
+(the wrapper's ``__wrapped__``) is compiled, and the instance ``forward`` checkpoints it exactly
+as the wrapper would.
+
+When inductor cannot compile on this machine (no C++ compiler, a compiler error), or dynamo
+compiles no graph of the layer at its first call, the model runs eagerly and ONE line on stderr
+says so: a probe compiles a two-op function first, and a failure at the first real call also
+falls back (the same inputs then run eagerly).
 
 Whether a run compiles (``train.compile``, ``auto`` included) is decided once per run in
 :mod:`preftune.training.compile_choice`; this module only compiles.
@@ -29,6 +39,7 @@ Whether a run compiles (``train.compile``, ``auto`` included) is decided once pe
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from typing import Any
@@ -74,6 +85,44 @@ def inductor_works() -> bool:
     return bool(_state["probed"])
 
 
+def _own_forward(forward: Any) -> Any:
+    """The layer's own ``forward``, without the checkpointing wrappers that transformers >= 5.25
+    puts around it (one per subclass level; recognised by their code, not by a name)."""
+    while getattr(forward, "__code__", None) is not None and forward.__code__.co_name == "forward_with_checkpointing" \
+            and hasattr(forward, "__wrapped__"):
+        forward = forward.__wrapped__
+    return forward
+
+
+def _has_compiled_code(function: Any) -> bool:
+    """Whether dynamo holds compiled code for ``function`` (a graph of it, this call's or one that
+    an earlier model of the same class compiled in this process). Asked through dynamo's debug
+    accessor; where a torch release lacks it, assumed so."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return True
+    return len(_debug_get_cache_entry_list(function.__code__)) > 0
+
+
+def _checkpointed(run: Any) -> Any:
+    """``run(layer, *args, **kwargs)`` under the layer's checkpointing function when checkpointing
+    is on (training, with gradients), as transformers' own wrapper does, caches dropped as it
+    drops them."""
+
+    def forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            for name in ("cache", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+            return layer._gradient_checkpointing_func(functools.partial(run, layer, **kwargs), *args)
+        return run(layer, *args, **kwargs)
+
+    return forward
+
+
 def compile_layers(model: nn.Module) -> int:
     """Compile ``model``'s decoder layers in place (see the module docstring); how many are compiled
     now (layers compiled before count too).
@@ -87,14 +136,23 @@ def compile_layers(model: nn.Module) -> int:
         return 0
     if not layers:
         return len(every)
-    eager = type(layers[0]).forward
+    wrapped = type(layers[0]).forward
+    eager = _own_forward(wrapped)
     compiled = torch.compile(eager)
+    first = {"call": True}
 
-    def forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if _state["probed"] is False:
             return eager(layer, *args, **kwargs)
         try:
-            return compiled(layer, *args, **kwargs)
+            if not first["call"]:
+                return compiled(layer, *args, **kwargs)
+            first["call"] = False
+            out = compiled(layer, *args, **kwargs)
+            if not _has_compiled_code(eager):
+                _state["probed"] = False
+                _warn(f"dynamo compiled no graph of {type(layer).__name__}.forward (it fell back to eager)")
+            return out
         except Exception as err:  # noqa: BLE001
             from torch._dynamo.exc import BackendCompilerFailed
 
@@ -104,6 +162,7 @@ def compile_layers(model: nn.Module) -> int:
             _warn(f"inductor failed on the decoder layer ({str(err).splitlines()[0][:160]})")
             return eager(layer, *args, **kwargs)
 
+    forward = run if eager is wrapped else _checkpointed(run)
     for layer in layers:
         layer.forward = types.MethodType(forward, layer)
     return len(every)

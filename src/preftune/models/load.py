@@ -121,8 +121,14 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    # Non-reentrant checkpointing works with frozen inputs (LoRA) and with autocast.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each decoder layer's activations in the backward pass. Non-reentrant checkpointing
+    works with frozen inputs (LoRA) and with autocast. transformers 5.25 renamed the call to
+    ``activation_checkpointing_enable`` (the old name warns, and goes in v6); older releases have
+    only ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False

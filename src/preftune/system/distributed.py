@@ -9,6 +9,7 @@ no-op that returns its input.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,24 @@ def start() -> tuple[int, int]:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(leave, meet=False)  # a Python API run under torchrun: left before the interpreter's teardown
     return world()
+
+
+def leave(meet: bool) -> None:
+    """Destroy the process group, if one is started: the last collective step of a launch.
+
+    Left to the interpreter's exit, the group is torn down in its static destructors while gloo's
+    (or NCCL's) threads may still be alive and joinable: ``std::terminate`` ("terminate called
+    without an active exception"), SIGABRT, and torchrun reports a finished launch as failed.
+    ``meet``: every process first waits at a barrier for the others to finish their last collective
+    step (a run that ended well on every process); after an error it does not, since the others may
+    never arrive."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if meet:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def launcher_asks_fsdp() -> bool:
