@@ -19,12 +19,20 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# A missing or damaged lock stops here, in one line: never an unpinned install.
+# A missing or damaged lock stops make in one line (make's own error line), before anything is
+# installed: never an unpinned install. Expanded only where an install is about to happen.
+lock_problem = $(shell $(PYTHON) tools/lock.py check $(LOCK) 2>&1)
+check_lock = $(if $(lock_problem),$(error $(lock_problem)))
+
 check-lock:
-	@$(PYTHON) tools/lock.py check $(LOCK)
+	$(check_lock)
+
+# Reached only when the lock is missing: that one line, not make's "no rule to make target".
+$(LOCK):
+	$(check_lock)
 
 $(STAMP): pyproject.toml $(LOCK) | $(PY)
-	@$(PYTHON) tools/lock.py check $(LOCK)
+	$(check_lock)
 	$(PY) -m pip install $(PIP_QUIET) -c $(LOCK) torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install $(PIP_QUIET) -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)

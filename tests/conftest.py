@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The processor's bf16 units, fixed for the whole test run (child processes inherit it): "no", so a
-# test's numbers mean the same on every processor. `make test` runs the tests marked `fp32_exact`
+# test's numbers mean the same on every processor. `make test-all` runs the tests marked `fp32_exact`
 # (numbers compared at fp32 tolerances) once more with "yes" (PREFTUNE_CPU_BF16_UNITS=1), as on a
 # CPU with AMX, where train.bf16 auto must still keep them in fp32. The tests about auto precision
 # set it themselves (monkeypatch.setenv); the tests about bf16 set train.bf16=true.
@@ -79,9 +79,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
 
 
 def start_cli(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen[str]:
-    """``preftune ARGS`` started in a fresh interpreter, its output piped (a test calling it is marked ``full``)."""
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(**(env or {})), **popen)
+    """``preftune ARGS`` started in a fresh interpreter, its output piped unless ``stdout=``/``stderr=`` say
+    otherwise (a test calling it is marked ``full``)."""
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([*CLI, *args], text=True, env=child_env(**(env or {})), **streams)
 
 
 def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 600, **run: object) -> subprocess.CompletedProcess[str]:

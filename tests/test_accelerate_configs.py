@@ -4,14 +4,12 @@ start in one line."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 CONFIGS = REPO / "configs" / "accelerate"
 #: file -> (accelerate's distributed_type, what else it must say)
@@ -54,12 +52,11 @@ def assert_refused_in_one_line(run: subprocess.CompletedProcess, variable: str, 
 def test_accelerate_launch_with_the_fsdp_config_trains_sharded_and_says_so(tiny_model_dir: Path, preference_files: tuple[Path, Path],
                                                                           tmp_path: Path) -> None:
     """The real launcher with the shipped config, two processes on this CPU (gloo): torch's FSDP2, not a refusal."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
-                          "--num_processes", "2", *dpo_args(tiny_model_dir, preference_files[0], out), "--train.save_every=null",
-                          "--train.batch_size=4", "--data.eval=[]", "--train.progress=false", "--train.report=false"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = run_python("-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+                     "--num_processes", "2", *dpo_args(tiny_model_dir, preference_files[0], out), "--train.save_every=null",
+                     "--train.batch_size=4", "--data.eval=[]", "--train.progress=false", "--train.report=false",
+                     timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("preftune: accelerate launch asked for FSDP (ACCELERATE_USE_FSDP): train.sharding=fsdp") == 1
     assert "(sharded: FSDP2)" in run.stderr and "preftune: sharded (FSDP2) over 2 processes" in run.stderr
@@ -76,8 +73,6 @@ def test_a_deepspeed_launch_is_refused_in_one_line(name: str, tiny_model_dir: Pa
     from accelerate.commands.config.config_args import load_config_from_file
 
     variable = LAUNCH_ENV[load_config_from_file(str(CONFIGS / name)).distributed_type.value]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), variable: "true"}
-    run = subprocess.run([sys.executable, *dpo_args(tiny_model_dir, preference_files[0], tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = run_python(*dpo_args(tiny_model_dir, preference_files[0], tmp_path / "run"), timeout=300, env={variable: "true"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert_refused_in_one_line(run, variable, tmp_path / "run")

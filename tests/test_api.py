@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import preftune
-from conftest import REPO
+from conftest import REPO, run_python
 from preftune.errors import ConfigError
 
 
@@ -169,7 +167,7 @@ def test_python_settings_are_checked_like_yaml(tiny, tmp_path: Path) -> None:  #
 @pytest.mark.full
 def test_import_is_light_and_exports_only_the_public_names() -> None:
     code = "import sys, preftune; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = run_python("-c", code, check=True).stdout.strip()
     assert out == "[]"
     assert set(preftune.__all__) == {"dpo", "sft", "reward_model", "kto", "Result", "DPOConfig", "SFTConfig", "RMConfig",
                                      "KTOConfig", "load_config", "PreftuneError", "__version__",

@@ -15,15 +15,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import DPO_TINY, REPO
+from conftest import DPO_TINY, run_cli
 from preftune.cli.main import main
 
 GOOD = {"prompt": "Say hi.", "chosen": " hi", "rejected": " no"}
@@ -328,14 +326,9 @@ def test_the_suite_holds_at_least_60_cases() -> None:
 
 
 # --------------------------------------------------------------------------- as a user runs it
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.full
 def test_a_fifo_is_refused_at_once_not_read_forever(ws: Workspace) -> None:
-    result = _cli("data", "inspect", str(fifo(ws)), timeout=60)
+    result = run_cli("data", "inspect", str(fifo(ws)), timeout=60)
     assert result.returncode == 2 and "FIFO" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -354,5 +347,5 @@ def test_debug_is_accepted_anywhere_and_shows_the_traceback(ws: Workspace, where
 
 @pytest.mark.full
 def test_debug_in_a_subprocess_prints_the_traceback(ws: Workspace) -> None:
-    result = _cli("data", "inspect", str(ws.root / "missing.jsonl"), "--debug")
+    result = run_cli("data", "inspect", str(ws.root / "missing.jsonl"), "--debug", timeout=120)
     assert result.returncode != 0 and "Traceback" in result.stderr and "DataError" in result.stderr

@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
 
 
 def _gpu(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args, "--workdir", str(tmp_path / "gpu")], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return run_python("-m", "benchmarks.gpu", *args, "--workdir", str(tmp_path / "gpu"), cwd=REPO)
 
 
 @pytest.mark.slow

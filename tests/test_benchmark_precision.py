@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
 
@@ -19,8 +17,7 @@ pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the f
 @pytest.mark.slow
 def test_precision_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "precision.jsonl"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--smoke", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_python("-m", "benchmarks.precision", "--smoke", "--json", str(out), cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["size"] for r in rows] == ["0.18m", "1m"]

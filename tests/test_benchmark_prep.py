@@ -4,13 +4,11 @@ one JSON line per measurement and the linearity summary."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, run_python
 
 pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
 
@@ -19,8 +17,8 @@ pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the f
 def test_prep_benchmark_smoke(tmp_path: Path) -> None:
     if not (SHARED_DATA / "hh-rlhf").is_dir():
         pytest.skip("the HH-RLHF sample (../shared/data/hh-rlhf) is not here")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.prep", "--sizes", "50,100", "--kinds", "preftune-cold,preftune-warm",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_python("-m", "benchmarks.prep", "--sizes", "50,100", "--kinds", "preftune-cold,preftune-warm", "--workdir", str(tmp_path),
+                      cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(r["kind"], r["records"]) for r in rows] == [("preftune-cold", 50), ("preftune-warm", 50),

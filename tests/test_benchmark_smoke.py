@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.full  # launches processes, compiles or runs TRL: the full tier
 
@@ -23,10 +22,8 @@ def test_smoke_benchmark_runs_everything_and_matches_trl(tmp_path: Path) -> None
     finally:
         sys.path.remove(str(REPO))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--smoke", "--fixtures", str(tmp_path / "fixtures"), "--workdir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    done = run_python("-m", "benchmarks.bench", "--smoke", "--fixtures", str(tmp_path / "fixtures"), "--workdir", str(tmp_path / "work"),
+                      cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = {r["run"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
     assert set(records) == (set(VARIANTS) - set(SMOKE_SKIP)) | set(TRL_RUNS) | set(SWEEP_RUNS)

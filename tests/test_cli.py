@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import DPO_TINY, REPO
+from conftest import DPO_TINY, REPO, run_cli
 from preftune.cli.main import build_parser, main
 from preftune.cli.verbs import VERBS
 from preftune.config.schema import DPOConfig, load_config
@@ -40,7 +38,7 @@ def test_help_lists_every_verb_in_table_order(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.full
 def test_help_from_the_module_entry_point() -> None:
-    result = subprocess.run([sys.executable, "-m", "preftune.cli", "--help"], capture_output=True, text=True, timeout=300)
+    result = run_cli("--help", timeout=300)
     assert result.returncode == 0, result.stderr
     assert listed(result.stdout) == list(dict.fromkeys(verb.group or verb.name for verb in VERBS))
 
@@ -101,7 +99,7 @@ def test_cli_errors_are_short_and_clean(tmp_path: Path, tiny_model_dir: Path, pr
         ([str(DPO_TINY), f"--model.path={tmp_path / 'missing'}", f"--data.train={train}"], f"no folder '{tmp_path / 'missing'}'; nor can it"),
     ]
     for args, message in cases:
-        result = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", *args], capture_output=True, text=True, timeout=300)
+        result = run_cli("dpo", *args, timeout=300)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
         assert "Traceback" not in result.stderr

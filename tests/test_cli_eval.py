@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_jsonl
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, timeout=600)
+from conftest import REPO, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +27,16 @@ def dpo_run(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path_
 def test_generate_eval_report_from_the_cli(dpo_run: Path, tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the food was"}, {"prompt": "service"}])
     out = tmp_path / "gen.jsonl"
-    result = cli("generate", str(dpo_run), str(prompts), "--out", str(out), "--num-samples", "2", "--max-new-tokens", "8",
-                 "--temperature", "0.7", "--seed", "3")
+    result = run_cli("generate", str(dpo_run), str(prompts), "--out", str(out), "--num-samples", "2", "--max-new-tokens", "8",
+                     "--temperature", "0.7", "--seed", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 4 and all("completion" in r for r in rows)
 
     judge = tmp_path / "judge.py"
     judge.write_text("def always_policy(prompt, policy, reference):\n    return 1.0\n")
-    result = cli("eval", str(dpo_run), "--judge", f"{judge}:always_policy", "--max-prompts", "6", "--num-samples", "1",
-                 "--max-new-tokens", "8", "--json")
+    result = run_cli("eval", str(dpo_run), "--judge", f"{judge}:always_policy", "--max-prompts", "6", "--num-samples", "1",
+                     "--max-new-tokens", "8", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (dpo_run / "eval.json").is_file()
@@ -53,10 +47,10 @@ def test_generate_eval_report_from_the_cli(dpo_run: Path, tmp_path: Path) -> Non
     assert saved["kl"]["n"] == 6
     assert (dpo_run / "report.html").is_file()
 
-    result = cli("report", str(dpo_run))
+    result = run_cli("report", str(dpo_run))
     assert result.returncode == 0, result.stderr[-2000:]
     html = (dpo_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
 
-    bad = cli("eval", str(dpo_run), "--judge", "no_such_module_xyz:f")
+    bad = run_cli("eval", str(dpo_run), "--judge", "no_such_module_xyz:f")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no_such_module_xyz" in bad.stderr

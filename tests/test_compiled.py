@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_PAD, dpo_config, random_pairs, read_metrics, tiny_lm
+from conftest import TINY_PAD, dpo_config, random_pairs, read_metrics, run_python, tiny_lm
 from preftune.data.collate import collate_prefix_shared
-from preftune.models import compiled
 from preftune.models.compiled import (
     compile_layers,
     compile_stats,
@@ -100,13 +99,8 @@ print("eager ok")
 def test_inductor_failure_falls_back_with_one_line(tmp_path: Path) -> None:
     """No working C++ compiler (CXX points nowhere; inductor caches what it finds, hence a process of
     its own): one line on stderr, no traceback, nothing compiled, the eager model still runs."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "CXX": "/nonexistent/preftune-test-cxx", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONPATH": os.pathsep.join([str(Path(compiled.__file__).parents[2]), str(Path(__file__).parent)])}
-    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    env = {"CXX": "/nonexistent/preftune-test-cxx", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = run_python("-c", FALLBACK_SCRIPT, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "eager ok"
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -162,3 +156,42 @@ def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise
     resumed = run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=3", "--train.resume_from=latest", *common))
     assert "compile/seconds" in read_metrics(resumed)[-1]
     assert_same_weights(weights(tmp_path / "true" / "final"), weights(resumed / "final"), atol=0.0)
+
+
+@pytest.mark.full
+def test_a_layer_that_dynamo_compiles_to_no_graph_runs_eagerly_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Compiling what dynamo then runs eagerly (here a forward it is told to skip; under transformers 5.25 it was the
+    checkpointing wrapper) is said in one line, never a silent eager step."""
+    from torch import nn
+
+    from preftune.models import compiled
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        @torch._dynamo.disable
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).relu()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    monkeypatch.setattr(compiled, "_state", {"probed": None, "warned": False})
+    net, x = Net(), torch.randn(3, 4)
+    eager = net(x)
+    assert compile_layers(net) == 2
+    torch.testing.assert_close(net(x), eager)
+    torch.testing.assert_close(net(x), eager)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("preftune:")]
+    assert lines == ["preftune: train.compile is off: dynamo compiled no graph of Layer.forward (it fell back to eager); running eagerly"]
+

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from preftune.demo import task
 
 
@@ -50,8 +49,7 @@ def test_reduced_demo_aligns_the_policy(tmp_path: Path) -> None:
     """The reduced demo, with a second round of iterative DPO (``--rounds 2``): round 1 is the
     demo's usual DPO run (the same code path and numbers as without ``--rounds``)."""
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "preftune.cli", "demo", "--quick", "--rounds", "2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+    result = run_cli("demo", "--quick", "--rounds", "2", "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     policy, reference = summary["policies"][0], summary["reference"]

@@ -8,7 +8,7 @@ stopped and resumed on two processes (or resumed on one with the same global bat
 same, a sharded one stopped by a SIGTERM to the whole launch included; two "nodes" on one
 machine give the result of two processes on one node; what is not supported is refused in one line.
 
-Marked fp32_exact (run again by `make test` as on a CPU with bf16 units): one data-parallel and
+Marked fp32_exact (run again by `make test-all` as on a CPU with bf16 units): one data-parallel and
 one sharded launch. train.bf16 auto is decided once, on the main process, and broadcast
 (system.distributed.decided_on_main), so every other launch here takes the same path; running
 them all twice would cost CI minutes and check nothing more.

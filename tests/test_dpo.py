@@ -7,13 +7,11 @@ reference strategies in test_reference.py, the CLI's errors in test_cli.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DPO_TINY, assert_same_weights, dpo_config, read_metrics, weights
+from conftest import DPO_TINY, assert_same_weights, dpo_config, read_metrics, run_cli, weights
 from preftune.errors import PreftuneError
 from preftune.stages.dpo import run as run_dpo
 
@@ -22,11 +20,8 @@ from preftune.stages.dpo import run as run_dpo
 def test_cli_run_learns_and_writes_the_run_folder(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "preftune.cli", "dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}",
-         f"--data.train={train}", f"--data.eval={held}", f"--train.output_dir={run}", "--train.progress=false"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = run_cli("dpo", str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", f"--data.eval={held}",
+                     f"--train.output_dir={run}", "--train.progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.yaml", "data_report.json", "reference.json", "metrics.jsonl", "report.html"):
         assert (run / name).is_file(), name

@@ -4,14 +4,12 @@ the test builds in the huggingface_hub layout, and dataset folders in the hub's 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, run_cli, write_jsonl
 from preftune.errors import PreftuneError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -106,8 +104,7 @@ def test_a_dataset_by_hub_id_and_a_hub_layout_folder(offline: Path, tmp_path: Pa
 
 
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    return run_cli(*args, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
 @pytest.mark.full

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DPO_TINY, REPO, assert_same_weights, dpo_config, read_metrics, weights
+from conftest import DPO_TINY, assert_same_weights, dpo_config, read_metrics, start_cli, weights
 from preftune.errors import TrainingError
 from preftune.stages.dpo import run as run_dpo
 from preftune.training.interrupts import Interrupted
@@ -35,9 +33,7 @@ def test_sigterm_checkpoints_says_where_exits_143_and_resumes_to_the_same_weight
     out = tmp_path / "stopped"
     args = [str(DPO_TINY), f"--model.path={tiny_model_dir}", f"--data.train={train}", "--data.eval=[]", f"--train.output_dir={out}",
             "--train.progress=false", "--train.report=false", "--train.max_steps=100000", *COMMON]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "dpo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = start_cli("dpo", *args, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):

@@ -8,13 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_weights, weights
+from conftest import REPO, assert_same_weights, start_cli, weights
 from preftune.data.pairing import build_pairs
 from preftune.errors import ConfigError, PreftuneError
 from preftune.training.checkpoint import latest_checkpoint
@@ -84,9 +83,7 @@ def test_iterate_config_errors_name_the_setting(tiny_model_dir: Path, preference
 
 # --------------------------------------------------------------------------- end to end
 def _cli(*args: str, **popen: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return start_cli(*args, cwd=REPO, **popen)
 
 
 def _iterate_args(model: Path, train: Path, held: Path, out: Path, *extra: str) -> list[str]:

@@ -52,8 +52,12 @@ def test_missing_folders_are_named(tmp_path: Path) -> None:
 
 
 def test_lora_trains_only_adapters_and_checkpointing(tiny_model_dir: Path) -> None:
+    import warnings
+
     cfg = ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=True, lora=LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
-    model = load_policy(cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*deprecated")  # transformers >= 5.25's name is used
+        model = load_policy(cfg)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert model.get_base_model().model.gradient_checkpointing

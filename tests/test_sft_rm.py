@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, run_cli, write_jsonl
 from preftune.config.schema import RMConfig, SFTConfig, load_config
 from preftune.errors import PreftuneError
 
@@ -205,9 +204,8 @@ def test_a_sequence_classification_model_is_refused_before_anything_is_written(
     assert not (tmp_path / "api").exists()
     seq_cls.save_pretrained(str(tmp_path / "seq-cls"))
     tokenizer.save_pretrained(str(tmp_path / "seq-cls"))
-    out = subprocess.run([sys.executable, "-m", "preftune.cli", "rm", str(CONFIGS / "rm-tiny.yaml"), f"--model.path={tmp_path / 'seq-cls'}",
-                          f"--data.train={preference_files[0]}", f"--train.output_dir={tmp_path / 'cli'}", "--train.progress=false"],
-                         capture_output=True, text=True, timeout=300)
+    out = run_cli("rm", str(CONFIGS / "rm-tiny.yaml"), f"--model.path={tmp_path / 'seq-cls'}", f"--data.train={preference_files[0]}",
+                  f"--train.output_dir={tmp_path / 'cli'}", "--train.progress=false", timeout=300)
     assert out.returncode == 2 and "holds a LlamaForSequenceClassification, not a causal LM" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "cli").exists()
 
@@ -216,10 +214,8 @@ def test_a_sequence_classification_model_is_refused_before_anything_is_written(
 @pytest.mark.full
 def test_cli_sft_then_rm_then_score(tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = preference_files
-    cli = [sys.executable, "-m", "preftune.cli"]
-
     def run(*args: str) -> subprocess.CompletedProcess:
-        out = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=600)
+        out = run_cli(*args)
         assert out.returncode == 0, out.stderr[-3000:]
         return out
 
@@ -238,5 +234,5 @@ def test_cli_sft_then_rm_then_score(tiny_model_dir: Path, preference_files: tupl
     rows = [json.loads(x) for x in out.stdout.splitlines()]
     assert [sorted(r) for r in rows] == [["completion", "prompt", "reward", "source"]] * 2
     assert "mean reward" in out.stderr
-    bad = subprocess.run([*cli, "score", str(tiny_model_dir), str(held)], capture_output=True, text=True, timeout=300)
+    bad = run_cli("score", str(tiny_model_dir), str(held), timeout=300)
     assert bad.returncode == 2 and "not a preftune reward model" in bad.stderr and "Traceback" not in bad.stderr

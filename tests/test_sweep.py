@@ -98,10 +98,8 @@ def test_sweep_folder_names_are_safe_and_unique(tiny_model_dir: Path, preference
     assert safe_name("..") == "_." and safe_name(".") == "_" and safe_name("") == "_" and safe_name("a\\b:c") == "a_b_c"
 
 
-def _sweep_cli(model: Path, train: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "preftune.cli", "dpo", str(DPO_TINY), "--sweep", "loss.beta=0.05,0.1,0.2", f"--model.path={model}",
+def _sweep_args(model: Path, train: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["dpo", str(DPO_TINY), "--sweep", "loss.beta=0.05,0.1,0.2", f"--model.path={model}",
             f"--data.train={train}", "--data.eval=[]", f"--train.output_dir={out}", "--train.progress=false", "--train.report=false",
             "--train.max_steps=4", "--train.batch_size=4", "--train.save_every=1", "--train.eval_every=null",
             f"--reference.cache_dir={cache}", *extra]
@@ -113,20 +111,19 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_sweeps_weights(tiny_m
     """SIGKILL while the second run trains (the third not started), then `--train.resume_from=latest`:
     the first run is kept, the second resumed from its checkpoint, the third started; every final
     model equals the uninterrupted sweep's, bit for bit (fp32)."""
-    import os
     import signal
     import subprocess
     import time
 
-    from conftest import REPO, weights
+    from conftest import run_cli, start_cli, weights
 
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PREFTUNE_CPU_BF16_UNITS": "0"}
+    env = {"PREFTUNE_CPU_BF16_UNITS": "0"}
     train = preference_files[0]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    done = subprocess.run(_sweep_cli(tiny_model_dir, train, whole, tmp_path / "cache-a"), env=env, capture_output=True, text=True, timeout=600)
+    done = run_cli(*_sweep_args(tiny_model_dir, train, whole, tmp_path / "cache-a"), env=env)
     assert done.returncode == 0, done.stderr
-    proc = subprocess.Popen(_sweep_cli(tiny_model_dir, train, cut, tmp_path / "cache-b"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_cli(*_sweep_args(tiny_model_dir, train, cut, tmp_path / "cache-b"), env=env, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
     second = cut / "beta-0.1" / "checkpoints" / "step-1" / "manifest.json"
     deadline = time.monotonic() + 300
     while not second.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -135,8 +132,7 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_sweeps_weights(tiny_m
     assert proc.wait() == -signal.SIGKILL
     assert not (cut / "beta-0.2").exists()  # not started when it was killed
     first_final = {p.name: p.read_bytes() for p in (cut / "beta-0.05" / "final").iterdir() if p.is_file()}
-    resumed = subprocess.run(_sweep_cli(tiny_model_dir, train, cut, tmp_path / "cache-b", "--train.resume_from=latest"), env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = run_cli(*_sweep_args(tiny_model_dir, train, cut, tmp_path / "cache-b", "--train.resume_from=latest"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "sweep 1/3: finished before, kept" in resumed.stderr
     assert {p.name: p.read_bytes() for p in (cut / "beta-0.05" / "final").iterdir() if p.is_file()} == first_final

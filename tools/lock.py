@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
         return 0
     why = problem(path)
     if why:
-        print(f"make: {path} {why}: {REGENERATE}", file=sys.stderr)
+        print(f"{path} {why}: {REGENERATE}", file=sys.stderr)
         return 1
     return 0
 
