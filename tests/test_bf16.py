@@ -148,7 +148,7 @@ def test_bf16_tolerance_fails_a_per_micro_batch_token_mean(trained: Callable[...
     """bf16 autocast, negative control: SFT accumulated with the wrong formula (each micro-batch's own
     token mean, averaged over the step) is caught by the tolerance of the accumulation test."""
     from preftune.stages import sft
-    from preftune.stages.common import recorded, train
+    from preftune.stages.lifecycle import recorded, train
 
     runs = accumulation_runs(trained, "sft", tiny_model_dir, uneven_pairs)
     cfg = load_config(SFTConfig, REPO / "configs" / "sft-tiny.yaml", [

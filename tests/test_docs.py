@@ -12,9 +12,9 @@ from typing import Literal
 import pytest
 
 from conftest import REPO
-from preftune.config.reference import field_help, missing_help, render, settings, slug, type_text
 from preftune.config.typed import to_dict
 from preftune.docs import BEGIN, END, PAGES, main, stage_configs, stale
+from preftune.docs.configuration import field_help, missing_help, render, settings, slug, type_text
 
 DOCS = REPO / "docs"
 PAGES_READ = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]

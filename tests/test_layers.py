@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Bottom to top. A module belongs to the first entry that is it or a package above it.
 LAYERS: list[tuple[str, ...]] = [
-    ("preftune.errors",),
+    ("preftune.errors", "preftune.stats"),  # the ground floor: errors, and the statistics every layer reports with (no torch)
     ("preftune.losses", "preftune.logprobs"),  # torch only: the math
     ("preftune.system",),  # processes, the processor, progress, hub ids: nothing about preference learning
     ("preftune.config", "preftune.report"),  # the settings; what a run shows (HTML, plots, stats)
@@ -271,6 +271,6 @@ def test_no_process_wide_registry_of_run_state() -> None:
 
 def test_the_registry_checker_finds_a_registry_and_a_global(tmp_path: Path) -> None:
     src = _package(tmp_path, {"__init__.py": "", "errors.py": "", "stages/__init__.py": "",
-                              "stages/common.py": "_SETUP = {}\nLIMIT = 3\n\ndef start(d):\n    _SETUP[d] = 1\n\n"
+                              "stages/lifecycle.py": "_SETUP = {}\nLIMIT = 3\n\ndef start(d):\n    _SETUP[d] = 1\n\n"
                                                   "def stop(d):\n    global LIMIT\n    _SETUP.pop(d)\n"})
-    assert run_state_globals(src) == ["preftune.stages.common.LIMIT", "preftune.stages.common._SETUP"]
+    assert run_state_globals(src) == ["preftune.stages.lifecycle.LIMIT", "preftune.stages.lifecycle._SETUP"]

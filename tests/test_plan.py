@@ -107,7 +107,7 @@ def measure(model_name: str, stage: str, strategy: str, out: Path, processes: in
     free of a tensor allocated before it started. ``profiled=False``: RSS only (the profiler's records are
     resident too), the live peak -1."""
     import preftune
-    from preftune.training.plan import Setup, estimate, shape_of
+    from preftune.training.memory import Setup, estimate, shape_of
 
     settings, setup = STRATEGIES[strategy]
     if "reference" in settings:
@@ -166,7 +166,7 @@ def test_ddp_and_fsdp_estimates_per_process_within_25_percent(tmp_path: Path) ->
 
 
 def test_shapes_and_sharding_arithmetic() -> None:
-    from preftune.training.plan import Setup, estimate, largest_batch, parse_bytes, shape_of
+    from preftune.training.memory import Setup, estimate, largest_batch, parse_bytes, shape_of
 
     model = llama("34m")
     shape = shape_of(model.config)
@@ -214,7 +214,7 @@ def test_cli_plan_table_and_json_from_config_json_alone(tmp_path: Path, capsys: 
 
 def test_a_hub_id_needs_only_its_config_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from preftune.errors import PreftuneError
-    from preftune.training.plan import load_shape, shape_of
+    from preftune.training.memory import load_shape, shape_of
 
     sha = "b" * 40
     repo = tmp_path / "cache" / "models--org--big-model"
@@ -245,7 +245,7 @@ def test_parameters_are_counted_exactly_for_another_architecture_on_the_meta_dev
     """A GPT-NeoX (Pythia) shape: the Llama formula alone counted 26.5% too many for Pythia-1b."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from preftune.training.plan import shape_of
+    from preftune.training.memory import shape_of
 
     config = GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
     shape = shape_of(config)
@@ -257,7 +257,7 @@ def test_a_bf16_runs_reference_copy_is_counted_with_its_layer_matrices_in_bf16()
     """Llama-2-7B's shapes, fp32 weights: under bf16 autocast the frozen copy holds its layers' matrices in bf16
     (training.reference.layer_matrices_to_bf16), so a full DPO step's fixed bytes are ~20 per parameter, not 22;
     FSDP gathers its layers in bf16."""
-    from preftune.training.plan import Setup, Shape, estimate
+    from preftune.training.memory import Setup, Shape, estimate
 
     shape = Shape(vocab=32000, hidden=4096, layers=32, kv=4096, q=4096, mlp=11008, tied=False)
     total, matrices = shape.params(), 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)

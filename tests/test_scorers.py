@@ -94,8 +94,8 @@ def _args(batch: dict) -> dict:
 
 def test_dpo_training_gives_the_plain_paths_losses() -> None:
     from preftune.config.schema import DPOConfig
-    from preftune.stages.common import count_weight
     from preftune.stages.dpo import make_loss_fn
+    from preftune.stages.lifecycle import count_weight
     from preftune.training.reference import FrozenCopyReference
 
     pairs = random_pairs(16, seed=2)

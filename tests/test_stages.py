@@ -1,4 +1,4 @@
-"""stages/common.py: a run folder belongs to one run; a finished run is never overwritten by accident."""
+"""stages/lifecycle.py: a run folder belongs to one run; a finished run is never overwritten by accident."""
 
 from __future__ import annotations
 

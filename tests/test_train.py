@@ -131,7 +131,7 @@ def test_sft_refuses_per_record_weights(tiny_model_dir: Path, eight_pairs: Path,
 
 
 def test_sum_counts_adds_each_count_over_the_micro_batches() -> None:
-    from preftune.training.loop import count_examples, sum_counts
+    from preftune.training.task import count_examples, sum_counts
 
     batches = [{"weight": torch.ones(3)}, {"weight": torch.ones(5)}]
     assert float(sum_counts(batches, count_examples)["examples"]) == 8.0

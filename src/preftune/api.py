@@ -174,7 +174,7 @@ def sweep(values: dict[str, Sequence[Any]], config: DPOConfig | str | Path | Non
 
 
 def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
-    from preftune.stages.common import recorded, train
+    from preftune.stages.lifecycle import recorded, train
 
     with recorded(cfg):
         task = build()
@@ -185,7 +185,7 @@ def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[A
 
 def _prepare(cls: type, config: Any, settings: dict[str, Any], model: Any, train_data: Any, eval_data: Any,
              tokenizer: Any, ref_model: Any) -> tuple[Any, Any]:
-    from preftune.stages.common import Given
+    from preftune.stages.lifecycle import Given
 
     tokenizer = _alias(settings, "processing_class", "tokenizer", tokenizer)
     peft_config = settings.pop("peft_config", None)

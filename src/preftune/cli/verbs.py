@@ -289,7 +289,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from preftune.config.schema import STAGES, load_config
     from preftune.errors import PreftuneError
     from preftune.system.distributed import world
-    from preftune.training.plan import base_setup, format_plan, load_shape, parse_bytes, plan
+    from preftune.training.memory import base_setup, format_plan, load_shape, parse_bytes, plan
 
     if world()[1] > 1:
         raise PreftuneError(f"`preftune plan` runs in one process; it was launched in {world()[1]}. Run it alone, with --devices N.")

@@ -94,7 +94,7 @@ from preftune.data.render import render
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.data.window import Window
 from preftune.errors import ConfigError, TokenizationError
-from preftune.report.stats import quantiles
+from preftune.stats import quantiles
 
 ON_OVERFLOW = ("drop", "error")
 #: Nearest-rank percentiles reported in ``report.tokens``.
@@ -382,7 +382,7 @@ def _fill_report(
 
 
 def percentiles(values: Sequence[int]) -> dict[str, int]:
-    """Nearest-rank p50/p90/p99 and max (:mod:`preftune.report.stats`); all 0 when there are no values."""
+    """Nearest-rank p50/p90/p99 and max (:mod:`preftune.stats`); all 0 when there are no values."""
     if not values:
         return {**{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
     return quantiles(values, PERCENTILES)

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.report.stats import wilson_interval
-from preftune.report.text import mean_interval
+from preftune.stats import mean_interval, wilson_interval
 
 #: (prompts, policy responses, reference responses) -> the policy's scores in [0, 1]
 CompareFn = Callable[[list[Any], list[str], list[str]], list[float]]

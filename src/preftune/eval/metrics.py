@@ -28,7 +28,7 @@ from preftune.data.prompts import Prompt
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.eval.generate import Generated, GenerationSettings, generate_ids
-from preftune.report.stats import quantiles
+from preftune.stats import quantiles
 
 #: quantiles of the per-pair log-ratio differences reported by :func:`preference_metrics`
 QUANTILES = (5, 25, 50, 75, 95)

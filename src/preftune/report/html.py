@@ -41,8 +41,8 @@ from preftune.report.plots import (
     plot_win_rates,
 )
 from preftune.report.runinfo import read_json, run_sentences
-from preftune.report.stats import wilson_interval
-from preftune.report.text import is_numeric, mean_interval, number, percent, prompt_text, share_interval, stderr_interval, value_interval
+from preftune.report.text import is_numeric, number, percent, prompt_text, share_interval, value_interval
+from preftune.stats import mean_interval, stderr_interval, wilson_interval
 
 #: every PNG the report writes into plots/
 PLOT_NAMES = tuple(stem for stem, _, _ in CURVES) + ("alignment", "win_rate", "reward_kl")

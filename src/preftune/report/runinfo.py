@@ -1,6 +1,6 @@
 """What a report says about the run itself, read from its folder: which stage trained (``config.yaml``),
 for how many steps and how long, on how much data (``data_report.json``), in which precision and on
-which processor (``status.json``, written by :mod:`preftune.stages.common`). Plain text, escaped by the
+which processor (``status.json``, written by :mod:`preftune.stages.lifecycle`). Plain text, escaped by the
 page that shows it; every value written as words and numbers, never as a dict literal.
 """
 

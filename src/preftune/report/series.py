@@ -20,7 +20,8 @@ from preftune.report.html import escape, image, page, table, write_report
 from preftune.report.plots import plot_panels
 from preftune.report.runinfo import precision_text, read_json
 from preftune.report.sweep import write_sweep_report
-from preftune.report.text import listing, number, share_interval, stderr_interval, value_interval
+from preftune.report.text import listing, number, share_interval, value_interval
+from preftune.stats import stderr_interval
 
 
 def write_any(folder: str | Path) -> Path:

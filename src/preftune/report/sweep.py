@@ -27,7 +27,8 @@ from preftune.errors import PreftuneError
 from preftune.report.html import accuracy, escape, image, logratio_margin, page, read_evals, table
 from preftune.report.plots import plot_panels
 from preftune.report.runinfo import data_counts, precision_text, read_json
-from preftune.report.text import listing, number, share_interval, stderr_interval, value_interval
+from preftune.report.text import listing, number, share_interval, value_interval
+from preftune.stats import stderr_interval
 
 #: the y quantities of the frontier without a judge: (key, axis label)
 BETA_FREE = (("logratio_margin", "held-out log-ratio margin, nats\n(reward margin / beta: not a reward)"),

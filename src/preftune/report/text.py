@@ -5,13 +5,13 @@
 - :func:`percent` and :func:`share_interval`: a share as ``87.6%``, and with its 95% interval
   as ``87.6% [84, 90]`` (the bounds in whole percent; one decimal when they are within 2 points);
 - :func:`value_interval`: any other quantity with its interval, ``0.412 [0.301, 0.523]``;
-- :func:`mean_interval`: the mean of values and its normal 95% interval (1.96 standard errors);
 - :func:`prompt_text`: a prompt as a person reads it: plain text as is, a conversation (a list
   of ``{"role", "content"}`` messages) one ``role: content`` line per message, never a dict literal;
 - :func:`listing`: ``name value`` items joined into one sentence part (``sft 4.9 s, dpo 12.0 s``).
 
 Nothing here knows about runs; :mod:`preftune.report.html` and :mod:`preftune.report.series`
-write their tables with it, and the terminal tables read the same.
+write their tables with it, and the terminal tables read the same. The intervals themselves are
+computed in :mod:`preftune.stats`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 #: z for a two-sided 95% normal interval
-Z95 = 1.959964
 
 #: a cell that reads as a number (a sign, digits, maybe a percent and a bracketed interval): right-aligned in tables
 _NUMERIC = re.compile(r"^-$|^[-+−]?(\d[\d,]*(\.\d+)?(e[-+]?\d+)?%?|n/a)(\s*(±\s*\S+|\[[^\]]*\]))*(\s*\([^)]*\))?$")
@@ -60,25 +59,6 @@ def value_interval(value: float | None, interval: Sequence[float] | None) -> str
     if value is None or not interval or math.isnan(value):
         return number(value)
     return f"{number(value)} [{number(interval[0])}, {number(interval[1])}]"
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
-    """The mean of ``values`` and its 95% normal interval (None for fewer than two values)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), None
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    half = Z95 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    return mean, (mean - half, mean + half)
-
-
-def stderr_interval(mean: float | None, stderr: float | None) -> tuple[float, float] | None:
-    """The 95% normal interval of a mean from its standard error (None without one)."""
-    if mean is None or stderr is None or math.isnan(mean) or math.isnan(stderr):
-        return None
-    return mean - Z95 * stderr, mean + Z95 * stderr
 
 
 def prompt_text(prompt: Any) -> str:

@@ -20,10 +20,10 @@ from preftune.config.schema import DPOConfig
 from preftune.data.prepare import prepare
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair, wpo_weights
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.stages.common import Given, record_data, recorded, start_run, train
+from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
-from preftune.training.loop import Task
 from preftune.training.reference import Reference
+from preftune.training.task import Task
 
 
 def loss_hparams(cfg: DPOConfig) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_
 from preftune.eval.scoring import function_fingerprint, function_name, function_scorer, load_scorer
 from preftune.models.load import describe_model, load_model
 from preftune.stages import dpo
-from preftune.stages.common import recorded, train
 from preftune.stages.iterate_config import IterateConfig, check, round_config
+from preftune.stages.lifecycle import recorded, train
 from preftune.system.distributed import world
 from preftune.system.files import atomic_write
 from preftune.training.checkpoint import latest_checkpoint

@@ -31,12 +31,12 @@ from preftune.data.inspect import label_balance_warning
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.stages.common import Given, record_data, recorded, start_run, train
+from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train
 from preftune.stages.pairs import pair_task, reference_strategy
 from preftune.system import distributed
 from preftune.system.distributed import all_sum
-from preftune.training.loop import Task
 from preftune.training.reference import Reference
+from preftune.training.task import Task
 
 
 def make_loss_fn(cfg: KTOConfig, reference: Reference) -> Any:

@@ -22,13 +22,13 @@ from preftune.data.collate import MASKED_ATTENTION, collate_pairs, collate_prefi
 from preftune.errors import PreftuneError
 from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
-from preftune.stages.common import Given, Run, count_weight, policy_saver
+from preftune.stages.lifecycle import Given, Run, count_weight, policy_saver
 from preftune.system import distributed
 from preftune.training.compile_choice import resolve_compile
-from preftune.training.loop import Task
 from preftune.training.precision import resolve_precision
 from preftune.training.reference import FrozenCopyReference, Reference, ReferenceSync, build_reference, resolve_reference_strategy, sync_problem
 from preftune.training.sharding import shard_model
+from preftune.training.task import Task
 
 #: (reference) -> the loop's loss function scoring rows against that reference
 MakeLoss = Callable[[Reference], Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]]

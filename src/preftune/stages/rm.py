@@ -24,8 +24,8 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import bradley_terry, sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.reward import RewardModel, save_reward_model
-from preftune.stages.common import Given, record_data, recorded, start_run, train, write_config
-from preftune.training.loop import Task
+from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train, write_config
+from preftune.training.task import Task
 
 
 def count_pairs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.scorers import SequenceLogpsWithStats
-from preftune.stages.common import Given, policy_saver, record_data, recorded, start_run, train
-from preftune.training.loop import Task
+from preftune.stages.lifecycle import Given, policy_saver, record_data, recorded, start_run, train
+from preftune.training.task import Task
 
 
 def count_tokens(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ def decide(setting: bool | str, device: str, steps: int, params: int, *, compile
 def resolve_compile(train: Any, model: nn.Module, steps: int, device: torch.device | str, *, resume: Path | None) -> CompileChoice:
     """``train.compile`` for a run training ``model`` for ``steps`` optimizer steps (its plan's): decided on
     the main process (a resume, from the checkpoint ``resume`` of the run's plan, reads its record), taken
-    by every other (the run's start line says it: :func:`preftune.stages.common.train`)."""
+    by every other (the run's start line says it: :func:`preftune.stages.lifecycle.train`)."""
 
     def choose() -> CompileChoice:
         if train.sharding == "fsdp" and train.compile == "auto":  # compiled FSDP2 units are not tested yet

@@ -44,9 +44,7 @@ from preftune.training.runlog import MetricWindow, log_record, start_trackers, t
 from preftune.training.runplan import RunPlan, plan_run
 from preftune.training.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
 from preftune.training.sharding import clip_grad_norm, full_state_dict, no_sync, part_of, say_held, shard_model
-from preftune.training.task import Batch, CountFn, LossFn, Task, check_shards, count_examples, epoch_batches, shard, sum_counts, to_device
-
-__all__ = ["Batch", "CountFn", "Fitted", "LossFn", "Task", "count_examples", "epoch_batches", "evaluate_held_out", "fit", "shard", "sum_counts"]
+from preftune.training.task import Task, check_shards, epoch_batches, shard, sum_counts, to_device
 
 
 @dataclass

@@ -16,7 +16,7 @@ also on a machine where auto would have chosen otherwise (the line then says so)
 ``true``/``false`` that differs from the recorded choice is honoured, and the line says the result
 will not be bitwise the uninterrupted run's. A checkpoint written before the choice was recorded
 is decided afresh, saying so. With several processes the main process decides and every process
-takes its answer; the run's start line says it (:func:`preftune.stages.common.train`), and the stage records it in the
+takes its answer; the run's start line says it (:func:`preftune.stages.lifecycle.train`), and the stage records it in the
 run's ``config.yaml`` (``train.bf16``: the resolved value), ``status.json`` (``precision``) and
 every checkpoint.
 """

@@ -50,7 +50,7 @@ class Task:
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
     plan: RunPlan | None = None  # the run's decisions, made when it started (training/runplan.py); None: fit plans it
     after_step: Callable[[int], None] | None = None  # called on every process after each optimizer step (TR-DPO's reference sync)
-    about: Sequence[str] = ()  # what the run's start line says of the data and the reference (stages.common.start_line)
+    about: Sequence[str] = ()  # what the run's start line says of the data and the reference (stages.lifecycle.start_line)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:

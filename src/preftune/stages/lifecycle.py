@@ -46,10 +46,11 @@ from preftune.system.progress import quiet_transformers_bars
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status
 from preftune.system.seeding import seed_everything
 from preftune.training.compile_choice import CompileChoice, resolve_compile
-from preftune.training.loop import Fitted, Task, fit
+from preftune.training.loop import Fitted, fit
 from preftune.training.precision import PrecisionChoice, model_params, resolve_precision
 from preftune.training.runplan import RunPlan, plan_run
 from preftune.training.sharding import check_supported
+from preftune.training.task import Task
 
 
 @dataclass

@@ -34,7 +34,7 @@ def stage_configs() -> dict[str, type]:
 
 def configuration_part() -> str:
     """Every setting of every stage: key, type, default and the help its field's comment gives."""
-    from preftune.config.reference import render
+    from preftune.docs.configuration import render
 
     return render(stage_configs())
 
@@ -103,7 +103,7 @@ def _entry(name: str, value: Any) -> list[str]:
         lines += ["```python", signature(name, value), "```", ""]
     lines += [prose(value.__doc__).replace("see the module docstring", "see how every call takes its settings, above"), ""]
     if dataclasses.is_dataclass(value):
-        from preftune.config.reference import settings
+        from preftune.docs.configuration import settings
 
         lines += [f"- `{key}` (`{kind}`" + (f", default `{default}`" if default != "(required)" else "") + ")"
                   + (f": {prose(text)}" if text else "") for key, kind, default, text in settings(value)]

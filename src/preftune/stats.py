@@ -1,5 +1,7 @@
 """The one quantile definition, shared by the data report (token lengths) and evaluation, and the
-one interval of a proportion (Wilson's), shared by the judges' win rates and the reports' accuracies.
+one interval of a proportion (Wilson's), shared by the judges' win rates and the reports' accuracies,
+and the normal 95% interval of a mean (from values, or from a standard error). Torch-free, on the
+ground floor: data/, eval/ and report/ all compute with it.
 
 Nearest rank: the q-quantile is the smallest value with at least ``q`` of the values at or
 below it, so every reported quantile is a value that occurs (a real length, a real pair's
@@ -45,3 +47,26 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+#: the standard normal quantile of a two-sided 95% interval
+Z95 = 1.959964
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """The mean of ``values`` and its 95% normal interval (None for fewer than two values)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    half = Z95 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, (mean - half, mean + half)
+
+
+def stderr_interval(mean: float | None, stderr: float | None) -> tuple[float, float] | None:
+    """The 95% normal interval of a mean from its standard error (None without one)."""
+    if mean is None or stderr is None or math.isnan(mean) or math.isnan(stderr):
+        return None
+    return mean - Z95 * stderr, mean + Z95 * stderr
