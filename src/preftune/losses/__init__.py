@@ -117,6 +117,25 @@ def preference_loss(
     example (RPO, Pang et al. 2024). Each extra term is called as ``term(policy, reference)`` and
     must return a scalar; its value is logged as ``extra/<name>``. ``pair_weights`` (WPO's
     :func:`wpo_weights`) multiply every term of every pair, as TRL's ``use_weighting`` does.
+
+    Args:
+        name: a loss of :data:`LOSSES` (a paper name or TRL's ``loss_type``, not ``kto``), or a list of them.
+        policy: the policy's :class:`PairLogps`: summed completion log-probs and token counts, each (batch,).
+        reference: the reference model's :class:`PairLogps`, each (batch,); None only if every term is reference-free.
+        weights: one weight ``w_k`` per name in ``sum_k w_k L_k``; None: all 1 (default None).
+        nll_alpha: RPO's weight of the chosen side's mean token NLL per pair, >= 0 (default 0.0: off).
+        extra_terms: user terms ``term(policy, reference) -> scalar tensor`` (default none).
+        preference: soft labels (batch,) in [0, 1], for the losses of :data:`SOFT_LABELS` only; None: hard labels.
+        pair_weights: per-pair weights (batch,) (WPO's), multiplying ``sum_k w_k L_k``; refused with aot, aot_unpaired.
+        **hparams: the losses' keyword settings (``beta``, ...): each term gets those it takes; an unused one raises.
+
+    Returns:
+        :class:`LossOutput`: ``losses`` (batch,) ``= pair_weights * sum_k w_k L_k + nll_alpha * NLL``, unreduced;
+        ``chosen_rewards`` / ``rejected_rewards`` (batch,), the first term's; ``metrics``: the terms' own (the first
+        term's on a clash), ``loss/<name>`` (batch,) per term when ``name`` is a list (unweighted), ``nll_loss``
+        (batch,) when ``nll_alpha > 0`` (unless a term logs its own, as ORPO), ``extra/<name>`` (batch,) each term's
+        value repeated; ``extra``: the extra terms' sum as a 0-dim tensor (0.0 without any), added by
+        :meth:`LossOutput.reduce`.
     """
     names = _names(name)
     if not names or any(n not in LOSSES or n == "kto" for n in names):
