@@ -17,8 +17,8 @@ per-example: ``out.losses`` has shape (batch,), reduced by :meth:`LossOutput.red
 Losses are named after their papers; every TRL 1.16 ``loss_type`` is a name too (:data:`TRL_ALIASES`
 maps the ones that differ), in :data:`LOSSES`, ``loss.name`` and ``--sweep loss.name=...``.
 Modules: :mod:`.core` (types, f-divergence scores), :mod:`.paired` (losses on DPO's ``h``),
-:mod:`.sided` (each side's log-ratio, or the batch), :mod:`.free` (reference-free, KTO, SFT,
-reward models), :mod:`.combine` (weighted lists of losses, NLL and user terms).
+:mod:`.sided` (each side's log-ratio, or the batch), :mod:`.free` (reference-free, SFT,
+reward models), :mod:`.unpaired` (KTO), :mod:`.combine` (weighted lists of losses, NLL and user terms).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from torch import Tensor
 
 from preftune.losses.combine import ExtraTerm, Loss, add_terms, combine, hparam_names, wpo_weights
 from preftune.losses.core import F_DIVERGENCES, LossOutput, PairLogps, UnpairedLogps, f_scores, split_pair
-from preftune.losses.free import bradley_terry, cpo, kto, orpo, sft_nll, simpo
+from preftune.losses.free import bradley_terry, cpo, orpo, sft_nll, simpo
 from preftune.losses.paired import discopop, dpo, dpo_norm, dpop, exo, hinge, ipo, rdpo, robust
 from preftune.losses.sided import aot, aot_unpaired, apo_down, apo_zero, bco, nca, sft, sppo
+from preftune.losses.unpaired import kto
 
 __all__ = ["F_DIVERGENCES", "LOSSES", "REFERENCE_FREE", "SOFT_LABELS", "TRL_ALIASES", "ExtraTerm", "Loss", "LossOutput", "PairLogps",
            "UnpairedLogps", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco", "bradley_terry", "canonical", "cpo", "check_settings",
