@@ -127,7 +127,7 @@ def run_preftune(name: str, args: argparse.Namespace, model_dir: Path, records: 
     from benchmarks.common import StepClock, real_tokens
     from preftune.config.schema import DPOConfig, build_config
     from preftune.stages.dpo import build_task
-    from preftune.training.loop import fit
+    from preftune.stages.lifecycle import open_run
 
     cache = name == "preftune-cache"
     overrides = {"model": {"path": str(model_dir)}, "data": {"train": [str(records)], "max_length": 2048, "max_prompt_length": 2048},
@@ -137,17 +137,18 @@ def run_preftune(name: str, args: argparse.Namespace, model_dir: Path, records: 
                            "bf16": True if args.device == "cpu" else None,  # CPU (tiny): the GPU's bf16 path, forced
                            "compile": False if args.device == "cpu" else "auto"}}
     cfg = build_config(DPOConfig, overrides)
-    started = time.perf_counter()
-    task = build_task(cfg)
-    setup = time.perf_counter() - started
     clock, steps = StepClock(), []
+    with open_run(cfg) as run:
+        started = time.perf_counter()
+        task = build_task(cfg, run)
+        setup = time.perf_counter() - started
 
-    def timed_collate(items: list) -> dict:
-        clock.mark(len(steps))
-        steps.append([real_tokens(p) for p in items])
-        return task.collate(items)
+        def timed_collate(items: list) -> dict:
+            clock.mark(len(steps))
+            steps.append([real_tokens(p) for p in items])
+            return task.collate(items)
 
-    fit(dataclasses.replace(task, collate=timed_collate), cfg.train, work / name)
+        run.fit(dataclasses.replace(task, collate=timed_collate))
     clock.mark(len(steps))
     tokens = sum(sum(s) for s in steps[args.warmup :])
     seconds = clock.marks[len(steps)] - clock.marks[args.warmup]

@@ -48,15 +48,12 @@ class FullLogitsLogps(nn.Module):
         return naive_completion_logps(logits, labels)
 
 
-def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path, run_dir: Path, cache_dir: Path) -> tuple[Any, Any, dict]:
-    """The config, the task as ``preftune dpo`` builds it (``stages.dpo.build_task``), and what the
+def prepare(cfg: Any, variant: Variant, run_dir: Path, run: Any) -> tuple[Any, dict]:
+    """The task as ``preftune dpo`` builds it (``stages.dpo.build_task``) in the open ``run``, and what the
     reference cost (the cache pass, when cold)."""
     from preftune.stages.dpo import build_task
 
-    cfg = dpo_config(settings, variant, model_dir, records, run_dir, cache_dir)
-    if variant.reference == "cache-cold":
-        shutil.rmtree(cache_dir, ignore_errors=True)  # cold means cold: this run pays for the reference pass
-    task = build_task(cfg, scorer_cls=FullLogitsLogps if variant.logps == "full" else None)
+    task = build_task(cfg, run, scorer_cls=FullLogitsLogps if variant.logps == "full" else None)
     report = json.loads((run_dir / "data_report.json").read_text())["train"]
     if report["kept"] != report["records"] or any(report["truncation"].values()):
         raise RuntimeError(f"the fixture lost records in tokenization: {report}")
@@ -65,12 +62,12 @@ def prepare(settings: Settings, variant: Variant, model_dir: Path, records: Path
     if reference["layout"] != layout:
         raise RuntimeError(f"{variant}: the stage chose the {reference['layout']} layout ({reference.get('prefix_sharing_off')})")
     if not variant.reference.startswith("cache"):
-        return cfg, task, {}
+        return task, {}
     cache = reference["train_cache"]
     if cache["warm"] != (variant.reference == "cache-warm"):
         raise RuntimeError(f"{variant.reference}: the cache was {'warm' if cache['warm'] else 'cold'}; run cache-cold before cache-warm")
-    return cfg, task, {"cache_seconds": cache["seconds"], "cache_warm": cache["warm"], "cache_pairs": len(task.train_set),
-                       "cache_tokens": sum(real_tokens(p) for p in task.train_set)}
+    return task, {"cache_seconds": cache["seconds"], "cache_warm": cache["warm"], "cache_pairs": len(task.train_set),
+                  "cache_tokens": sum(real_tokens(p) for p in task.train_set)}
 
 
 @contextmanager
@@ -92,32 +89,41 @@ def unfused_adamw(enabled: bool) -> Iterator[None]:
         loop._can_fuse = original
 
 
-def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train one variant for warm-up + timed steps; return its JSON record."""
-    from benchmarks.fixtures import Fixtures
-    from preftune.training.loop import fit
-
-    variant = VARIANTS[name]
-    fx = Fixtures(fixtures)
-    model_dir, records = fx.model(settings.model), fx.records(settings.smoke)
-    run_dir = workdir / f"preftune-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg, task, cost = prepare(settings, variant, model_dir, records, run_dir, workdir / "reference-cache")
-    train, collate = task.train_set, task.collate
-    clock = StepClock()
-    consumed: list[list[int]] = []
+def marking(collate: Callable[[list], dict], clock: Any, consumed: list[list[int]], on_step: Callable[[int], None] | None) -> Callable:
+    """``collate`` that marks each step on ``clock`` and records its batch in ``consumed``: fit collates a
+    step's batch first thing, so the call for step k+1 marks the end of step k."""
 
     def timed_collate(items: list) -> dict:
-        # fit collates a step's batch first thing: the call for step k+1 marks the end of step k.
         clock.mark(len(consumed))
         if on_step is not None:
             on_step(len(consumed))
         consumed.append([p.index for p in items])
         return collate(items)
 
-    with unfused_adamw(variant.unfused_adam):
-        fit(dataclasses.replace(task, collate=timed_collate), cfg.train, run_dir)
-    clock.mark(len(consumed))
+    return timed_collate
+
+
+def run_one(name: str, settings: Settings, fixtures: Path, workdir: Path, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train one variant for warm-up + timed steps; return its JSON record."""
+    from benchmarks.fixtures import Fixtures
+    from preftune.stages.lifecycle import open_run
+
+    variant = VARIANTS[name]
+    fx = Fixtures(fixtures)
+    model_dir, records = fx.model(settings.model), fx.records(settings.smoke)
+    run_dir = workdir / f"preftune-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cache_dir = workdir / "reference-cache"
+    cfg = dpo_config(settings, variant, model_dir, records, run_dir, cache_dir)
+    if variant.reference == "cache-cold":
+        shutil.rmtree(cache_dir, ignore_errors=True)  # cold means cold: this run pays for the reference pass
+    with open_run(cfg) as run:
+        task, cost = prepare(cfg, variant, run_dir, run)
+        clock, consumed = StepClock(), []
+        with unfused_adamw(variant.unfused_adam):
+            run.fit(dataclasses.replace(task, collate=marking(task.collate, clock, consumed, on_step)))
+        clock.mark(len(consumed))
+    train = task.train_set
 
     expected = batch_order(len(train), task.lengths, settings, grouped=variant.order == "grouped")[: settings.total_steps]
     if consumed != expected:

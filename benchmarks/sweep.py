@@ -87,8 +87,8 @@ def watch_builds() -> Iterator[list[dict[str, Any]]]:
     original = dpo.build_task
     builds: list[dict[str, Any]] = []
 
-    def build_task(cfg: Any, **kwargs: Any) -> Any:
-        task = original(cfg, **kwargs)
+    def build_task(cfg: Any, run: Any, **kwargs: Any) -> Any:
+        task = original(cfg, run, **kwargs)
         watch: dict[str, Any] = {"cfg": cfg, "pairs": task.train_set, "lengths": task.lengths, "clock": StepClock(),
                                  "consumed": [], "save_seconds": 0.0}
         builds.append(watch)

@@ -148,20 +148,20 @@ def test_bf16_tolerance_fails_a_per_micro_batch_token_mean(trained: Callable[...
     """bf16 autocast, negative control: SFT accumulated with the wrong formula (each micro-batch's own
     token mean, averaged over the step) is caught by the tolerance of the accumulation test."""
     from preftune.stages import sft
-    from preftune.stages.lifecycle import recorded, train
+    from preftune.stages.lifecycle import open_run
 
     runs = accumulation_runs(trained, "sft", tiny_model_dir, uneven_pairs)
     cfg = load_config(SFTConfig, REPO / "configs" / "sft-tiny.yaml", [
         f"--model.path={tiny_model_dir}", f"--data.train={uneven_pairs}", *SGD_STEPS, "--train.batch_size=1", "--train.grad_accum=8",
         BF16, "--train.progress=false", "--train.report=false", f"--train.output_dir={tmp_path / 'wrong'}"])
-    task = sft.build_task(cfg)
-    right = task.loss_fn
+    with open_run(cfg) as run:
+        task = sft.build_task(cfg, run)
+        right = task.loss_fn
 
-    def per_micro_batch_mean(model: object, batch: dict, totals: dict) -> tuple:
-        return right(model, batch, {**totals, "tokens": sft.count_tokens(batch)["tokens"] * cfg.train.grad_accum})
+        def per_micro_batch_mean(model: object, batch: dict, totals: dict) -> tuple:
+            return right(model, batch, {**totals, "tokens": sft.count_tokens(batch)["tokens"] * cfg.train.grad_accum})
 
-    with recorded(cfg):
-        train(dataclasses.replace(task, loss_fn=per_micro_batch_mean), cfg)
+        run.train(dataclasses.replace(task, loss_fn=per_micro_batch_mean))
     assert_bf16_invariant(runs["one"], runs["fp32"], tmp_path / "wrong", "sft per-micro-batch token mean", within=False)
 
 

@@ -29,10 +29,10 @@ from preftune.training.compile_choice import (
     cxx_compiler,
     decide,
     min_cpu_steps,
-    planned_steps,
     recorded_choice,
 )
 from preftune.training.interrupts import Interrupted
+from preftune.training.runplan import planned_steps
 
 M34 = AUTO_CPU_REFERENCE_PARAMS
 

@@ -236,7 +236,8 @@ MUTATORS = {"append", "add", "update", "pop", "popitem", "setdefault", "clear", 
 
 def run_state_globals(src: Path) -> list[str]:
     """Every module-level dict, list or set that a function of its module changes (a process-wide registry),
-    and every ``global`` statement, as 'module.name'."""
+    every module-level ``ContextVar`` (state handed between functions out of band), and every ``global``
+    statement, as 'module.name'."""
     found = []
     for name, path in modules(src).items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -244,6 +245,9 @@ def run_state_globals(src: Path) -> list[str]:
         for node in tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) and node.value else []
             value = getattr(node, "value", None)
+            called = value.func if isinstance(value, ast.Call) else None
+            if (isinstance(called, ast.Name) and called.id == "ContextVar") or (isinstance(called, ast.Attribute) and called.attr == "ContextVar"):
+                found += [f"{name}.{t.id}" for t in targets if isinstance(t, ast.Name)]
             mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
                 isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in {"dict", "list", "set", "defaultdict"})
             containers |= {t.id for t in targets if isinstance(t, ast.Name) and mutable}
@@ -272,5 +276,9 @@ def test_no_process_wide_registry_of_run_state() -> None:
 def test_the_registry_checker_finds_a_registry_and_a_global(tmp_path: Path) -> None:
     src = _package(tmp_path, {"__init__.py": "", "errors.py": "", "stages/__init__.py": "",
                               "stages/lifecycle.py": "_SETUP = {}\nLIMIT = 3\n\ndef start(d):\n    _SETUP[d] = 1\n\n"
-                                                  "def stop(d):\n    global LIMIT\n    _SETUP.pop(d)\n"})
-    assert run_state_globals(src) == ["preftune.stages.lifecycle.LIMIT", "preftune.stages.lifecycle._SETUP"]
+                                                  "def stop(d):\n    global LIMIT\n    _SETUP.pop(d)\n",
+                              "stages/out_of_band.py": "import contextvars\nfrom contextvars import ContextVar\n"
+                                                       "_RUN: ContextVar = ContextVar('run', default=None)\n"
+                                                       "_STEP = contextvars.ContextVar('step')\n"})
+    assert run_state_globals(src) == ["preftune.stages.lifecycle.LIMIT", "preftune.stages.lifecycle._SETUP",
+                                      "preftune.stages.out_of_band._RUN", "preftune.stages.out_of_band._STEP"]

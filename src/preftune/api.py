@@ -60,7 +60,7 @@ def dpo(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     cfg, given = _prepare(DPOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
     if cfg.sweep.judge or cfg.sweep.reward_model:
         raise ConfigError("sweep.judge and sweep.reward_model are read by preftune.sweep only; to judge one run, use `preftune eval`")
-    return _train(lambda: stage.build_task(cfg, given=given, extra_terms=extra_terms), cfg, given, callbacks)
+    return _train(lambda run: stage.build_task(cfg, run, extra_terms=extra_terms), cfg, given, callbacks)
 
 
 def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
@@ -69,7 +69,7 @@ def sft(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import sft as stage
 
     cfg, given = _prepare(SFTConfig, config, settings, model, train_data, eval_data, tokenizer, None)
-    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
+    return _train(lambda run: stage.build_task(cfg, run), cfg, given, callbacks)
 
 
 def kto(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None, ref_model: Any = None,
@@ -78,7 +78,7 @@ def kto(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tok
     from preftune.stages import kto as stage
 
     cfg, given = _prepare(KTOConfig, config, settings, model, train_data, eval_data, tokenizer, ref_model)
-    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
+    return _train(lambda run: stage.build_task(cfg, run), cfg, given, callbacks)
 
 
 def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = None, tokenizer: Any = None,
@@ -87,7 +87,7 @@ def reward_model(model: Any = None, train_data: Any = None, *, eval_data: Any = 
     from preftune.stages import rm as stage
 
     cfg, given = _prepare(RMConfig, config, settings, model, train_data, eval_data, tokenizer, None)
-    return _train(lambda: stage.build_task(cfg, given=given), cfg, given, callbacks)
+    return _train(lambda run: stage.build_task(cfg, run), cfg, given, callbacks)
 
 
 @dataclass
@@ -173,12 +173,12 @@ def sweep(values: dict[str, Sequence[Any]], config: DPOConfig | str | Path | Non
     return run_sweep(cfg, items, judge=judge if callable(judge) else None)
 
 
-def _train(build: Callable[[], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
-    from preftune.stages.lifecycle import recorded, train
+def _train(build: Callable[[Any], Any], cfg: Any, given: Any, callbacks: Sequence[Any]) -> Result:
+    from preftune.stages.lifecycle import open_run
 
-    with recorded(cfg):
-        task = build()
-        fitted = train(task, cfg, callbacks)
+    with open_run(cfg, given) as run:
+        task = build(run)
+        fitted = run.train(task, callbacks)
     return Result(model=task.output, tokenizer=given.tokenizer, run_dir=Path(cfg.train.output_dir),
                   metrics=fitted.metrics, config=cfg, step=fitted.state.step, stopped_by=fitted.stopped_by)
 

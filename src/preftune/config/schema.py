@@ -303,6 +303,8 @@ def validate(cfg: Any, where: str = "") -> None:
         problems.append("loss.name=kto trains on unpaired data: use `preftune kto` (preftune.kto from Python)")
     if isinstance(cfg, KTOConfig) and cfg.reference.sync_ref_model:
         problems.append("reference.sync_ref_model (TR-DPO) is for `preftune dpo`; KTO's reference stays the model as the run starts")
+    if getattr(cfg, "reference", None) is not None and cfg.reference.sync_ref_model and cfg.train.resume_from:
+        problems.append("reference.sync_ref_model cannot resume a run: checkpoints hold the policy, not the moved reference")
     if isinstance(cfg, KTOConfig) and cfg.train.batch_size < 2:
         problems.append("train.batch_size must be at least 2 for KTO: its KL baseline is a mean over the micro-batch")
     if problems:

@@ -20,7 +20,7 @@ from preftune.config.schema import DPOConfig
 from preftune.data.prepare import prepare
 from preftune.losses import ExtraTerm, loss_hparam_names, preference_loss, split_pair, wpo_weights
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train
+from preftune.stages.lifecycle import Run, open_run, record_data
 from preftune.stages.pairs import pair_task, reference_strategy
 from preftune.training.reference import Reference
 from preftune.training.task import Task
@@ -78,18 +78,18 @@ def make_loss_fn(
 
 
 
-def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Sequence[ExtraTerm] = (),
+def build_task(cfg: DPOConfig, run: Run, *, extra_terms: Sequence[ExtraTerm] = (),
                scorer_cls: type[nn.Module] | None = None) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml, data_report.json, reference.json.
+    """Everything the loop needs to train ``cfg`` in ``run`` (:func:`~preftune.stages.lifecycle.open_run`);
+    writes data_report.json and reference.json.
 
-    ``given`` holds what a Python caller passed in memory (model, tokenizer, reference, data).
+    ``run.given`` holds what a Python caller passed in memory (model, tokenizer, reference, data).
     ``extra_terms`` are added to the loss. ``scorer_cls`` replaces :class:`SequenceLogps` as the
     log-prob module of the concatenated layout, for the policy and a reference copy alike (the
     benchmarks' full-logits baseline); prefix-shared rows always use :class:`SharedPrefixLogps`.
     """
-    given = given or Given()
+    given = run.given
     strategy, ref_model = reference_strategy(cfg, given)
-    run = start_run(cfg, given)
     data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "pairs")
@@ -100,6 +100,6 @@ def build_task(cfg: DPOConfig, *, given: Given | None = None, extra_terms: Seque
 
 def run(cfg: DPOConfig, *, extra_terms: Sequence[ExtraTerm] = ()) -> Path:
     """Train as ``cfg`` says; return the run folder. ``extra_terms`` are added to the loss."""
-    with recorded(cfg):
-        train(build_task(cfg, extra_terms=extra_terms), cfg)
+    with open_run(cfg) as run:
+        run.train(build_task(cfg, run, extra_terms=extra_terms))
     return Path(cfg.train.output_dir)

@@ -37,7 +37,7 @@ from preftune.eval.scoring import function_fingerprint, function_name, function_
 from preftune.models.load import describe_model, load_model
 from preftune.stages import dpo
 from preftune.stages.iterate_config import IterateConfig, check, round_config
-from preftune.stages.lifecycle import recorded, train
+from preftune.stages.lifecycle import open_run
 from preftune.system.distributed import world
 from preftune.system.files import atomic_write
 from preftune.training.checkpoint import latest_checkpoint
@@ -187,13 +187,14 @@ def _train_round(round_cfg: Any, number: int, folder: Path, callbacks: Sequence[
     status = _status(folder)
     if status.get("status") == "finished" and (folder / "final").is_dir():
         return
-    if latest_checkpoint(folder) is not None:
+    latest = latest_checkpoint(folder)
+    if latest is not None:
         round_cfg.train.resume_from = "latest"
-        _say(f"round {number}: resuming its DPO run from {latest_checkpoint(folder)}")
+        _say(f"round {number}: resuming its DPO run from {latest}")
     else:
         round_cfg.train.overwrite = True  # a round that saved no checkpoint starts its training again
-    with recorded(round_cfg):
-        train(dpo.build_task(round_cfg), round_cfg, callbacks)
+    with open_run(round_cfg) as run:
+        run.train(dpo.build_task(round_cfg, run), callbacks)
 
 
 # --------------------------------------------------------------------------- pieces

@@ -31,7 +31,7 @@ from preftune.data.inspect import label_balance_warning
 from preftune.data.prepare import mismatched_pairs, prepare
 from preftune.losses import UnpairedLogps, kto, split_pair
 from preftune.models.load import check_vocabulary, load_policy
-from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train
+from preftune.stages.lifecycle import Run, open_run, record_data
 from preftune.stages.pairs import pair_task, reference_strategy
 from preftune.system import distributed
 from preftune.system.distributed import all_sum
@@ -70,11 +70,11 @@ def kl_baseline(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor,
     return (total / rows).to(policy_kl_logps.dtype)
 
 
-def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml, data_report.json, reference.json."""
-    given = given or Given()
+def build_task(cfg: KTOConfig, run: Run) -> Task:
+    """Everything the loop needs to train ``cfg`` in ``run`` (:func:`~preftune.stages.lifecycle.open_run`);
+    writes data_report.json and reference.json."""
+    given = run.given
     strategy, ref_model = reference_strategy(cfg, given)
-    run = start_run(cfg, given)
     data = prepare(cfg.data, run.tokenizer, records="unpaired", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress, split_pairs=cfg.kto.split_pairs)
     record_data(run, data.reports, data.train, "records")
@@ -91,6 +91,6 @@ def build_task(cfg: KTOConfig, *, given: Given | None = None) -> Task:
 
 def run(cfg: KTOConfig) -> Path:
     """Train as ``cfg`` says; return the run folder (final model in ``final/``)."""
-    with recorded(cfg):
-        train(build_task(cfg), cfg)
+    with open_run(cfg) as run:
+        run.train(build_task(cfg, run))
     return Path(cfg.train.output_dir)

@@ -11,11 +11,14 @@ reference strategy, the processes, and the precision and compile choices with th
 Between them run preftune's own progress bars (``train.progress``); transformers' per-file
 loading and saving bars are quiet for the whole run (:func:`preftune.system.progress.quiet_transformers_bars`).
 
-A stage's ``build_task(cfg)`` calls :func:`start_run` and :func:`record_data`, builds its model
-and objective, and returns the loop's :class:`~preftune.training.loop.Task`; its ``run(cfg)`` is
-``train(build_task(cfg), cfg)``. So the CLI, the Python API, the demo and the benchmarks build a
-stage the same way, and a caller that needs the pieces (a benchmark that times the loop) takes
-the task and leaves the rest.
+A run is one value, opened once: ``with open_run(cfg, given) as run:`` checks the config, claims the
+folder, writes ``config.yaml`` and starts the plan (the resume point verified, processes, global
+batch, data digests); the stage's ``build_task(cfg, run)`` records the data, builds its model and
+calls :meth:`Run.decide` right after (precision and compile: the plan is complete), and returns the
+loop's :class:`~preftune.training.task.Task`; ``run.train(task)`` trains it. A stage's ``run(cfg)``
+reads ``with open_run(cfg) as run: run.train(build_task(cfg, run))``. So the CLI, the Python API,
+the demo and the benchmarks build a stage the same way, and a caller that needs the pieces (a
+benchmark that times the loop) takes the task and calls :meth:`Run.fit`, the loop alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,10 @@ from preftune.system.hardware import processor_name
 from preftune.system.progress import quiet_transformers_bars
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status
 from preftune.system.seeding import seed_everything
-from preftune.training.compile_choice import CompileChoice, resolve_compile
+from preftune.training.compile_choice import CompileChoice
 from preftune.training.loop import Fitted, fit
-from preftune.training.precision import PrecisionChoice, model_params, resolve_precision
-from preftune.training.runplan import RunPlan, plan_run
+from preftune.training.precision import PrecisionChoice, model_params
+from preftune.training.runplan import RunPlan, RunStart, plan_start
 from preftune.training.sharding import check_supported
 from preftune.training.task import Task
 
@@ -74,23 +76,92 @@ class Given:
 
 @dataclass
 class Run:
-    """A started run: its config, folder, tokenizer and device, its plan (the decisions made as it started),
-    and ``about``: what its start line says of the data and the reference (the stage adds them as it builds
-    the task, and hands them to :class:`Task`)."""
+    """An open run (:func:`open_run`): its config, folder, tokenizer and device, what the caller gave,
+    its folder claim, and its plan: started when it opened (:attr:`start`), complete once the stage has
+    built the model (:meth:`decide`). ``about``: what its start line says of the data and the reference
+    (the stage adds them as it builds the task)."""
 
     cfg: Any
     dir: Path
     tokenizer: Any
     device: torch.device
-    plan: RunPlan
+    given: Given
+    start: RunStart
+    claim: Claim | None = None  # the main process's hold on the folder; None on the others
     about: list[str] = field(default_factory=list)
+    _plan: RunPlan | None = None
+    _training: bool = False
+
+    def decide(self, model: nn.Module, items: int) -> RunPlan:
+        """The run's precision and compile choice for ``model`` trained on ``items`` items, decided once,
+        right after the stage built the model (before a reference copy or cache pass runs as it will)."""
+        if self._plan is not None:
+            raise RuntimeError("a run's precision and compile choice are decided once")  # a stage's mistake, not the user's
+        self._plan = self.start.decide(self.cfg.train, model, items, self.device)
+        return self._plan
+
+    @property
+    def plan(self) -> RunPlan:
+        """The complete plan (:meth:`decide` has run)."""
+        if self._plan is None:
+            raise RuntimeError("the stage built its task without deciding the run's plan (Run.decide)")
+        return self._plan
+
+    def fit(self, task: Task, callbacks: Sequence[Any] = ()) -> Fitted:
+        """The loop alone on ``task``, as the plan says: from here a failure is recorded in ``status.json``."""
+        if self.claim is not None and not self._training:
+            self.claim.commit()
+        self._training = True
+        return fit(task, self.plan, self.cfg.train, self.dir, callbacks, hparams=to_dict(with_precision(self.cfg, self.plan.precision)))
+
+    def train(self, task: Task, callbacks: Sequence[Any] = ()) -> Fitted:
+        """Train ``task``: the choices recorded, the start line, the loop, ``status.json`` finished, the
+        report when asked, the done line."""
+        cfg, plan, run_dir = self.cfg, self.plan, self.dir
+        if distributed.is_main():
+            record_choices(run_dir, cfg, plan.precision, plan.compile)
+            print(start_line(self, task), file=sys.stderr, flush=True)
+        fitted = self.fit(task, callbacks)
+        if distributed.is_main():
+            started = read_status(run_dir).get("started")
+            took = round(time.time() - started, 1) if isinstance(started, (int, float)) else None  # since this process started the run
+            mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by, seconds=took)
+            if cfg.train.report:
+                write_report_or_warn(run_dir)
+            stopped = f" (stopped at step {fitted.state.step} by {fitted.stopped_by})" if fitted.stopped_by else ""
+            print(f"preftune: done{stopped}: model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}"
+                  + (f", report {run_dir / 'report.html'}" if (run_dir / "report.html").is_file() else ""), file=sys.stderr)
+        return fitted
 
 
-def start_run(cfg: Any, given: Given | None = None) -> Run:
-    """Check ``cfg``, create the run folder with its resolved ``config.yaml``, seed, load the tokenizer
-    (unless ``given`` holds one). A model given in memory is recorded in ``model.path`` by the name
-    it was loaded from, when the config names none."""
+@contextmanager
+def open_run(cfg: Any, given: Given | None = None) -> Iterator[Run]:
+    """Open the run of ``cfg``: check it, claim the folder and write its resolved ``config.yaml``, seed,
+    load the tokenizer (unless ``given`` holds one), start the plan. Every check comes before anything
+    is written. A model given in memory is recorded in ``model.path`` by the name it was loaded from,
+    when the config names none.
+
+    When the body raises: before training began, the run folder is put back as it was (see
+    :class:`~preftune.system.runfolder.Claim`); once it has, it is marked ``failed`` with the error. The
+    folder's lock is released when the block ends."""
     given = given or Given()
+    with quiet_transformers_bars():
+        run = _open(cfg, given)
+        try:
+            yield run
+        except BaseException as err:
+            if run.claim is not None and not run._training:  # claimed by this process, not yet training
+                run.claim.undo()
+            elif read_status(run.dir).get("pid") == os.getpid():  # this process started the run there
+                mark(run.dir, "failed", error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            if run.claim is not None:
+                run.claim.release()
+
+
+def _open(cfg: Any, given: Given) -> Run:
+    """:func:`open_run`'s checks and writes, in order; nothing is written before every check has passed."""
     validate(cfg)
     rank, processes = distributed.world()  # the launcher's: refusals come before the process group starts
     if distributed.launcher_asks_fsdp() and cfg.train.sharding == "none":  # decided here, once; config.yaml records it
@@ -115,16 +186,22 @@ def start_run(cfg: Any, given: Given | None = None) -> Run:
     # every check before anything is written: the folder free, the checkpoint intact and readable, the config and data the same
     if rank == 0:
         check_folder(run_dir, cfg.train)
-    plan = plan_run(cfg.train, run_dir, to_dict(cfg), data_digests(cfg))
-    if rank == 0:
-        _claimed(run_dir, claim_folder(run_dir, cfg.train))
-        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
-             processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
-    distributed.barrier()
+    start = plan_start(cfg.train, run_dir, to_dict(cfg), data_digests(cfg))
+    claim = claim_folder(run_dir, cfg.train) if rank == 0 else None
+    try:
+        if claim is not None:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+            mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
+                 processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
+        distributed.barrier()
+    except BaseException:
+        if claim is not None:  # the folder as it was before this run
+            claim.undo()
+            claim.release()
+        raise
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Run(cfg, run_dir, tokenizer, device, plan)
+    return Run(cfg, run_dir, tokenizer, device, given, start, claim=claim)
 
 
 #: What status.json keeps from one write to the next (the run's decisions and where and when it started, recorded once)
@@ -152,51 +229,6 @@ def record_choices(run_dir: Path, cfg: Any, precision: PrecisionChoice, compile_
     for key in STATUS_KEEPS:
         status.pop(key, None)
     mark(run_dir, status.pop("status", "running"), **status, precision=precision.record(), compile=compile_choice.record())
-
-
-@dataclass
-class Setup:
-    """The run of one :func:`recorded` block: the folder :func:`start_run` claimed, and whether training has begun."""
-
-    dir: Path
-    claim: Claim | None = None
-    training: bool = False
-
-
-#: The :class:`Setup` of the innermost :func:`recorded` block running in this thread (a context variable:
-#: it lives as long as the block, so :func:`start_run` and :func:`train` inside it reach their run's claim).
-_RECORDING: ContextVar[Setup | None] = ContextVar("preftune_recording", default=None)
-
-
-def _claimed(run_dir: Path, claim: Claim) -> None:
-    """Hand ``claim`` to the enclosing :func:`recorded` block (outside one, the claim and its lock last as long as the process)."""
-    setup = _RECORDING.get()
-    if setup is not None and setup.dir == run_dir.resolve():
-        setup.claim = claim
-
-
-@contextmanager
-def recorded(cfg: Any) -> Iterator[None]:
-    """When the body raises: before training began, put the run folder back as it was (see
-    :class:`~preftune.system.runfolder.Claim`); once it has, mark it ``failed`` with the error, if this process had started
-    the run there (not when the folder was refused). The folder's lock is released when the block ends."""
-    run_dir = Path(cfg.train.output_dir)
-    setup = Setup(run_dir.resolve())
-    token = _RECORDING.set(setup)
-    try:
-        with quiet_transformers_bars():
-            yield
-    except BaseException as err:
-        ours = read_status(run_dir).get("pid") == os.getpid()
-        if setup.claim is not None and not setup.training:  # claimed by this process, not yet training
-            setup.claim.undo()
-        elif ours:
-            mark(run_dir, "failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        _RECORDING.reset(token)
-        if setup.claim is not None:
-            setup.claim.release()
 
 
 def record_data(run: Run, reports: dict[str, Any], train: list[Any], what: str) -> None:
@@ -241,50 +273,17 @@ def write_config(run: Run, folder: Path) -> None:
     (folder / "preftune_config.yaml").write_text(to_yaml(run.cfg), encoding="utf-8")
 
 
-def train(task: Task, cfg: Any, callbacks: Sequence[Any] = ()) -> Fitted:
-    """Run the loop on ``task``; write the report when asked; say where everything is."""
-    from accelerate import PartialState
-
-    run_dir = Path(cfg.train.output_dir)
-    setup = _RECORDING.get()
-    if setup is not None and setup.dir == run_dir.resolve() and setup.claim is not None and not setup.training:
-        setup.training = True  # training begins: from here a failure is recorded in status.json
-        setup.claim.commit()
-    plan = task.plan or plan_run(cfg.train, run_dir, to_dict(cfg), data_digests(cfg))  # a task a stage built carries its run's
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if plan.precision is None:  # decided once, before the loop; a stage that needed it earlier decided it then
-        plan = plan.with_choices(precision=resolve_precision(cfg.train, task.model, device, resume=plan.resume))
-    if plan.compile is None:
-        plan = plan.with_choices(compile=resolve_compile(cfg.train, task.model, plan.total_steps(cfg.train, len(task.train_set)), device,
-                                                         resume=plan.resume))
-    task = replace(task, plan=plan)
-    if PartialState().is_main_process:
-        record_choices(run_dir, cfg, plan.precision, plan.compile)
-        print(start_line(task, cfg), file=sys.stderr, flush=True)
-    fitted = fit(task, cfg.train, run_dir, callbacks, hparams=to_dict(with_precision(cfg, plan.precision)))
-    if PartialState().is_main_process:
-        started = read_status(run_dir).get("started")
-        took = round(time.time() - started, 1) if isinstance(started, (int, float)) else None  # since this process started the run
-        mark(run_dir, "finished", step=fitted.state.step, stopped_by=fitted.stopped_by, seconds=took)
-        if cfg.train.report:
-            write_report_or_warn(run_dir)
-        stopped = f" (stopped at step {fitted.state.step} by {fitted.stopped_by})" if fitted.stopped_by else ""
-        print(f"preftune: done{stopped}: model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}"
-              + (f", report {run_dir / 'report.html'}" if (run_dir / "report.html").is_file() else ""), file=sys.stderr)
-    return fitted
-
-
-def start_line(task: Task, cfg: Any) -> str:
+def start_line(run: Run, task: Task) -> str:
     """``preftune: dpo: model M (N parameters); train data: kept ...; reference copy; train.bf16 auto ->
     off (why); train.compile auto -> off (why)``: what is about to run, in one line."""
     from preftune.config.schema import STAGES
 
+    cfg, plan, train = run.cfg, run.plan, run.cfg.train
     stage = next((name for name, cls in STAGES.items() if isinstance(cfg, cls)), "train")
     model = task.output if task.output is not None else task.model
     params, trained = model_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     size = f"{params / 1e6:.2f}M parameters" + (f", {trained / 1e6:.2f}M trained" if trained != params else "")
-    parts = [f"model {cfg.model.path or 'given in memory'} ({size})", *task.about]
-    plan, train = task.plan, cfg.train
+    parts = [f"model {cfg.model.path or 'given in memory'} ({size})", *run.about]
     if plan.processes > 1:
         parts.append(f"{plan.processes} processes x batch {train.batch_size} x grad_accum {train.grad_accum} = global batch "
                      f"{plan.global_batch * train.grad_accum} per optimizer step "

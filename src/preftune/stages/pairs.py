@@ -24,8 +24,6 @@ from preftune.models.load import has_adapter
 from preftune.models.scorers import SequenceLogps, SharedPrefixLogps, causal_lm_of
 from preftune.stages.lifecycle import Given, Run, count_weight, policy_saver
 from preftune.system import distributed
-from preftune.training.compile_choice import resolve_compile
-from preftune.training.precision import resolve_precision
 from preftune.training.reference import FrozenCopyReference, Reference, ReferenceSync, build_reference, resolve_reference_strategy, sync_problem
 from preftune.training.sharding import shard_model
 from preftune.training.task import Task
@@ -39,9 +37,8 @@ def reference_strategy(cfg: Any, given: Given) -> tuple[str, nn.Module | None]:
     ``ref_model``, or, for a model passed in, an exact copy of it as it starts."""
     strategy = resolve_reference_strategy(cfg, adapter=cfg.model.lora.enabled or has_adapter(given.model),
                                           given_reference=given.ref_model is not None)
-    if getattr(cfg.reference, "sync_ref_model", False):
-        problem = sync_problem(strategy) or ("reference.sync_ref_model cannot resume a run: checkpoints hold the policy, not the "
-                                             "moved reference" if cfg.train.resume_from else None)
+    if getattr(cfg.reference, "sync_ref_model", False):  # (a resume is refused with the config: config/schema.py)
+        problem = sync_problem(strategy)
         if problem:
             raise PreftuneError(problem)
     ref_model = given.ref_model
@@ -68,9 +65,9 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
         options["ld_alpha"] = cfg.loss.ld_alpha
     scorer = scorer_cls(policy, chunk_size=cfg.train.logprob_chunk_size, **options)
     collate = partial(collate_prefix_shared if shared else collate_pairs, pad_token_id=run.tokenizer.pad_token_id)
-    # once, before the reference is built: a reference copy (and the cache pass) run as the policy does
-    compile_choice = resolve_compile(cfg.train, policy, run.plan.total_steps(cfg.train, len(train_rows)), run.device, resume=run.plan.resume)
-    precision = resolve_precision(cfg.train, policy, run.device, resume=run.plan.resume)
+    # the run's plan completed before the reference is built: a reference copy (and the cache pass) run as the policy does
+    plan = run.decide(policy, len(train_rows))
+    compile_choice, precision = plan.compile, plan.precision
     train_ref, eval_ref, ref_info = build_reference(cfg, strategy, scorer, train_rows, eval_rows, collate, run.device, scorer_cls,
                                                     ref_model=ref_model, tokenizer=given.tokenizer, compile=compile_choice.on,
                                                     bf16=precision.bf16)
@@ -95,8 +92,7 @@ def pair_task(cfg: Any, run: Run, given: Given, policy: nn.Module, train_rows: S
     lengths = [p.shared_length if shared else p.length for p in train_rows]
     return Task(model=scorer, loss_fn=loss_fn, train_set=train_rows, collate=collate, lengths=lengths, counts=count_weight,
                 eval_set=eval_rows, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, plan=run.plan.with_choices(precision=precision, compile=compile_choice), after_step=after_step,
-                about=tuple(run.about))
+                output=policy, after_step=after_step)
 
 
 def use_prefix_sharing(cfg: Any, policy: nn.Module, pairs: Sequence[Any]) -> tuple[bool, str | None]:

@@ -24,7 +24,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import bradley_terry, sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.reward import RewardModel, save_reward_model
-from preftune.stages.lifecycle import Given, record_data, recorded, start_run, train, write_config
+from preftune.stages.lifecycle import Run, open_run, record_data, write_config
 from preftune.training.task import Task
 
 
@@ -64,16 +64,16 @@ def make_rm_loss(cfg: RMConfig) -> Any:
     return loss_fn
 
 
-def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json.
-    ``given`` holds what a Python caller passed in memory (the backbone, tokenizer, data)."""
-    given = given or Given()
-    run = start_run(cfg, given)
+def build_task(cfg: RMConfig, run: Run) -> Task:
+    """Everything the loop needs to train ``cfg`` in ``run`` (:func:`~preftune.stages.lifecycle.open_run`);
+    writes data_report.json. ``run.given`` holds what a Python caller passed in memory (the backbone, tokenizer, data)."""
+    given = run.given
     data = prepare(cfg.data, run.tokenizer, records="pairs", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress)  # as DPO
     record_data(run, data.reports, data.train, "pairs")
     model = RewardModel(load_policy(cfg.model, given.model), chunk_size=cfg.train.logprob_chunk_size)
     check_vocabulary(model.lm, data.train + data.eval, "data")
+    run.decide(model, len(data.train))
 
     def save_final(folder: Path, seq_cls: bool = True, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         save_reward_model(model, run.tokenizer, folder, seq_cls=seq_cls, state_dict=state_dict)
@@ -83,11 +83,11 @@ def build_task(cfg: RMConfig, *, given: Given | None = None) -> Task:
                 collate=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id),
                 lengths=[p.length for p in data.train], counts=count_pairs, eval_set=data.eval, save_final=save_final,
                 save_model=lambda folder, state_dict=None: save_final(folder, seq_cls=False, state_dict=state_dict),
-                group_by_length=cfg.data.group_by_length, output=model, plan=run.plan, about=tuple(run.about))
+                group_by_length=cfg.data.group_by_length, output=model)
 
 
 def run(cfg: RMConfig) -> Path:
     """Train a reward model as ``cfg`` says; return the run folder (model in ``final/``)."""
-    with recorded(cfg):
-        train(build_task(cfg), cfg)
+    with open_run(cfg) as run:
+        run.train(build_task(cfg, run))
     return Path(cfg.train.output_dir)

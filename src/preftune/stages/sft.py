@@ -27,7 +27,7 @@ from preftune.logprobs import IGNORE_INDEX
 from preftune.losses import sft_nll
 from preftune.models.load import check_vocabulary, load_policy
 from preftune.models.scorers import SequenceLogpsWithStats
-from preftune.stages.lifecycle import Given, policy_saver, record_data, recorded, start_run, train
+from preftune.stages.lifecycle import Run, open_run, policy_saver, record_data
 from preftune.training.task import Task
 
 
@@ -47,11 +47,10 @@ def sft_loss(scorer: nn.Module, batch: dict[str, Any], totals: dict[str, torch.T
     return loss, {"nll": per_row.detach(), "tokens": tokens.float().detach(), **per_token}
 
 
-def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
-    """Everything the loop needs to train ``cfg``; writes config.yaml and data_report.json.
-    ``given`` holds what a Python caller passed in memory (model, tokenizer, data)."""
-    given = given or Given()
-    run = start_run(cfg, given)
+def build_task(cfg: SFTConfig, run: Run) -> Task:
+    """Everything the loop needs to train ``cfg`` in ``run`` (:func:`~preftune.stages.lifecycle.open_run`);
+    writes data_report.json. ``run.given`` holds what a Python caller passed in memory (model, tokenizer, data)."""
+    given = run.given
     data = prepare(cfg.data, run.tokenizer, records="demonstrations", seed=cfg.train.seed, sources=given.sources(),
                    progress=cfg.train.progress)
     record_data(run, data.reports, data.train, "examples")
@@ -74,13 +73,13 @@ def build_task(cfg: SFTConfig, *, given: Given | None = None) -> Task:
         collate = partial(collate_unpaired, pad_token_id=pad)
         lengths = [x.length for x in data.train]
     check_vocabulary(policy, train_items + eval_items, "data")
-    return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens, plan=run.plan,
-                eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length,
-                output=policy, about=tuple(run.about))
+    run.decide(scorer, len(train_items))
+    return Task(model=scorer, loss_fn=sft_loss, train_set=train_items, collate=collate, lengths=lengths, counts=count_tokens,
+                eval_set=eval_items, save_final=policy_saver(run, policy), group_by_length=cfg.data.group_by_length, output=policy)
 
 
 def run(cfg: SFTConfig) -> Path:
     """Train as ``cfg`` says; return the run folder (final model in ``final/``)."""
-    with recorded(cfg):
-        train(build_task(cfg), cfg)
+    with open_run(cfg) as run:
+        run.train(build_task(cfg, run))
     return Path(cfg.train.output_dir)

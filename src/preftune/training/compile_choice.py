@@ -91,13 +91,6 @@ def cxx_compiler() -> str | None:
         return None
 
 
-def planned_steps(train: Any, items: int, processes: int = 1) -> int:
-    """The optimizer steps a run of ``items`` training items takes: the one count (:meth:`preftune.training.runplan.RunPlan.total_steps`,
-    which the loop runs for and ``auto`` plans with)."""
-    per_epoch = math.ceil(math.ceil(items / (train.batch_size * processes)) / train.grad_accum)
-    return train.max_steps or train.epochs * per_epoch
-
-
 def recorded_choice(folder: Path) -> bool:
     """Whether the run that wrote checkpoint ``folder`` ran compiled (an older checkpoint, without the record: no)."""
     try:
@@ -148,7 +141,7 @@ def decide(setting: bool | str, device: str, steps: int, params: int, *, compile
 def resolve_compile(train: Any, model: nn.Module, steps: int, device: torch.device | str, *, resume: Path | None) -> CompileChoice:
     """``train.compile`` for a run training ``model`` for ``steps`` optimizer steps (its plan's): decided on
     the main process (a resume, from the checkpoint ``resume`` of the run's plan, reads its record), taken
-    by every other (the run's start line says it: :func:`preftune.stages.lifecycle.train`)."""
+    by every other (the run's start line says it: :meth:`preftune.stages.lifecycle.Run.train`)."""
 
     def choose() -> CompileChoice:
         if train.sharding == "fsdp" and train.compile == "auto":  # compiled FSDP2 units are not tested yet
@@ -159,9 +152,7 @@ def resolve_compile(train: Any, model: nn.Module, steps: int, device: torch.devi
     return decided_on_main(choose)
 
 
-def compile_for_run(choice: CompileChoice | None, train: Any, model: nn.Module, steps: int, device: torch.device | str, *,
-                    resume: Path | None) -> bool:
-    """Compile ``model``'s decoder layers when the run's choice (resolved here when None) says so;
-    whether they now run compiled (False where inductor fails its probe: one line says so)."""
-    choice = choice or resolve_compile(train, model, steps, device, resume=resume)
+def compile_for_run(choice: CompileChoice, model: nn.Module) -> bool:
+    """Compile ``model``'s decoder layers when the run's choice says so; whether they now run compiled
+    (False where inductor fails its probe: one line says so)."""
     return choice.on and compile_layers(model) > 0

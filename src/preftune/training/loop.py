@@ -39,9 +39,9 @@ from preftune.training.compile_choice import compile_for_run
 from preftune.training.evaluate import evaluate_held_out
 from preftune.training.interrupts import Interrupted, StopSignals
 from preftune.training.optim import make_optimizer, make_scheduler
-from preftune.training.precision import new_accelerator, resolve_precision
+from preftune.training.precision import new_accelerator
 from preftune.training.runlog import MetricWindow, log_record, start_trackers, truncate_metrics
-from preftune.training.runplan import RunPlan, plan_run
+from preftune.training.runplan import RunPlan
 from preftune.training.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
 from preftune.training.sharding import clip_grad_norm, full_state_dict, no_sync, part_of, say_held, shard_model
 from preftune.training.task import Task, check_shards, epoch_batches, shard, sum_counts, to_device
@@ -56,17 +56,17 @@ class Fitted:
     stopped_by: str | None = None  # the callback that asked to stop early, if one did
 
 
-def fit(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = (), hparams: dict[str, Any] | None = None) -> Fitted:
+def fit(task: Task, plan: RunPlan, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any] = (),
+        hparams: dict[str, Any] | None = None) -> Fitted:
     """Train ``task.model`` as ``cfg`` says; write metrics, checkpoints and the final model.
 
     ``callbacks`` are told about each step, log line, evaluation and checkpoint, and may stop
     the run early (:mod:`preftune.training.callbacks`). ``hparams`` (the whole resolved config) go to the
     trackers of ``train.report_to`` (:mod:`preftune.training.trackers`). A SIGTERM or SIGINT ends the run
     after the current step with a checkpoint (:mod:`preftune.training.interrupts`). The run's decisions
-    (resume point, global batch, steps, precision, compile) are ``task.plan``'s, made where the stage
-    started the run (:mod:`preftune.training.runplan`); a task without one is planned here, once.
+    (resume point, global batch, steps, precision, compile) are ``plan``'s, made as the run opened and
+    once its model was built (:mod:`preftune.training.runplan`): the loop reads them, never decides.
     """
-    plan = task.plan or plan_run(cfg, Path(run_dir), hparams)  # a task built without a stage: planned here, once
     with StopSignals() as signals:
         return _fit(task, cfg, Path(run_dir), callbacks, hparams, signals, plan)
 
@@ -163,8 +163,7 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any]
     from accelerate import Accelerator
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = plan.precision or resolve_precision(cfg, task.model, device, resume=plan.resume)
+    precision = plan.precision
     accelerator = new_accelerator(Accelerator, precision)
     rank, processes = world()
     if not task.train_set:
@@ -179,7 +178,7 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any]
         raise PreftuneError("the model has no trainable parameters.")
     optimizer = make_optimizer(params, cfg)
     # lazily: the first steps pay the compile time, which the log reports apart from the step time
-    compiling = compile_for_run(plan.compile, cfg, task.model, total_steps, accelerator.device, resume=plan.resume)
+    compiling = compile_for_run(plan.compile, task.model)
     compiled_before = compile_stats() if compiling else {}
     model, optimizer = (task.model, optimizer) if sharded else accelerator.prepare(task.model, optimizer)
 

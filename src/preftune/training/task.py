@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from preftune.errors import PreftuneError
-from preftune.training.runplan import RunPlan
+from preftune.training.runplan import RunStart
 
 Batch = dict[str, Any]
 #: (batch) -> the sums a loss is normalised by, e.g. {"weight": sum of example weights} or
@@ -48,9 +48,7 @@ class Task:
     save_model: Callable[..., None] | None = None  # the same into each checkpoint (default: save_final)
     group_by_length: bool = True
     output: nn.Module | None = None  # what the stage produces (the policy, the reward model): the Python API returns it
-    plan: RunPlan | None = None  # the run's decisions, made when it started (training/runplan.py); None: fit plans it
     after_step: Callable[[int], None] | None = None  # called on every process after each optimizer step (TR-DPO's reference sync)
-    about: Sequence[str] = ()  # what the run's start line says of the data and the reference (stages.lifecycle.start_line)
 
 
 def sum_counts(batches: Sequence[Batch], counts: CountFn) -> dict[str, torch.Tensor]:
@@ -85,7 +83,7 @@ def shard(indices: list[int], rank: int, processes: int) -> list[int]:
     return indices[start : start + base + (1 if rank < extra else 0)]
 
 
-def check_shards(n_items: int, plan: RunPlan) -> None:
+def check_shards(n_items: int, plan: RunStart) -> None:
     """Every process needs an example in every micro-batch (DDP runs the step on all of them)."""
     processes = plan.processes
     if processes == 1:
