@@ -202,7 +202,7 @@ def test_the_iteration_report_shows_rounds_side_by_side(tmp_path: Path) -> None:
 
 
 def test_the_demo_report_has_a_header_table_and_a_results_table(tmp_path: Path) -> None:
-    from preftune.demo.evaluation import closing_table, write_demo_report
+    from preftune.demo.evaluation import write_demo_report
 
     policy = {"beta": 0.2, "ground_truth_reward": 1.2, "positive_share": 0.9, "well_formed_share": 0.95, "mean_words": 9.5,
               "win_rate_ground_truth": {"win_rate": 0.876, "ci95": [0.84, 0.90]}, "win_rate_reward_model": {"win_rate": 0.7, "ci95": [0.65, 0.75]},
@@ -216,7 +216,7 @@ def test_the_demo_report_has_a_header_table_and_a_results_table(tmp_path: Path) 
                "policies": [policy], "reward_model_heldout_accuracy": 0.85, "precision": "fp32", "processor": "CPU Test (2 cores)"}
     out = tmp_path / "demo"
     out.mkdir()
-    _, text = check_page(write_demo_report(out, summary, closing_table(summary)))
+    _, text = check_page(write_demo_report(out, summary))
     assert "87.6% [84, 90]" in text and "base model" in text and "2048 training pairs" in text and "CPU Test (2 cores)" in text
     found = tables((out / "report.html").read_text())
     results = next(t for t in found if t[0][0][1] == "metric")

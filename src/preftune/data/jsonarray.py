@@ -20,7 +20,6 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's four whitespace characters
 _DELIMITER = re.compile(r"[ \t\n\r,\]}]")  # what can end a number
 
 
-
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 

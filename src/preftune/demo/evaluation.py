@@ -165,11 +165,10 @@ def header(summary: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
     return text, stages + [("whole demo", f"{summary['wall_time_s']:.1f}")]
 
 
-def write_demo_report(out: Path, summary: dict[str, Any], table: str) -> Path:
+def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     """``out/report.html``: what ran (sentences and the stages' times), the closing table as an HTML
-    table, the reward-KL frontier (with a sweep), sample continuations, and each stage's training
-    curves, images embedded; readable without Python. ``table`` is the terminal's closing table
-    (kept for callers; the page builds its own from the same numbers)."""
+    table (built from the same numbers as the terminal's), the reward-KL frontier (with a sweep),
+    sample continuations, and each stage's training curves, images embedded; readable without Python."""
     from preftune.report import html as report
 
     text, stages = header(summary)

@@ -182,16 +182,14 @@ def more_rounds(s: Any, out: Path, sft_dir: Path, policies: dict[Any, Path], tra
 
 def main_pipeline(s: DemoSettings) -> dict[str, Any]:
     """Run every stage; return the summary (also written to ``summary.json``)."""
-    import torch
 
     from preftune.config.schema import DPOConfig, RMConfig, SFTConfig, load_config
     from preftune.demo.evaluation import (
-        closing_table,
         evaluate_demo,
         frontier_plot,
         write_demo_report,
     )
-    from preftune.system.hardware import processor_name
+    from preftune.system.hardware import default_device, processor_name
 
     start = time.time()
     out = Path(s.out)
@@ -247,10 +245,10 @@ def main_pipeline(s: DemoSettings) -> dict[str, Any]:
         "pairs": {"train": len(train_pairs), "train_ties_left_out": ties, "eval": len(eval_pairs), "eval_ties_left_out": eval_ties},
         "settings": dataclasses.asdict(s),
         "precision": "fp32 (pinned by the demo: the same table on every processor)",
-        "processor": processor_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "processor": processor_name(default_device().type),
         **results,
     }
     summary["report"] = str(out / "report.html")
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    write_demo_report(out, summary, closing_table(summary))
+    write_demo_report(out, summary)
     return summary

@@ -27,6 +27,7 @@ from typing import Any
 
 from preftune.data.prompts import Prompt, PromptRecord, read_prompts
 from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.system.hardware import default_device
 from preftune.system.progress import batches
 
 
@@ -310,7 +311,6 @@ def run_generate(
     ``model`` is a model folder, a run folder (its ``final/``) or a checkpoint folder, loaded on
     the GPU when there is one. ``system`` is used for prompts that bring no system prompt of their own.
     """
-    import torch
 
     from preftune.models.load import describe_model, load_model
 
@@ -321,7 +321,7 @@ def run_generate(
                for path in prompt_files for r in read_prompts(path, max_records=max_records)]
     if not records:
         raise DataError("no prompts in the given files", file=", ".join(map(str, prompt_files)), reason="empty")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     source = describe_model(model)
     lm, tokenizer = load_model(source, device=device, trust_remote_code=trust_remote_code)
     output = generate_ids(lm, tokenizer, [r.prompt for r in records], settings, system=[r.system for r in records])

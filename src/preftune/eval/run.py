@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from preftune.data.prompts import PromptRecord, read_prompts
 from preftune.data.records import TokenizedPair
 from preftune.errors import ConfigError, PreftuneError
@@ -26,6 +24,7 @@ from preftune.eval.metrics import (
     preference_metrics,
 )
 from preftune.models.load import ModelSource, describe_model, load_model
+from preftune.system.hardware import default_device
 
 
 @dataclass
@@ -77,7 +76,6 @@ class EvalSettings:
             raise ConfigError("eval settings: " + "; ".join(problems) + ".")
 
 
-
 def run_eval(settings: EvalSettings, judge: Any = None) -> dict[str, Any]:
     """Evaluate ``settings.policy`` against its reference; write ``eval.json`` (or
     ``eval-LABEL.json`` for a checkpoint or an explicit label) in the output folder; return the results.
@@ -86,12 +84,37 @@ def run_eval(settings: EvalSettings, judge: Any = None) -> dict[str, Any]:
     with ``texts`` (and on the chosen completions of the pairs), KL and samples with prompts,
     win rates with a judge: ``settings.judge`` (a name), or ``judge`` (a
     :class:`~preftune.eval.judges.Judge` or a function given in Python, in its place), and ``settings.reward_model``.
+    Four parts: load the models, score the held-out pairs and texts, sample and judge, write.
     """
     import time
 
-    from preftune.eval.judges import as_judge, function_judge, reward_model_judge, win_rate
-
     started = time.perf_counter()
+    models = _load_models(settings)
+    results = {"checkpoint": models.label, "step": models.source.step, "policy": str(models.source.path),
+               "reference": str(models.reference_path),
+               "run_dir": str(models.source.run_dir) if models.source.run_dir else None, "settings": asdict(settings)}
+    examples, pairs = _score_held_out(models, settings, results)
+    _sample_and_judge(models, settings, judge, _sample_prompts(settings, examples, pairs), results)
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    return _write(results, models.out_dir, models.label)
+
+
+@dataclasses.dataclass
+class _Models:
+    """What an evaluation runs on: the policy and its reference, loaded, and where its results go."""
+
+    source: Any
+    reference_path: str
+    label: str
+    out_dir: Path
+    device: Any
+    policy: Any
+    reference: Any
+    tokenizer: Any
+
+
+def _load_models(settings: EvalSettings) -> _Models:
+    """The settings checked, the policy and its reference loaded (the reference a run recorded, unless given)."""
     settings.check()
     if not settings.policy:
         raise PreftuneError("no policy given: name a model, run or checkpoint folder.")
@@ -99,19 +122,21 @@ def run_eval(settings: EvalSettings, judge: Any = None) -> dict[str, Any]:
     reference_path = settings.reference or _run_reference(source)
     if not reference_path:
         raise PreftuneError(f"'{settings.policy}' is not a preftune run, so it has no recorded reference: give one (reference=FOLDER).")
-    label = settings.label or source.label
     out_dir = Path(settings.out) if settings.out else source.run_dir
     if out_dir is None:
         raise PreftuneError("where should eval.json go? Give an output folder (out=FOLDER); only run folders have a default.")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     remote = settings.trust_remote_code
     policy, tokenizer = load_model(source, device=device, trust_remote_code=remote)
     reference, _ = load_model(describe_model(reference_path), device=device, like=source, trust_remote_code=remote)
+    return _Models(source, reference_path, settings.label or source.label, out_dir, device, policy, reference, tokenizer)
+
+
+def _score_held_out(models: _Models, settings: EvalSettings, results: dict[str, Any]) -> tuple[Any, Any]:
+    """Preference metrics on the held-out pairs, perplexity on ``settings.texts``, into ``results``; (examples, pairs)."""
+    policy, reference, tokenizer, source = models.policy, models.reference, models.tokenizer, models.source
     data = _data_config(source, settings)
     beta = settings.beta if settings.beta is not None else _run_beta(source)
-    results: dict[str, Any] = {"checkpoint": label, "step": source.step, "policy": str(source.path), "reference": str(reference_path),
-                               "run_dir": str(source.run_dir) if source.run_dir else None, "settings": asdict(settings)}
-
     examples, pairs, results["data"] = _held_out_pairs(source, settings, data, tokenizer)
     if pairs:
         results["preference"] = preference_metrics(policy, reference, tokenizer, pairs, beta=beta, batch_size=settings.batch_size)
@@ -119,31 +144,42 @@ def run_eval(settings: EvalSettings, judge: Any = None) -> dict[str, Any]:
         texts = [text for path in settings.texts for text in read_texts(path)]
         results["perplexity"] = {name: perplexity_details(model, tokenizer, texts, batch_size=settings.batch_size, max_length=data.max_length)
                                  for name, model in (("policy", policy), ("reference", reference))}
-    prompts = _sample_prompts(settings, examples, pairs)
+    return examples, pairs
+
+
+def _sample_and_judge(models: _Models, settings: EvalSettings, judge: Any, prompts: list[Any], results: dict[str, Any]) -> None:
+    """On ``prompts``: the policy's samples, KL to the reference on them, win rates by every judge, a few samples, into ``results``."""
+    from preftune.eval.judges import as_judge, function_judge, reward_model_judge, win_rate
+
+    if not prompts:
+        return
+    policy, reference, tokenizer = models.policy, models.reference, models.tokenizer
     named = [as_judge(judge)] if judge is not None else [function_judge(settings.judge)] if settings.judge else []
-    judges = named + \
-             ([reward_model_judge(settings.reward_model, batch_size=settings.batch_size, device=device)] if settings.reward_model else [])
-    if prompts:
-        sampling = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, do_sample=True,
-                                      num_samples=settings.num_samples, seed=settings.seed, batch_size=settings.batch_size)
-        systems = [p.system for p in prompts]
-        policy_samples = generate_ids(policy, tokenizer, [p.prompt for p in prompts], sampling, system=systems)
-        results["kl"] = kl_from_samples(policy, reference, tokenizer, policy_samples, batch_size=settings.batch_size)
-        results["kl"]["prompts"] = len(prompts)
-        policy_texts = _texts(tokenizer, policy_samples)
-        reference_texts: list[str] = []
-        if judges:
-            # Another seed: with the policy's, two close models would draw the same tokens and tie
-            # far more often than independent samples do, and the win rate is defined on those.
-            independent = dataclasses.replace(sampling, seed=settings.seed + 1)
-            reference_samples = generate_ids(reference, tokenizer, [p.prompt for p in prompts], independent, system=systems)
-            reference_texts = _texts(tokenizer, reference_samples)
-            flat_prompts = [p.prompt for p in prompts for _ in range(settings.num_samples)]
-            results["win_rate"] = [win_rate(flat_prompts, policy_texts, reference_texts, judge) for judge in judges]
-        results["samples"] = [{"prompt": p.prompt, "policy": policy_texts[i * settings.num_samples],
-                               "reference": reference_texts[i * settings.num_samples] if reference_texts else None}
-                              for i, p in enumerate(prompts[:5])]
-    results["seconds"] = round(time.perf_counter() - started, 2)
+    judges = named + ([reward_model_judge(settings.reward_model, batch_size=settings.batch_size, device=models.device)]
+                      if settings.reward_model else [])
+    sampling = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, do_sample=True,
+                                  num_samples=settings.num_samples, seed=settings.seed, batch_size=settings.batch_size)
+    systems = [p.system for p in prompts]
+    policy_samples = generate_ids(policy, tokenizer, [p.prompt for p in prompts], sampling, system=systems)
+    results["kl"] = kl_from_samples(policy, reference, tokenizer, policy_samples, batch_size=settings.batch_size)
+    results["kl"]["prompts"] = len(prompts)
+    policy_texts = _texts(tokenizer, policy_samples)
+    reference_texts: list[str] = []
+    if judges:
+        # Another seed: with the policy's, two close models would draw the same tokens and tie
+        # far more often than independent samples do, and the win rate is defined on those.
+        independent = dataclasses.replace(sampling, seed=settings.seed + 1)
+        reference_samples = generate_ids(reference, tokenizer, [p.prompt for p in prompts], independent, system=systems)
+        reference_texts = _texts(tokenizer, reference_samples)
+        flat_prompts = [p.prompt for p in prompts for _ in range(settings.num_samples)]
+        results["win_rate"] = [win_rate(flat_prompts, policy_texts, reference_texts, judge) for judge in judges]
+    results["samples"] = [{"prompt": p.prompt, "policy": policy_texts[i * settings.num_samples],
+                           "reference": reference_texts[i * settings.num_samples] if reference_texts else None}
+                          for i, p in enumerate(prompts[:5])]
+
+
+def _write(results: dict[str, Any], out_dir: Path, label: str) -> dict[str, Any]:
+    """``eval.json`` (``eval-LABEL.json`` for a checkpoint or a label) in ``out_dir``; ``results`` with its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "eval.json" if label == "final" else f"eval-{_safe(label)}.json"
     (out_dir / name).write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -25,7 +25,6 @@ from preftune.models.tokenizer import check_folder, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
 def load_causal_lm(cfg: ModelConfig, path: str | None = None) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` on a local folder, safetensors only."""
     from transformers import AutoModelForCausalLM
@@ -166,7 +165,6 @@ def disable_dropout(model: nn.Module) -> None:
 def has_adapter(model: nn.Module | None) -> bool:
     """Whether ``model`` is a peft model (its adapter can be switched off to give the reference)."""
     return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
 
 
 def unsharded_replica(model: nn.Module, dtype: torch.dtype) -> nn.Module:

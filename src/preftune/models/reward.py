@@ -64,7 +64,6 @@ class RewardModel(nn.Module):
         return rewards, logps, tokens
 
 
-
 def save_reward_model(model: RewardModel, tokenizer: Any, folder: Path, *, seq_cls: bool = True,
                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Backbone (causal LM), tokenizer, head, metadata; and ``seq_cls/`` where possible (and asked).

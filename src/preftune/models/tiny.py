@@ -155,7 +155,6 @@ def synthetic_corpus() -> list[str]:
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
 
 
-
 #: Where `preftune tiny` writes, and where the shipped configs/*-tiny.yaml read (relative to the working folder)
 TINY_MODEL = "runs/tiny-model"
 TINY_DATA = "runs/tiny-data"

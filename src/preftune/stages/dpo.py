@@ -33,7 +33,6 @@ def loss_hparams(cfg: DPOConfig) -> dict[str, Any]:
     return {name: values[name] for name in names if name in values}
 
 
-
 def make_loss_fn(
     cfg: DPOConfig, reference: Reference, extra_terms: Sequence[ExtraTerm] = ()
 ) -> Callable[[nn.Module, dict[str, Any], dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -75,7 +74,6 @@ def make_loss_fn(
         return loss, metrics
 
     return loss_fn
-
 
 
 def build_task(cfg: DPOConfig, run: Run, *, extra_terms: Sequence[ExtraTerm] = (),

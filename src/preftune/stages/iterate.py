@@ -40,6 +40,7 @@ from preftune.stages.iterate_config import IterateConfig, check, round_config
 from preftune.stages.lifecycle import open_run
 from preftune.system.distributed import world
 from preftune.system.files import atomic_write
+from preftune.system.hardware import default_device
 from preftune.training.checkpoint import latest_checkpoint
 
 FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots", "judge.json")
@@ -113,7 +114,7 @@ def _given_judge(cfg: IterateConfig, judge: Any) -> tuple[IterateConfig, Any, di
 def _begin(cfg: IterateConfig, scorer: Any, judge_id: dict[str, Any] | None) -> _Iteration:
     """Load the judge, claim the folder, read the prompts, and draw (or read back) the initial model's held-out samples."""
     out = Path(cfg.train.output_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     it, gen = cfg.iterate, cfg.generate
     # the judge is loaded before anything is written: a typo in its name leaves nothing that refuses the corrected command
     judge = scorer or load_scorer(it.judge, it.reward_model, batch_size=gen.batch_size, device=device)

@@ -43,7 +43,7 @@ from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
 from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
 from preftune.system import distributed
-from preftune.system.hardware import processor_name
+from preftune.system.hardware import default_device, processor_name
 from preftune.system.progress import quiet_transformers_bars
 from preftune.system.runfolder import STATUS_FILE, Claim, check_folder, claim_folder, process_start, read_status
 from preftune.system.seeding import seed_everything
@@ -192,7 +192,7 @@ def _open(cfg: Any, given: Given) -> Run:
         if claim is not None:
             (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
             mark(run_dir, "running", pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname(),
-                 processor=processor_name("cuda" if torch.cuda.is_available() else "cpu"), started=round(time.time(), 3))
+                 processor=processor_name(default_device().type), started=round(time.time(), 3))
         distributed.barrier()
     except BaseException:
         if claim is not None:  # the folder as it was before this run
@@ -200,7 +200,7 @@ def _open(cfg: Any, given: Given) -> Run:
             claim.release()
         raise
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     return Run(cfg, run_dir, tokenizer, device, given, start, claim=claim)
 
 
@@ -300,7 +300,6 @@ def write_report_or_warn(run_dir: Path) -> None:
         write_report(run_dir)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report did not
         warnings.warn(f"the run finished and its model is saved, but report.html could not be written: {err}", stacklevel=2)
-
 
 
 def count_weight(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.records import PreferenceExample
+from preftune.system.hardware import default_device
 
 
 def score_file(model_dir: str | Path, data: list[str], *, fmt: str = "auto", batch_size: int = 16,
                on_error: str = "error", progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scored records and a summary (records, and for pairs accuracy and mean margin)."""
-    import torch
 
     from preftune.data import load_examples
     from preftune.models.reward import load_reward_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, tokenizer = load_reward_model(model_dir, device=device)
     result = load_examples(data, format=fmt, on_error=on_error)
     examples = result.examples

@@ -17,7 +17,10 @@ import os
 import platform
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 #: the CPU flags that decide fp32 and bf16 matmul speed
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -25,6 +28,15 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @lru_cache(maxsize=1)
+def default_device() -> torch.device:
+    """The device preftune runs on: this process's CUDA device when there is one, else the CPU. The one
+    place that choice is made; a launcher that pins each process to its GPU (torchrun, accelerate) sets
+    the current CUDA device first."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cpu_info() -> dict[str, Any]:
     """The processor's model name, the flags of :data:`CPU_FLAGS` it has, its logical cores, and
     what torch's kernels were dispatched for (``torch.backends.cpu.get_cpu_capability``)."""

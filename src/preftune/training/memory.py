@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.system.hardware import default_device
 
 GiB = 2**30
 UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
@@ -268,7 +269,6 @@ def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, comple
                params: int = 0) -> Setup:
     """The step as the run's config describes it (rows padded to the configured lengths); ``train.bf16``
     auto resolved for this machine's device and a model of ``params`` parameters, as a run would."""
-    import torch
 
     from preftune.training.precision import decide
 
@@ -282,7 +282,7 @@ def base_setup(cfg: Any, stage: str, *, prompt_tokens: int | None = None, comple
                  prefix_sharing=data.prefix_sharing, chunk=train.logprob_chunk_size, dtype=model.dtype, optimizer=train.optimizer,
                  lora=tuple(model.lora.target_modules) if model.lora.enabled else (), lora_r=model.lora.r, reference=reference,
                  checkpointing=model.gradient_checkpointing,
-                 bf16=decide(train.bf16, "cuda" if torch.cuda.is_available() else "cpu", params).bf16)
+                 bf16=decide(train.bf16, default_device().type, params).bf16)
 
 
 def strategies(base: Setup, devices: int) -> list[Setup]:
