@@ -230,7 +230,7 @@ def test_the_size_checker_counts_a_long_function(tmp_path: Path) -> None:
 #: Module-level containers that may change while the program runs: memos of what a file's bytes hash to, keyed by
 #: the file's identity (path, size, mtime, inode), and what this machine can do (inductor probed once per process).
 #: They cache facts that hold for every run in the process; they hold no run's state.
-MEMOS = {"preftune.system.files._DIGESTS", "preftune.training.manifest._INTACT", "preftune.models.compiled._state"}
+MEMOS = {"preftune.system.files._DIGESTS", "preftune.models.compiled._state"}
 MUTATORS = {"append", "add", "update", "pop", "popitem", "setdefault", "clear", "remove", "discard", "extend", "insert"}
 
 

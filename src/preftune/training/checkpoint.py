@@ -231,19 +231,22 @@ def resolve_resume(train: Any, run_dir: Path, config: dict[str, Any] | None = No
         if found is None:
             why = f" ({' '.join(line.removeprefix('preftune: ') for line in skipped)})" if skipped else ""
             raise TrainingError(f"train.resume_from=latest, but '{run_dir}/checkpoints' holds no complete checkpoint{why}.")
-    else:
-        found = Path(train.resume_from)
+        check_resume(found, config, global_batch, data, intact=True)  # latest_checkpoint found it intact
+        return found
+    found = Path(train.resume_from)
     check_resume(found, config, global_batch, data)
     return found
 
 
-def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0, data: dict[str, str] | None = None) -> None:
-    """Refuse ``folder`` unless it is an intact checkpoint, readable as plain data, written under
-    ``config`` (but for :data:`RESUME_MAY_CHANGE`) and on the data files of ``data`` as they are now."""
+def check_resume(folder: Path, config: dict[str, Any] | None, global_batch: int = 0, data: dict[str, str] | None = None, *,
+                 intact: bool = False) -> None:
+    """Refuse ``folder`` unless it is an intact checkpoint (``intact``: already checked so), readable as
+    plain data, written under ``config`` (but for :data:`RESUME_MAY_CHANGE`) and on the data files of
+    ``data`` as they are now."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainingError(f"train.resume_from: '{folder}' is not a folder.")
-    problem = manifest_problem(folder)
+    problem = None if intact else manifest_problem(folder)
     if problem is not None:
         raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     differences = config_differences(folder, config) if config is not None else []
@@ -314,6 +317,7 @@ def load_checkpoint(
     rank: int = 0,
     global_batch: int = 0,
     restore_sharded: Callable[[Path, nn.Module, torch.optim.Optimizer], None] | None = None,
+    verified: bool = False,
 ) -> LoopState:
     """Restore weights, optimizer, scheduler and this process's RNG from ``folder``; return the loop state.
 
@@ -321,12 +325,13 @@ def load_checkpoint(
     processes only when the global batch (``batch_size x processes``) is the same; otherwise the
     position would point at other examples, and the resume is refused. A sharded run's
     checkpoint keeps weights and optimizer state in ``sharded/``, read by ``restore_sharded``
-    (:mod:`preftune.training.sharded_checkpoint`).
+    (:mod:`preftune.training.sharded_checkpoint`). ``verified``: ``folder`` is a run plan's resume
+    point, checked intact (and against the config and data) when the run opened: not checked again.
     """
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"'{folder}' is not a preftune checkpoint (no {STATE_FILE}).")
-    problem = manifest_problem(folder)
+    problem = None if verified else manifest_problem(folder)
     if problem is not None:
         raise TrainingError(f"checkpoint '{folder}' is not resumed from: {problem}.")
     # Everything is read before anything is restored: a bad file leaves the model untouched.

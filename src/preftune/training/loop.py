@@ -187,7 +187,7 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, callbacks: Sequence[Any]
     state = LoopState()
     if plan.resume is not None:
         state = load_checkpoint(plan.resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                                rank=rank, global_batch=plan.global_batch, restore_sharded=load_sharded_state)
+                                rank=rank, global_batch=plan.global_batch, restore_sharded=load_sharded_state, verified=True)
     state.global_batch, state.compiled, state.bf16 = plan.global_batch, compiling, precision.bf16  # what a resume takes over
     truncate_metrics(run_dir / "metrics.jsonl", state.step)
     trackers = start_trackers(cfg, run_dir, hparams) if accelerator.is_main_process else None

@@ -1,15 +1,15 @@
 """A checkpoint's ``manifest.json``: every file's size and sha256, written last, so a folder whose
 manifest is missing or does not match its files is never resumed from (:mod:`preftune.training.checkpoint`).
 
-A checkpoint checked intact in this process is not hashed again while its files are untouched
-(same sizes, modification times and inodes).
+A file whose bytes were hashed in this process is not read again while it is untouched (same
+size, modification time and inode: :func:`preftune.system.files.file_digest`'s memo, the one
+there is), so a second check of the same checkpoint costs a stat per file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from preftune.models.weights import WEIGHTS_FILE
 from preftune.system.files import atomic_write, file_digest
@@ -41,25 +41,17 @@ def manifest_problem(folder: Path) -> str | None:
         return f"no {MANIFEST_FILE} (an unfinished or damaged save)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {MANIFEST_FILE} cannot be read ({type(err).__name__}: {err})"
-    stamps = []
     for name, entry in sorted(files.items()):
         path = folder / name
         if not path.is_file():
             return f"'{name}' is missing"
-        stat = path.stat()
-        if not isinstance(entry, dict) or stat.st_size != entry.get("size"):
-            return f"'{name}' has {stat.st_size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
-        stamps.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    key, stamp = str(folder.resolve()), ((folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stamps))
-    if _INTACT.get(key) != stamp:  # checked in this process and not touched since: no second hashing pass
-        for name, entry in sorted(files.items()):
-            if file_digest(folder / name) != entry.get("sha256"):
-                return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
-        _INTACT[key] = stamp
+        size = path.stat().st_size
+        if not isinstance(entry, dict) or size != entry.get("size"):
+            return f"'{name}' has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else entry}"
+    for name, entry in sorted(files.items()):  # every size first: a cut-short save is told without hashing
+        if file_digest(folder / name) != entry.get("sha256"):
+            return f"'{name}' does not match its checksum in {MANIFEST_FILE} (changed or damaged since it was saved)"
     if STATE_FILE not in files or not ({WEIGHTS_FILE, "sharded/.metadata"} & set(files)):  # a sharded run's: DCP's files
         return f"its {MANIFEST_FILE} lists no {STATE_FILE} or {WEIGHTS_FILE}"
     return None
 
-
-#: checkpoint folder -> the manifest's and files' (size, mtime, inode) when their checksums last matched in this process
-_INTACT: dict[str, tuple[Any, ...]] = {}
