@@ -41,6 +41,7 @@ from preftune.stages.lifecycle import open_run
 from preftune.system.distributed import world
 from preftune.system.files import atomic_write
 from preftune.system.hardware import default_device
+from preftune.system.runfolder import read_status
 from preftune.training.checkpoint import latest_checkpoint
 
 FILES = ("config.yaml", "initial.json", "iterate.json", "report.html", "plots", "judge.json")
@@ -153,7 +154,7 @@ def _round(loop: _Iteration, number: int, folder: Path, policy_path: str, callba
     result = evaluate_round(policy, initial_model, tokenizer, *_split(loop.eval_prompts), loop.judge, loop.initial, **loop.eval_kwargs())
     del policy, initial_model
     summary = {"round": number, "policy": policy_path, "reference": reference, "pairing": pairing,
-               "steps": _status(folder).get("step"), **result}
+               "steps": read_status(folder).get("step"), **result}
     _write_json(folder / "round.json", summary)
     _say(f"round {number}: held-out judge score {result['judge_score']['mean']:.4f} (initial "
          f"{loop.initial['judge_score']['mean']:.4f}), win rate vs initial {result['win_rate_vs_initial']['win_rate']:.3f}, "
@@ -185,7 +186,7 @@ def _make_pairs(loop: _Iteration, number: int, folder: Path, policy_path: str) -
 
 def _train_round(round_cfg: Any, number: int, folder: Path, callbacks: Sequence[Any]) -> None:
     """The round's DPO run, unless it finished: resumed from its latest checkpoint, or started again without one."""
-    status = _status(folder)
+    status = read_status(folder)
     if status.get("status") == "finished" and (folder / "final").is_dir():
         return
     latest = latest_checkpoint(folder)
@@ -266,13 +267,6 @@ def _split(records: list[Any]) -> tuple[list[Any], list[str | None]]:
 
 def _round_settings(gen: Any, number: int) -> Any:
     return dataclasses.replace(gen, seed=gen.seed + number - 1)  # fresh samples each round, the same on a rerun
-
-
-def _status(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _write_json(path: Path, data: Any) -> None:
