@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from preftune.data import inspect as data_inspect
 from preftune.data import load_examples
 from preftune.data.validate import FINDINGS
 from preftune.errors import ConfigError, DataError, PreftuneError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PANDALM = SHARED_DATA / "pandalm-testset" / "testset-v1.json"
 
 RECORDS = [

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from preftune.data import load_examples
 from preftune.data.validate import MAX_EXAMPLES
 from preftune.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILES = ["helpful-base/test.jsonl.gz", "harmless-base/test.jsonl.gz"]
 PANDALM = SHARED_DATA / "pandalm-testset" / "testset-v1.json"
 MARKER = "\n\nAssistant:"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import SHARED_DATA
 from preftune.data.records import (
     DataReport,
     PreferenceExample,
@@ -410,7 +410,6 @@ def test_backend_truncation_setting_does_not_cut_our_ids(tok: Tokenizer) -> None
     assert r.prompt_ids == tok(text).input_ids and r.chosen_ids == plain(tok, " " + text) + [tok.eos_token_id]
 
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILES = [SHARED_DATA / "hh-rlhf" / name / "test.jsonl.gz" for name in ("helpful-base", "harmless-base")]
 
 
