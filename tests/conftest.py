@@ -64,6 +64,25 @@ def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     yield
 
 
+# --------------------------------------------------------------------------- a run stopped mid-way
+def sigint_at_step(step: int):  # noqa: ANN201
+    """An extra loss term (``extra_terms=[...]``) that sends this process a SIGINT during step ``step``
+    (one micro-batch a step): the run stops after that step, with a checkpoint, as a Ctrl-C does."""
+    import signal
+
+    import torch
+
+    calls = {"n": 0}
+
+    def term(policy: object, reference: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.zeros(())
+
+    return term
+
+
 # --------------------------------------------------------------------------- preftune in a child process (full tier)
 CLI = [sys.executable, "-m", "preftune.cli"]
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, assert_same_weights, dpo_config, read_metrics, weights
+from conftest import REPO, assert_same_weights, dpo_config, read_metrics, sigint_at_step, weights
 from preftune.config.schema import TrainConfig
 from preftune.errors import ConfigError
 from preftune.stages.dpo import run as run_dpo
@@ -137,16 +136,8 @@ def test_the_checkpoint_records_the_choice_and_a_shorter_resume_keeps_it(
     monkeypatch.setattr("preftune.training.reference.compile_layers", fake_compile)
     train, _ = preference_files
     run = tmp_path / "run"
-    calls = {"n": 0}
-
-    def interrupt_in_step_2(policy: object, reference: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.zeros(())
-
     with pytest.raises(Interrupted):
-        run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=6"), extra_terms=[interrupt_in_step_2])
+        run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, "--train.max_steps=6"), extra_terms=[sigint_at_step(2)])
     checkpoint = run / "checkpoints" / "step-2"
     assert json.loads((checkpoint / STATE_FILE).read_text())["compiled"] is True
     assert len(asked) == 2  # the policy, and the frozen reference copy

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_PAD, dpo_config, random_pairs, read_metrics, run_python, tiny_lm
+from conftest import TINY_PAD, dpo_config, random_pairs, read_metrics, run_python, sigint_at_step, tiny_lm
 from preftune.data.collate import collate_prefix_shared
 from preftune.models.compiled import (
     compile_layers,
@@ -119,8 +119,6 @@ def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise
     Then a run that ``auto`` compiles (its threshold lowered) stops at step 2 and resumes with
     max_steps=3, which alone would not compile: it runs compiled as its checkpoint recorded, to the
     uninterrupted compiled run's weights, bitwise (an eager step 3 differs in the last bits)."""
-    import os
-    import signal
 
     from conftest import assert_same_weights, weights
     from preftune.stages.dpo import run as run_dpo
@@ -142,17 +140,9 @@ def test_compiled_dpo_run_reports_compile_time_matches_eager_and_resumes_bitwise
     assert last["compile/seconds"] > 0 and 1 <= last["compile/graphs"] <= 6
 
     monkeypatch.setattr(compile_choice, "min_cpu_steps", lambda params: 4)
-    calls = {"n": 0}
-
-    def interrupt_in_step_2(policy: object, reference: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.zeros(())
-
     stopped = tmp_path / "stopped"
     with pytest.raises(Interrupted):
-        run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=6", *common), extra_terms=[interrupt_in_step_2])
+        run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=6", *common), extra_terms=[sigint_at_step(2)])
     resumed = run_dpo(dpo_config(tiny_model_dir, train, None, stopped, "--train.max_steps=3", "--train.resume_from=latest", *common))
     assert "compile/seconds" in read_metrics(resumed)[-1]
     assert_same_weights(weights(tmp_path / "true" / "final"), weights(resumed / "final"), atol=0.0)

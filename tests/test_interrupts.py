@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DPO_TINY, assert_same_weights, dpo_config, read_metrics, start_cli, weights
+from conftest import DPO_TINY, assert_same_weights, dpo_config, read_metrics, sigint_at_step, start_cli, weights
 from preftune.errors import TrainingError
 from preftune.stages.dpo import run as run_dpo
 from preftune.training.interrupts import Interrupted
@@ -61,18 +61,10 @@ def test_sigterm_checkpoints_says_where_exits_143_and_resumes_to_the_same_weight
 def test_sigint_stops_after_the_step_with_a_checkpoint_and_status_130(
         tiny_model_dir: Path, preference_files: tuple[Path, Path], tmp_path: Path) -> None:
     train, _ = preference_files
-    calls = {"n": 0}
-
-    def interrupt_in_step_3(policy: object, reference: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 3:  # one micro-batch a step: the signal arrives during step 3, which still completes
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.zeros(())
-
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Interrupted, match=r"stopped by SIGINT after step 3: checkpoint '.*step-3'") as stop:
         run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "run", *COMMON, "--train.max_steps=6"),
-                extra_terms=[interrupt_in_step_3])
+                extra_terms=[sigint_at_step(3)])
     assert stop.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are gone with it
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]

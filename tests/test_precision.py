@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import assert_same_weights, dpo_config, read_metrics, weights
+from conftest import assert_same_weights, dpo_config, read_metrics, sigint_at_step, weights
 from preftune.errors import ConfigError
 from preftune.stages.dpo import run as run_dpo
 from preftune.system import hardware
@@ -134,14 +132,6 @@ def test_auto_turns_bf16_on_for_a_model_large_enough_and_a_resume_elsewhere_keep
     monkeypatch.setenv(hardware.UNITS_ENV, "1")
     train, _ = preference_files
     cache = ["--reference.strategy=cache", f"--reference.cache_dir={tmp_path / 'cache'}"]
-    calls = {"n": 0}
-
-    def interrupt_in_step_2(policy: object, reference: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.zeros(())
-
     capsys.readouterr()
     whole = run_dpo(dpo_config(tiny_model_dir, train, None, tmp_path / "whole", *COMMON, *cache, "--train.max_steps=4"))
     assert "train.bf16 auto -> on (CPU with bf16 units (as $PREFTUNE_CPU_BF16_UNITS=1 says), a model of" in capsys.readouterr().err
@@ -152,7 +142,7 @@ def test_auto_turns_bf16_on_for_a_model_large_enough_and_a_resume_elsewhere_keep
 
     run = tmp_path / "run"
     with pytest.raises(Interrupted):
-        run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, *cache, "--train.max_steps=4"), extra_terms=[interrupt_in_step_2])
+        run_dpo(dpo_config(tiny_model_dir, train, None, run, *COMMON, *cache, "--train.max_steps=4"), extra_terms=[sigint_at_step(2)])
     assert json.loads((run / "checkpoints" / "step-2" / STATE_FILE).read_text())["bf16"] is True
     monkeypatch.setenv(hardware.UNITS_ENV, "0")  # "another machine"
     capsys.readouterr()
