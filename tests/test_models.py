@@ -132,14 +132,14 @@ def test_remote_code_is_never_enabled_by_a_run_folders_config(tiny_model_dir: Pa
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from preftune.models import load
+    from preftune.models import runs
 
     run = tmp_path / "downloaded-run"
     shutil.copytree(tiny_model_dir, run / "final")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir), "trust_remote_code": True}}))
     seen = []
-    real = load.load_causal_lm
-    monkeypatch.setattr(load, "load_causal_lm", lambda cfg, path=None: seen.append(cfg.trust_remote_code) or real(cfg, path))
-    load.load_model(load.describe_model(run))
-    load.load_model(load.describe_model(run), trust_remote_code=True)  # only the caller can ask for it
+    real = runs.load_causal_lm
+    monkeypatch.setattr(runs, "load_causal_lm", lambda cfg, path=None: seen.append(cfg.trust_remote_code) or real(cfg, path))
+    runs.load_model(runs.describe_model(run))
+    runs.load_model(runs.describe_model(run), trust_remote_code=True)  # only the caller can ask for it
     assert seen == [False, True]

@@ -312,7 +312,7 @@ def run_generate(
     the GPU when there is one. ``system`` is used for prompts that bring no system prompt of their own.
     """
 
-    from preftune.models.load import describe_model, load_model
+    from preftune.models.runs import describe_model, load_model
 
     settings.check()
     if Path(out).is_dir():  # found out now, not after every prompt has been sampled

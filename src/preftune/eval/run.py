@@ -23,7 +23,7 @@ from preftune.eval.metrics import (
     perplexity_details,
     preference_metrics,
 )
-from preftune.models.load import ModelSource, describe_model, load_model
+from preftune.models.runs import ModelSource, describe_model, load_model
 from preftune.system.hardware import default_device
 
 

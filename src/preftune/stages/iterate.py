@@ -34,7 +34,7 @@ from preftune.errors import ConfigError, PreftuneError
 from preftune.eval.generate import write_generations
 from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
 from preftune.eval.scoring import function_fingerprint, function_name, function_scorer, load_scorer
-from preftune.models.load import describe_model, load_model
+from preftune.models.runs import describe_model, load_model
 from preftune.stages import dpo
 from preftune.stages.iterate_config import IterateConfig, check, round_config
 from preftune.stages.lifecycle import open_run
