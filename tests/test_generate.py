@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from preftune.data.prompts import read_prompts
 from preftune.errors import ConfigError, DataError
 from preftune.eval.generate import (
     GenerationSettings,
@@ -18,6 +17,7 @@ from preftune.eval.generate import (
     generate_ids,
     write_generations,
 )
+from preftune.eval.prompts import read_prompts
 
 PROMPTS = ["the a of", "to and in is it that for on with", "be an", "this was by at from or an be the of"]
 
@@ -212,8 +212,8 @@ def test_read_prompts_from_prompt_files_and_preference_data(tmp_path: Path) -> N
 
 
 def test_write_generations_round_trip(model, tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
-    from preftune.data.prompts import PromptRecord
     from preftune.eval.generate import generation_records
+    from preftune.eval.prompts import PromptRecord
 
     prompts = [PromptRecord("the a of", None, "p:1"), PromptRecord([{"role": "user", "content": "hi"}], "s", "p:2")]
     settings = GenerationSettings(max_new_tokens=4, num_samples=2, seed=3)

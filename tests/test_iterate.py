@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_same_weights, start_cli, weights
-from preftune.data.pairing import build_pairs
 from preftune.errors import ConfigError, PreftuneError
+from preftune.stages.pairing import build_pairs
 from preftune.training.checkpoint import latest_checkpoint
 
 ITERATE_TINY = REPO / "configs" / "iterate-tiny.yaml"

@@ -123,9 +123,9 @@ def _train_overrides(s: DemoSettings, out_dir: Path, steps: int, batch: int, lr:
 
 def label_pairs(prompts: list[str], samples: list[list[str]]) -> tuple[list[dict], int]:
     """One preference pair per prompt from its samples, by the ground truth: the best sample is
-    chosen, the worst rejected (the first of each on equal rewards), through :func:`preftune.data.pairing.build_pairs`'s
+    chosen, the worst rejected (the first of each on equal rewards), through :func:`preftune.stages.pairing.build_pairs`'s
     ``best_worst`` rule; prompts whose samples all score the same (or that have one) are ties, left out and counted."""
-    from preftune.data.pairing import build_pairs
+    from preftune.stages.pairing import build_pairs
 
     rewards = [[task.reward(prompt, text) for text in options] for prompt, options in zip(prompts, samples)]
     records, counts = build_pairs(prompts, samples, rewards, rule="best_worst")

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.prompts import Prompt, PromptRecord, read_prompts
 from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.eval.prompts import Prompt, PromptRecord, read_prompts
 from preftune.system.hardware import default_device
 from preftune.system.progress import batches
 

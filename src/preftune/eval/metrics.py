@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.data.prompts import Prompt
 from preftune.data.records import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.eval.generate import Generated, GenerationSettings, generate_ids
+from preftune.eval.prompts import Prompt
 from preftune.stats import quantiles
 
 #: quantiles of the per-pair log-ratio differences reported by :func:`preference_metrics`

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.prompts import PromptRecord, read_prompts
 from preftune.data.records import TokenizedPair
 from preftune.errors import ConfigError, PreftuneError
 from preftune.eval.generate import Generated, GenerationSettings, decode, generate_ids
@@ -23,6 +22,7 @@ from preftune.eval.metrics import (
     perplexity_details,
     preference_metrics,
 )
+from preftune.eval.prompts import PromptRecord, read_prompts
 from preftune.models.runs import ModelSource, describe_model, load_model
 from preftune.system.hardware import default_device
 

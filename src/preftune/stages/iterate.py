@@ -1,5 +1,5 @@
 """`preftune iterate`: on-policy rounds of DPO. Each round samples K completions per prompt from
-the current policy, scores them with a judge, pairs them (:mod:`preftune.data.pairing`), trains
+the current policy, scores them with a judge, pairs them (:mod:`preftune.stages.pairing`), trains
 DPO from the current policy through :mod:`preftune.stages.dpo` (the one loop), and measures the
 new policy on held-out prompts (:mod:`preftune.eval.iteration`).
 
@@ -28,16 +28,16 @@ from typing import Any
 import torch
 
 from preftune.config.schema import to_dict, to_yaml
-from preftune.data.pairing import build_pairs
-from preftune.data.prompts import read_prompts
 from preftune.errors import ConfigError, PreftuneError
 from preftune.eval.generate import write_generations
 from preftune.eval.iteration import evaluate_round, initial_samples, sample_and_score, score_summary
+from preftune.eval.prompts import read_prompts
 from preftune.eval.scoring import function_fingerprint, function_name, function_scorer, load_scorer
 from preftune.models.runs import describe_model, load_model
 from preftune.stages import dpo
 from preftune.stages.iterate_config import IterateConfig, check, round_config
 from preftune.stages.lifecycle import open_run
+from preftune.stages.pairing import build_pairs
 from preftune.system.distributed import world
 from preftune.system.files import atomic_write
 from preftune.system.hardware import default_device
@@ -163,7 +163,7 @@ def _round(loop: _Iteration, number: int, folder: Path, policy_path: str, callba
 
 
 def _make_pairs(loop: _Iteration, number: int, folder: Path, policy_path: str) -> None:
-    """Sample from the policy, score with the judge, pair (:mod:`preftune.data.pairing`): samples.jsonl,
+    """Sample from the policy, score with the judge, pair (:mod:`preftune.stages.pairing`): samples.jsonl,
     pairing.json and, last, pairs.jsonl (whose presence marks the round's data as complete)."""
     it, prompts = loop.cfg.iterate, loop.train_prompts
     policy, policy_tokenizer = loop.load(policy_path)
