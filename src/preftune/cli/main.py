@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(verb, args, overrides)
     finally:
-        distributed.leave(meet=False)  # after an error: the process group goes before the interpreter's teardown
+        distributed.abandon()  # a no-op after leave(): a failed command leaves the group to the interpreter's exit
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -88,7 +88,7 @@ def _run(verb: Verb, args: argparse.Namespace, overrides: list[str]) -> int:
                                 "Only the training verbs (dpo, kto, sft, rm) train across processes.")
         with quiet_transformers_bars():  # preftune's own lines and bars say what is happening
             code = verb.run(args, overrides)
-        distributed.leave(meet=True)
+        distributed.leave()
         return code
     except PreftuneError as err:
         if args.debug:

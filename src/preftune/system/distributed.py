@@ -44,24 +44,37 @@ def start() -> tuple[int, int]:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
-        atexit.register(leave, meet=False)  # a Python API run under torchrun: left before the interpreter's teardown
+        atexit.register(_leave_at_exit)  # a Python API run under torchrun: the group goes before the interpreter's teardown
     return world()
 
 
-def leave(meet: bool) -> None:
-    """Destroy the process group, if one is started: the last collective step of a launch.
+def leave() -> None:
+    """After a command that ended well on every process: meet the others at a barrier (each has
+    finished its last collective step), then destroy the process group.
 
-    Left to the interpreter's exit, the group is torn down in its static destructors while gloo's
-    (or NCCL's) threads may still be alive and joinable: ``std::terminate`` ("terminate called
-    without an active exception"), SIGABRT, and torchrun reports a finished launch as failed.
-    ``meet``: every process first waits at a barrier for the others to finish their last collective
-    step (a run that ended well on every process); after an error it does not, since the others may
-    never arrive."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if meet:
+    Left to the interpreter's exit, the group is torn down during finalization while gloo's worker
+    threads may still hold work (and tensors) alive: ``std::terminate`` ("terminate called without
+    an active exception"), SIGABRT, and torchrun reports a finished launch as failed (the failure
+    mode described in pytorch/pytorch#190489 and #179291)."""
+    atexit.unregister(_leave_at_exit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()
+
+
+def abandon() -> None:
+    """After an error: the group is left to the interpreter's exit. Destroying it while another process
+    may still wait in a collective can hang the launch (torchtitan#1342); the error is already said, and
+    the exit status is an error's either way."""
+    atexit.unregister(_leave_at_exit)
+
+
+def _leave_at_exit() -> None:
+    """At the exit of a process that started a gloo group and did not leave it (a Python script under
+    torchrun): destroyed while the interpreter is whole. gloo's destroy is local to the process; an NCCL
+    group is left to torch, whose destroy may wait for the other processes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+        torch.distributed.destroy_process_group()
 
 
 def launcher_asks_fsdp() -> bool:
