@@ -152,7 +152,7 @@ def dpo_config(settings: Settings, variant: Variant, model_dir: Path, records: P
 def preftune_pairs(settings: Settings, model_dir: Path, records: Path, workdir: Path) -> list:
     """preftune's tokenization of the same records: the ids TRL must reproduce (run_trl and the sweep)."""
     from preftune.data.prepare import prepare
-    from preftune.models.load import load_tokenizer
+    from preftune.models.tokenizer import load_tokenizer
 
     cfg = dpo_config(settings, VARIANTS["plain"], model_dir, records, workdir, workdir / "reference-cache")
     return prepare(cfg.data, load_tokenizer(str(model_dir)), records="pairs", seed=cfg.train.seed).train

@@ -60,7 +60,8 @@ def offline(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_model_and_tokenizer_load_by_hub_id_from_the_cache(offline: Path) -> None:
     from preftune.config.schema import ModelConfig
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm
+    from preftune.models.tokenizer import load_tokenizer
 
     model = load_causal_lm(ModelConfig(path="preftune-test/tiny-llama"))
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -87,8 +88,8 @@ def test_what_is_not_there_is_one_clear_line(offline: Path) -> None:
 def test_a_dataset_by_hub_id_and_a_hub_layout_folder(offline: Path, tmp_path: Path) -> None:
     from preftune.config.schema import DataConfig
     from preftune.data.prepare import prepare
-    from preftune.models.load import load_tokenizer
     from preftune.models.tiny import synthetic_preferences
+    from preftune.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("preftune-test/tiny-llama")
     by_id = prepare(DataConfig(train=["preftune-test/prefs"], eval=["preftune-test/prefs"]), tokenizer, records="pairs", seed=0)

@@ -33,8 +33,9 @@ def log_ratio_margin(policy_dir: Path, reference_dir: Path, records: list[dict])
     from preftune.data.collate import collate_unpaired
     from preftune.data.records import UnpairedExample
     from preftune.data.tokenize import tokenize_unpaired
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm
     from preftune.models.scorers import SequenceLogps
+    from preftune.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(reference_dir))
     items = tokenize_unpaired([UnpairedExample(r["prompt"], r["completion"], r["label"]) for r in records], tokenizer, max_length=128)

@@ -10,14 +10,9 @@ import torch
 
 from preftune.config.schema import LoraConfig, ModelConfig
 from preftune.errors import PreftuneError
-from preftune.models.load import (
-    apply_lora,
-    freeze,
-    load_causal_lm,
-    load_policy,
-    load_tokenizer,
-)
+from preftune.models.load import apply_lora, freeze, load_causal_lm, load_policy
 from preftune.models.scorers import SequenceLogps
+from preftune.models.tokenizer import load_tokenizer
 
 
 def test_load_policy_and_tokenizer(tiny_model_dir: Path) -> None:

@@ -87,8 +87,9 @@ def test_packing_gives_exactly_the_unpacked_loss(tiny_model_dir: Path, preferenc
     from preftune.data.collate import collate_packed, collate_unpaired, pack
     from preftune.data.prepare import as_demonstrations
     from preftune.data.tokenize import tokenize_unpaired
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm
     from preftune.models.scorers import SequenceLogpsWithStats
+    from preftune.models.tokenizer import load_tokenizer
     from preftune.stages.sft import count_tokens, sft_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))

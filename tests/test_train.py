@@ -77,7 +77,7 @@ def test_sft_accumulation_is_exact_for_the_token_mean(tiny_model_dir: Path, eigh
 def test_sft_micro_batches_hold_different_token_counts(tiny_model_dir: Path, eight_demonstrations: Path) -> None:
     """The data of the accumulation test is one where a mean of per-micro-batch means is wrong."""
     from preftune.data.prepare import prepare
-    from preftune.models.load import load_tokenizer
+    from preftune.models.tokenizer import load_tokenizer
 
     cfg = load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", [f"--data.train={eight_demonstrations}", "--data.eval=[]"])
     items = prepare(cfg.data, load_tokenizer(str(tiny_model_dir)), records="demonstrations", seed=0).train

@@ -206,7 +206,7 @@ def _prepare(cls: type, config: Any, settings: dict[str, Any], model: Any, train
             data.setdefault("data", {})[split] = [str(value)]
     cfg = build_config(cls, data)
     if tokenizer is None and (cfg.model.tokenizer or cfg.model.path):
-        from preftune.models.load import load_tokenizer
+        from preftune.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     in_memory = {split: value for split, value in (("train", train_data), ("eval", eval_data)) if not isinstance(value, (str, Path))}

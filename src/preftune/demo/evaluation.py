@@ -55,7 +55,8 @@ def evaluate_demo(s: Any, out: Path, reference_dir: Path, policies: dict[Any, Pa
     from preftune.data.tokenize import tokenize_pairs
     from preftune.eval.judges import reward_model_judge, win_rate
     from preftune.eval.metrics import kl_from_samples, perplexity, preference_metrics
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm
+    from preftune.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(reference_dir))
     reference = load_causal_lm(ModelConfig(path=str(reference_dir))).eval()

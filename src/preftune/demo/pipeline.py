@@ -137,7 +137,8 @@ def sample(model_dir: Path, prompts: list[str], s: DemoSettings, *, num_samples:
     """Temperature-1 samples (the SFT model's own distribution), batched."""
     from preftune.config.schema import ModelConfig
     from preftune.eval.generate import generate
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import load_causal_lm
+    from preftune.models.tokenizer import load_tokenizer
 
     model = load_causal_lm(ModelConfig(path=str(model_dir))).eval()
     tokenizer = load_tokenizer(str(model_dir))

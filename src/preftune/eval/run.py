@@ -151,12 +151,12 @@ def _sample_and_judge(models: _Models, settings: EvalSettings, judge: Any, promp
     """On ``prompts``: the policy's samples, KL to the reference on them, win rates by every judge, a few samples, into ``results``."""
     from preftune.eval.judges import as_judge, function_judge, reward_model_judge, win_rate
 
+    named = [as_judge(judge)] if judge is not None else [function_judge(settings.judge)] if settings.judge else []
+    judges = named + ([reward_model_judge(settings.reward_model, batch_size=settings.batch_size, device=models.device)]
+                      if settings.reward_model else [])  # loaded (a missing judge refused) whether or not there are prompts
     if not prompts:
         return
     policy, reference, tokenizer = models.policy, models.reference, models.tokenizer
-    named = [as_judge(judge)] if judge is not None else [function_judge(settings.judge)] if settings.judge else []
-    judges = named + ([reward_model_judge(settings.reward_model, batch_size=settings.batch_size, device=models.device)]
-                      if settings.reward_model else [])
     sampling = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, do_sample=True,
                                   num_samples=settings.num_samples, seed=settings.seed, batch_size=settings.batch_size)
     systems = [p.system for p in prompts]

@@ -23,8 +23,9 @@ from torch import nn
 from preftune.config.schema import ModelConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import completion_logps
-from preftune.models.load import load_causal_lm, load_tokenizer, unsharded_replica
+from preftune.models.load import load_causal_lm, unsharded_replica
 from preftune.models.scorers import body_of, causal_lm_of
+from preftune.models.tokenizer import load_tokenizer
 from preftune.system.progress import batches
 
 HEAD_FILE = "reward_head.safetensors"

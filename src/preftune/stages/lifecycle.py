@@ -41,7 +41,8 @@ from torch import nn
 from preftune.config.schema import to_dict, to_yaml, validate
 from preftune.data.cache import source_digests
 from preftune.errors import PreftuneError
-from preftune.models.load import check_causal_lm, load_tokenizer, save_policy
+from preftune.models.load import check_causal_lm, save_policy
+from preftune.models.tokenizer import load_tokenizer
 from preftune.system import distributed
 from preftune.system.hardware import default_device, processor_name
 from preftune.system.progress import quiet_transformers_bars
