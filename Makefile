@@ -57,12 +57,15 @@ test-all: lint
 	PREFTUNE_CPU_BF16_UNITS=1 $(PY) -m pytest -x -q -m fp32_exact
 
 # The fast tier against the newest releases that pyproject.toml's ranges allow (no lock), in a
-# separate environment: what `pip install preftune` gives a user next month. Not run by CI.
+# separate environment: what `pip install preftune` gives a user next month. Not run by CI. torch
+# stays the build installed first (a constraint): an eager upgrade would fetch PyPI's newest torch,
+# a multi-gigabyte CUDA build, onto a CPU machine.
 test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 $(TORCH_PIP_ARGS)
-	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-latest/torch-constraint.txt
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt -e '.[dev]'
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers|trl)=='
 	.venv-latest/bin/python -m pytest -x -q -m "not full"
 
