@@ -85,7 +85,7 @@ def problem(path: Path) -> str | None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("write", "check"):
-        print(__doc__.strip().splitlines()[-2].strip(), file=sys.stderr)
+        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-2:]), file=sys.stderr)
         return 2
     path = Path(argv[1])
     if argv[0] == "write":
